@@ -1,0 +1,153 @@
+/* The datapath: service DNAT, reverse NAT and connection tracking.
+ *
+ *   xdp_lb_external  XDP on a node-facing device: traffic from outside the
+ *                    node (NodePort, externalIPs, LoadBalancer IPs) and
+ *                    replies of remote backends.
+ *   tc_lb_from_pod   tc ingress on a pod's host-side veth: what a local pod
+ *                    sends (every service type) and replies of local backends.
+ *
+ * Both run the same three steps: parse, decide (a pure function of the
+ * packet and the maps, giving a stat reason and a rewrite), apply. */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+
+#ifndef offsetof
+#define offsetof(t, m) __builtin_offsetof(t, m)
+#endif
+
+#include "lb_maps.h"
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/parse.h"
+#include "lib/stats.h"
+#include "lib/conntrack.h"
+#include "lib/lb.h"
+#include "lib/nat.h"
+
+/* A reply of a translated flow: restore the frontend as its source. */
+LB_INLINE int lb_reverse(const struct lb_pkt *p, __u64 now, struct lb_nat *n)
+{
+	struct lb_ct_val *v = lb_ct_lookup(p, LB_CT_REPLY, now);
+	struct lb_rev_nat *rn;
+	__u32 svc_id;
+
+	if (!v)
+		return -1;
+	svc_id = v->svc_id;
+	rn = lb_rev_nat.lookup(&svc_id);
+	if (!rn || rn->addr == 0)
+		return -1;
+	lb_ct_touch(v, p, now);
+	n->saddr = rn->addr;
+	n->sport = rn->port;
+	n->daddr = p->daddr;
+	n->dport = p->dport;
+	if (v->flags & LB_CT_MASQ) {
+		n->daddr = v->nat_addr;
+		n->dport = v->nat_port;
+	}
+	return LB_STAT_REVNAT;
+}
+
+/* A packet to a frontend: keep the flow's backend, or choose one. */
+LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
+			 struct lb_nat *n)
+{
+	struct lb_svc_val *svc = lb_service(p, scope);
+	struct lb_backend *b = 0;
+	struct lb_ct_val *v;
+	int reason = LB_STAT_DNAT_ESTABLISHED;
+	__u32 id;
+
+	if (!svc)
+		return LB_STAT_PASS_NOT_SERVICE;
+	v = lb_ct_lookup(p, LB_CT_FORWARD, now);
+	if (v && v->svc_id == svc->svc_id)
+		b = lb_backend(v->backend_id);
+	if (b) {
+		lb_ct_touch(v, p, now);
+	} else {
+		/* New flow, or its backend is gone: choose again, so that a
+		 * UDP client moves on at once instead of sending into a void. */
+		if (svc->maglev_size == 0)
+			return LB_STAT_REJECT_NO_ENDPOINTS;
+		id = lb_select_backend(p, svc, now);
+		b = lb_backend(id);
+		if (!b)
+			return LB_STAT_DROP_BACKEND_GONE;
+		if (lb_ct_create(p, svc->svc_id, id, b, now))
+			return LB_STAT_ERROR;
+		reason = LB_STAT_DNAT_NEW;
+	}
+	n->saddr = p->saddr;
+	n->sport = p->sport;
+	n->daddr = b->addr;
+	n->dport = b->port;
+	return reason;
+}
+
+LB_INLINE int lb_decide(struct lb_pkt *p, void *data, void *data_end,
+			__u8 scope, struct lb_nat *n)
+{
+	int reason = lb_parse(data, data_end, p);
+	__u64 now;
+
+	if (reason >= 0)
+		return reason;
+	now = bpf_ktime_get_ns();
+	reason = lb_reverse(p, now, n);
+	if (reason >= 0)
+		return reason;
+	return lb_forward(p, scope, now, n);
+}
+
+LB_INLINE int lb_rewrites(int reason)
+{
+	return reason == LB_STAT_DNAT_NEW || reason == LB_STAT_DNAT_ESTABLISHED ||
+	       reason == LB_STAT_REVNAT;
+}
+
+LB_INLINE int lb_drops(int reason)
+{
+	return reason == LB_STAT_DROP_MALFORMED ||
+	       reason == LB_STAT_REJECT_NO_ENDPOINTS ||
+	       reason == LB_STAT_DROP_BACKEND_GONE ||
+	       reason == LB_STAT_DROP_SOURCE_RANGE ||
+	       reason == LB_STAT_DROP_NO_LOCAL ||
+	       reason == LB_STAT_REJECT_NO_PORT ||
+	       reason == LB_STAT_DROP_UNKNOWN_VIP ||
+	       reason == LB_STAT_DROP_POLICY || reason == LB_STAT_ERROR;
+}
+
+int xdp_lb_external(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct lb_pkt p = {};
+	struct lb_nat n = {};
+	int reason = lb_decide(&p, data, data_end, LB_SCOPE_EXTERNAL, &n);
+
+	if (lb_rewrites(reason) && lb_nat_xdp(ctx, &p, &n))
+		reason = LB_STAT_ERROR;
+	lb_count(reason, p.len);
+	return lb_drops(reason) ? XDP_DROP : XDP_PASS;
+}
+
+int tc_lb_from_pod(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct lb_pkt p = {};
+	struct lb_nat n = {};
+	int reason = lb_decide(&p, data, data_end, LB_SCOPE_INTERNAL, &n);
+
+	if (lb_rewrites(reason) && lb_nat_skb(skb, &p, &n))
+		reason = LB_STAT_ERROR;
+	lb_count(reason, p.len);
+	return lb_drops(reason) ? TC_ACT_SHOT : TC_ACT_OK;
+}

@@ -1,0 +1,141 @@
+/* Key and value layouts of every map the datapath shares with the control plane.
+ *
+ * This is the only place a layout is written. The BPF programs include it; the
+ * Python side feeds the same text to cffi's cdef(). Keep it plain: fixed-width
+ * __uN types, explicit padding, integer #defines, no includes, no #if.
+ * Addresses and ports are stored in network byte order, exactly as they sit
+ * in the packet, so the fast path never swaps bytes.
+ *
+ * Any change to a struct below must bump LB_LAYOUT_VERSION: an agent refuses
+ * pinned maps written with another layout.
+ */
+
+#define LB_LAYOUT_VERSION 1
+
+/* Service scope: external traffic (XDP on the node device) and traffic from
+ * local pods (tc on their veth) may see different backend sets when a traffic
+ * policy is Local, so a frontend has one entry per scope. */
+#define LB_SCOPE_EXTERNAL 0
+#define LB_SCOPE_INTERNAL 1
+
+/* lb_svc_val.flags */
+#define LB_SVC_CLUSTER_IP     0x0001
+#define LB_SVC_NODE_PORT      0x0002
+#define LB_SVC_EXTERNAL_IP    0x0004
+#define LB_SVC_LOAD_BALANCER  0x0008
+#define LB_SVC_AFFINITY       0x0010
+#define LB_SVC_SOURCE_RANGES  0x0020
+#define LB_SVC_MASQUERADE     0x0040
+#define LB_SVC_LOCAL_ONLY     0x0080
+
+/* lb_backend.flags */
+#define LB_BACKEND_LOCAL       0x01
+#define LB_BACKEND_TERMINATING 0x02
+
+/* lb_ct_key.dir */
+#define LB_CT_FORWARD 0
+#define LB_CT_REPLY   1
+
+/* lb_ct_val.flags */
+#define LB_CT_MASQ      0x01
+#define LB_CT_SEEN_FIN  0x02
+#define LB_CT_SEEN_RST  0x04
+#define LB_CT_SEEN_REPLY 0x08
+
+#define LB_PROTO_TCP 6
+#define LB_PROTO_UDP 17
+
+/* Index of lb_stats: one counter per verdict reason. The verdict a reason
+ * stands for is fixed (see lb/verdicts.py); trace reads the counter that moved. */
+#define LB_STAT_PASS_NOT_IP        0
+#define LB_STAT_PASS_NOT_SERVICE   1
+#define LB_STAT_PASS_FRAGMENT      2
+#define LB_STAT_PASS_OTHER_PROTO   3
+#define LB_STAT_DNAT_NEW           4
+#define LB_STAT_DNAT_ESTABLISHED   5
+#define LB_STAT_REVNAT             6
+#define LB_STAT_DROP_MALFORMED     7
+#define LB_STAT_REJECT_NO_ENDPOINTS 8
+#define LB_STAT_DROP_BACKEND_GONE  9
+#define LB_STAT_DROP_SOURCE_RANGE  10
+#define LB_STAT_DROP_NO_LOCAL      11
+#define LB_STAT_REJECT_NO_PORT     12
+#define LB_STAT_DROP_UNKNOWN_VIP   13
+#define LB_STAT_DROP_POLICY        14
+#define LB_STAT_PASS_POLICY        15
+#define LB_STAT_ERROR              16
+#define LB_STAT_MAX                32
+
+struct lb_svc_key {
+	__u32 addr;          /* frontend IPv4, network order */
+	__u16 port;          /* network order */
+	__u8  proto;         /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8  scope;         /* LB_SCOPE_* */
+};
+
+struct lb_svc_val {
+	__u32 svc_id;        /* reverse-NAT index of this frontend */
+	__u32 maglev_off;    /* first slot of this entry's range in lb_maglev */
+	__u32 maglev_size;   /* prime; 0 when the service has no endpoints */
+	__u32 affinity_timeout; /* seconds; used when LB_SVC_AFFINITY is set */
+	__u16 backend_count;
+	__u16 flags;         /* LB_SVC_* */
+	__u32 pad;
+};
+
+struct lb_backend {
+	__u32 addr;          /* network order */
+	__u16 port;          /* network order */
+	__u8  proto;
+	__u8  flags;         /* LB_BACKEND_* */
+};
+
+/* lb_rev_nat: svc_id -> the frontend a reply must appear to come from. */
+struct lb_rev_nat {
+	__u32 addr;
+	__u16 port;
+	__u16 pad;
+};
+
+struct lb_ct_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8  proto;
+	__u8  dir;           /* LB_CT_FORWARD: client -> frontend; LB_CT_REPLY: backend -> client */
+	__u16 pad;
+};
+
+struct lb_ct_val {
+	__u64 created_ns;    /* bpf_ktime_get_ns() of the first packet */
+	__u64 last_seen_ns;  /* refreshed at most once a second */
+	__u32 backend_id;    /* forward entries */
+	__u32 svc_id;        /* both directions */
+	__u32 nat_addr;      /* reply entries: original client when masqueraded */
+	__u16 nat_port;
+	__u8  flags;         /* LB_CT_* */
+	__u8  pad;
+};
+
+struct lb_affinity_key {
+	__u32 client;
+	__u32 svc_id;
+};
+
+struct lb_affinity_val {
+	__u64 last_used_ns;
+	__u32 backend_id;
+	__u32 pad;
+};
+
+struct lb_stat {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* lb_meta[0]: written by the agent when it creates the maps. */
+struct lb_meta {
+	__u32 layout_version;
+	__u32 pad;
+};

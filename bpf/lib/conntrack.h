@@ -1,0 +1,87 @@
+/* Connection tracking: one LRU entry per direction, written on a flow's
+ * first packet only (an LRU update costs ten lookups). Later packets refresh
+ * last_seen in place, at most once a second. */
+#ifndef LB_CONNTRACK_H
+#define LB_CONNTRACK_H
+
+#include "common.h"
+#include "parse.h"
+
+LB_INLINE void lb_ct_key_of(const struct lb_pkt *p, __u8 dir,
+			    struct lb_ct_key *k)
+{
+	k->saddr = p->saddr;
+	k->daddr = p->daddr;
+	k->sport = p->sport;
+	k->dport = p->dport;
+	k->proto = p->proto;
+	k->dir = dir;
+	k->pad = 0;
+}
+
+LB_INLINE __u64 lb_ct_lifetime_ns(const struct lb_ct_val *v, __u8 proto)
+{
+	if (proto != IPPROTO_TCP)
+		return LB_CT_OTHER_LIFETIME_S * LB_NSEC_PER_SEC;
+	if (v->flags & (LB_CT_SEEN_FIN | LB_CT_SEEN_RST))
+		return LB_CT_TCP_CLOSING_S * LB_NSEC_PER_SEC;
+	return LB_CT_TCP_LIFETIME_S * LB_NSEC_PER_SEC;
+}
+
+/* Look up a live entry; an expired one counts as a miss (the next write
+ * replaces it). */
+LB_INLINE struct lb_ct_val *lb_ct_lookup(const struct lb_pkt *p, __u8 dir,
+					 __u64 now)
+{
+	struct lb_ct_key k;
+	struct lb_ct_val *v;
+
+	lb_ct_key_of(p, dir, &k);
+	v = lb_ct.lookup(&k);
+	if (!v)
+		return 0;
+	if (now - v->last_seen_ns > lb_ct_lifetime_ns(v, p->proto))
+		return 0;
+	return v;
+}
+
+/* Note what this packet says about the flow's state, without a map update. */
+LB_INLINE void lb_ct_touch(struct lb_ct_val *v, const struct lb_pkt *p,
+			   __u64 now)
+{
+	if (p->tcp_flags & LB_TCP_RST)
+		v->flags |= LB_CT_SEEN_RST;
+	else if (p->tcp_flags & LB_TCP_FIN)
+		v->flags |= LB_CT_SEEN_FIN;
+	if (now - v->last_seen_ns > LB_NSEC_PER_SEC)
+		v->last_seen_ns = now;
+}
+
+/* Record a new flow client -> frontend served by backend b: the forward
+ * entry keeps the backend, the reply entry lets replies from b be
+ * reverse-translated to the frontend. */
+LB_INLINE int lb_ct_create(const struct lb_pkt *p, __u32 svc_id,
+			   __u32 backend_id, const struct lb_backend *b,
+			   __u64 now)
+{
+	struct lb_ct_key k;
+	struct lb_ct_val v = {};
+
+	v.created_ns = now;
+	v.last_seen_ns = now;
+	v.svc_id = svc_id;
+	v.backend_id = backend_id;
+	lb_ct_key_of(p, LB_CT_FORWARD, &k);
+	if (lb_ct.update(&k, &v))
+		return -1;
+
+	k.saddr = b->addr;
+	k.daddr = p->saddr;
+	k.sport = b->port;
+	k.dport = p->sport;
+	k.dir = LB_CT_REPLY;
+	v.backend_id = 0;
+	return lb_ct.update(&k, &v);
+}
+
+#endif

@@ -1,0 +1,87 @@
+/* Service lookup and backend selection: Maglev over the 5-tuple, or over the
+ * client address alone when session affinity is on. */
+#ifndef LB_LB_H
+#define LB_LB_H
+
+#include "common.h"
+#include "hash.h"
+#include "parse.h"
+
+LB_INLINE struct lb_svc_val *lb_service(const struct lb_pkt *p, __u8 scope)
+{
+	struct lb_svc_key k = {
+		.addr = p->daddr,
+		.port = p->dport,
+		.proto = p->proto,
+		.scope = scope,
+	};
+
+	return lb_services.lookup(&k);
+}
+
+/* A backend id that no longer has an address was removed by the agent. */
+LB_INLINE struct lb_backend *lb_backend(__u32 id)
+{
+	struct lb_backend *b;
+
+	if (id == 0)
+		return 0;
+	b = lb_backends.lookup(&id);
+	if (!b || b->addr == 0)
+		return 0;
+	return b;
+}
+
+LB_INLINE __u32 lb_flow_hash(const struct lb_pkt *p, int client_only)
+{
+	if (client_only)
+		return lb_jhash_3words(p->saddr, 0, 0, 0);
+	return lb_jhash_3words(p->saddr, p->daddr,
+			       ((__u32)p->sport << 16) | p->dport, p->proto);
+}
+
+LB_INLINE __u32 lb_maglev_pick(const struct lb_svc_val *svc, __u32 hash)
+{
+	__u32 slot, *id;
+
+	if (svc->maglev_size == 0)
+		return 0;
+	slot = svc->maglev_off + hash % svc->maglev_size;
+	id = lb_maglev.lookup(&slot);
+	return id ? *id : 0;
+}
+
+/* ClientIP affinity as kube-proxy's `recent` match does it: the client's
+ * last backend is reused while it exists and the client opened a connection
+ * within the timeout; every new connection refreshes the timer. */
+LB_INLINE __u32 lb_affinity_pick(const struct lb_pkt *p,
+				 const struct lb_svc_val *svc, __u64 now)
+{
+	struct lb_affinity_key k = { .client = p->saddr, .svc_id = svc->svc_id };
+	struct lb_affinity_val *a, fresh = {};
+	__u64 timeout = (__u64)svc->affinity_timeout * LB_NSEC_PER_SEC;
+	__u32 id;
+
+	a = lb_affinity.lookup(&k);
+	if (a && now - a->last_used_ns <= timeout && lb_backend(a->backend_id)) {
+		a->last_used_ns = now;
+		return a->backend_id;
+	}
+	id = lb_maglev_pick(svc, lb_flow_hash(p, 1));
+	if (id) {
+		fresh.backend_id = id;
+		fresh.last_used_ns = now;
+		lb_affinity.update(&k, &fresh);
+	}
+	return id;
+}
+
+LB_INLINE __u32 lb_select_backend(const struct lb_pkt *p,
+				  const struct lb_svc_val *svc, __u64 now)
+{
+	if (svc->flags & LB_SVC_AFFINITY)
+		return lb_affinity_pick(p, svc, now);
+	return lb_maglev_pick(svc, lb_flow_hash(p, 0));
+}
+
+#endif

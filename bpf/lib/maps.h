@@ -1,0 +1,28 @@
+/* Every map of the datapath, pinned under LB_PIN_DIR so that a restarted
+ * agent (and `lbctl maps` in another process) finds the same state. */
+#ifndef LB_MAPS_DEF_H
+#define LB_MAPS_DEF_H
+
+#include "common.h"
+
+BPF_TABLE_PINNED("array", __u32, struct lb_meta, lb_meta, 1,
+		 LB_PIN_DIR "/lb_meta");
+BPF_TABLE_PINNED("hash", struct lb_svc_key, struct lb_svc_val, lb_services,
+		 LB_MAX_SERVICES, LB_PIN_DIR "/lb_services");
+/* Backend id -> address. Id 0 is never used; a zero address marks a free id. */
+BPF_TABLE_PINNED("array", __u32, struct lb_backend, lb_backends,
+		 LB_MAX_BACKENDS, LB_PIN_DIR "/lb_backends");
+/* One flat slab of Maglev slots (backend ids); each service entry owns the
+ * range [maglev_off, maglev_off + maglev_size), as Katran's ch_rings does. */
+BPF_TABLE_PINNED("array", __u32, __u32, lb_maglev, LB_MAGLEV_SLOTS,
+		 LB_PIN_DIR "/lb_maglev");
+BPF_TABLE_PINNED("array", __u32, struct lb_rev_nat, lb_rev_nat,
+		 LB_MAX_SERVICES, LB_PIN_DIR "/lb_rev_nat");
+BPF_TABLE_PINNED("lru_hash", struct lb_ct_key, struct lb_ct_val, lb_ct,
+		 LB_CT_SIZE, LB_PIN_DIR "/lb_ct");
+BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_val,
+		 lb_affinity, LB_AFFINITY_SIZE, LB_PIN_DIR "/lb_affinity");
+BPF_TABLE_PINNED("percpu_array", __u32, struct lb_stat, lb_stats,
+		 LB_STAT_MAX, LB_PIN_DIR "/lb_stats");
+
+#endif

@@ -1,0 +1,95 @@
+/* Header parsing with every bound checked before it is read. */
+#ifndef LB_PARSE_H
+#define LB_PARSE_H
+
+#include "common.h"
+
+#define LB_IP_MF     0x2000
+#define LB_IP_OFFSET 0x1fff
+
+#define LB_TCP_FIN 0x01
+#define LB_TCP_SYN 0x02
+#define LB_TCP_RST 0x04
+#define LB_TCP_ACK 0x10
+
+/* What the programs need of a packet: offsets (valid for XDP and tc alike)
+ * and the 5-tuple in network order. */
+struct lb_pkt {
+	__u32 l3_off;
+	__u32 l4_off;
+	__u32 len;
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8  proto;
+	__u8  tcp_flags;
+	__u16 pad;
+};
+
+/* Parse Ethernet / IPv4 / TCP or UDP. Returns -1 on success, otherwise the
+ * LB_STAT_* reason that decides the packet (pass or drop) untouched.
+ * A header that is cut short or inconsistent is malformed; what is well
+ * formed but not ours (not IPv4, other protocols, later fragments) passes. */
+LB_INLINE int lb_parse(void *data, void *data_end, struct lb_pkt *p)
+{
+	struct ethhdr *eth = data;
+	struct iphdr *ip;
+	__u32 ihl_len, tot_len;
+
+	p->len = data_end - data;
+	if ((void *)(eth + 1) > data_end)
+		return LB_STAT_DROP_MALFORMED;
+	/* IPv6 keeps its own maps and parser when it comes; only the
+	 * ethertype switch here needs to grow. */
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return LB_STAT_PASS_NOT_IP;
+
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end)
+		return LB_STAT_DROP_MALFORMED;
+	if (ip->version != 4 || ip->ihl < 5)
+		return LB_STAT_DROP_MALFORMED;
+	ihl_len = ip->ihl * 4;
+	tot_len = bpf_ntohs(ip->tot_len);
+	if (tot_len < ihl_len || (void *)ip + tot_len > data_end)
+		return LB_STAT_DROP_MALFORMED;
+
+	p->l3_off = sizeof(*eth);
+	p->l4_off = sizeof(*eth) + ihl_len;
+	p->saddr = ip->saddr;
+	p->daddr = ip->daddr;
+	p->proto = ip->protocol;
+	p->sport = 0;
+	p->dport = 0;
+	p->tcp_flags = 0;
+
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return LB_STAT_PASS_OTHER_PROTO;
+	/* A later fragment has no L4 header to match on. */
+	if (ip->frag_off & bpf_htons(LB_IP_MF | LB_IP_OFFSET))
+		return LB_STAT_PASS_FRAGMENT;
+
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *tcp = (void *)ip + ihl_len;
+
+		if ((void *)(tcp + 1) > data_end || tcp->doff < 5 ||
+		    tcp->doff * 4 > tot_len - ihl_len)
+			return LB_STAT_DROP_MALFORMED;
+		p->sport = tcp->source;
+		p->dport = tcp->dest;
+		p->tcp_flags = ((__u8 *)tcp)[13];
+	} else {
+		struct udphdr *udp = (void *)ip + ihl_len;
+
+		if ((void *)(udp + 1) > data_end ||
+		    bpf_ntohs(udp->len) < sizeof(*udp) ||
+		    bpf_ntohs(udp->len) > tot_len - ihl_len)
+			return LB_STAT_DROP_MALFORMED;
+		p->sport = udp->source;
+		p->dport = udp->dest;
+	}
+	return -1;
+}
+
+#endif

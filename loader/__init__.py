@@ -1,0 +1,1 @@
+"""Compile, load, pin and attach the datapath; reach its maps from Python."""

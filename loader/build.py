@@ -1,0 +1,177 @@
+"""Compile bpf/ with BCC, pin its maps under one instance directory and
+hand out program fds and maps.
+
+BCC rewrites map calls (`m.lookup(&k)`) only in the file it is given, not in
+included headers, so the local `#include "..."` tree is expanded into one
+text first; `#line` markers keep compiler messages pointing at the real
+files."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from loader import layout, libbpf
+from loader.maps import BpfMap, kernel_type, specs
+
+MAIN_SOURCE = layout.BPF_DIR / "lb.c"
+BPFFS = Path("/sys/fs/bpf")
+_INCLUDE = re.compile(r'\s*#include\s+"([^"]+)"')
+
+
+class LayoutMismatch(RuntimeError):
+    """Pinned maps were written by a datapath with another layout or size."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Node-specific compile-time settings, passed to the C as -D defines."""
+
+    pin_dir: Path
+    max_services: int = 65536
+    max_backends: int = 65536
+    maglev_slots: int = 1 << 22
+    ct_size: int = 262144
+    affinity_size: int = 65536
+    defines: dict[str, str] = field(default_factory=dict)
+
+    def max_entries(self) -> dict[str, int]:
+        return {
+            "lb_meta": 1,
+            "lb_services": self.max_services,
+            "lb_backends": self.max_backends,
+            "lb_maglev": self.maglev_slots,
+            "lb_rev_nat": self.max_services,
+            "lb_ct": self.ct_size,
+            "lb_affinity": self.affinity_size,
+            "lb_stats": layout.const("LB_STAT_MAX"),
+        }
+
+    def cflags(self) -> list[str]:
+        flags = {
+            "LB_PIN_DIR": f'"{self.pin_dir}"',
+            "LB_MAX_SERVICES": str(self.max_services),
+            "LB_MAX_BACKENDS": str(self.max_backends),
+            "LB_MAGLEV_SLOTS": str(self.maglev_slots),
+            "LB_CT_SIZE": str(self.ct_size),
+            "LB_AFFINITY_SIZE": str(self.affinity_size),
+            **self.defines,
+        }
+        return [f"-D{k}={v}" for k, v in flags.items()] + ["-Wno-macro-redefined"]
+
+
+def expand_source(path: Path = MAIN_SOURCE, seen: set[Path] | None = None) -> str:
+    """The C of `path` with its local includes inlined, each once."""
+    seen = set() if seen is None else seen
+    out: list[str] = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        m = _INCLUDE.match(line)
+        if not m:
+            out.append(line)
+            continue
+        inc = (path.parent / m.group(1)).resolve()
+        if inc not in seen:
+            seen.add(inc)
+            out.append(f'#line 1 "{inc}"')
+            out.append(expand_source(inc, seen))
+        out.append(f'#line {lineno + 1} "{path}"')
+    return "\n".join(out)
+
+
+def check_pins(opts: BuildOptions) -> None:
+    """Refuse pinned maps that this build would misread."""
+    sizes = opts.max_entries()
+    for name, spec in specs().items():
+        pin = opts.pin_dir / name
+        if not pin.exists():
+            continue
+        fd = libbpf.obj_get(str(pin))
+        try:
+            info = libbpf.map_info(fd)
+        finally:
+            os.close(fd)
+        want_value = layout.sizeof(spec.value_type)
+        problems = []
+        if info.type != kernel_type(spec):
+            problems.append(f"type {info.type} != {kernel_type(spec)}")
+        if info.key_size != layout.sizeof(spec.key_type):
+            problems.append(f"key size {info.key_size} != {layout.sizeof(spec.key_type)}")
+        if info.value_size != want_value:
+            problems.append(f"value size {info.value_size} != {want_value}")
+        if info.max_entries != sizes[name]:
+            problems.append(f"max entries {info.max_entries} != {sizes[name]}")
+        if problems:
+            raise LayoutMismatch(
+                f"pinned map {pin}: {', '.join(problems)}; "
+                "remove the old instance with `lbctl down` first"
+            )
+    meta = opts.pin_dir / "lb_meta"
+    if meta.exists():
+        with BpfMap.open_pinned(opts.pin_dir, "lb_meta") as m:
+            found = m.lookup(0)
+        version = layout.const("LB_LAYOUT_VERSION")
+        if found is not None and found.layout_version not in (0, version):
+            raise LayoutMismatch(
+                f"{meta}: layout version {found.layout_version}, this build has {version}"
+            )
+
+
+class Datapath:
+    """The compiled programs of one instance and its pinned maps."""
+
+    def __init__(self, opts: BuildOptions) -> None:
+        from bcc import BPF  # Debian's python3-bpfcc, seen through a .pth
+
+        self.opts = opts
+        self._bpf_cls = BPF
+        self._progs: dict[str, int] = {}
+        self._maps: dict[str, BpfMap] = {}
+        opts.pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        opts.pin_dir.chmod(0o700)
+        check_pins(opts)
+        self.bpf: Any = BPF(text=expand_source(), cflags=opts.cflags())
+        for name in specs():
+            (opts.pin_dir / name).chmod(0o600)
+        self.map("lb_meta").update(
+            0, layout.new("struct lb_meta", layout_version=layout.const("LB_LAYOUT_VERSION"))[0]
+        )
+
+    def prog_fd(self, name: str) -> int:
+        """Load (once) the program `name`; its type follows from its prefix."""
+        if name not in self._progs:
+            kinds = {"xdp_": self._bpf_cls.XDP, "tc_": self._bpf_cls.SCHED_CLS}
+            kind = next(v for k, v in kinds.items() if name.startswith(k))
+            self._progs[name] = self.bpf.load_func(name.encode(), kind).fd
+        return self._progs[name]
+
+    def map(self, name: str) -> BpfMap:
+        if name not in self._maps:
+            self._maps[name] = BpfMap.open_pinned(self.opts.pin_dir, name)
+        return self._maps[name]
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+        self.bpf.cleanup()
+
+    def __enter__(self) -> Datapath:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def remove_pins(pin_dir: Path) -> None:
+    """Unpin every map of an instance and remove its directory."""
+    if not pin_dir.exists():
+        return
+    for entry in pin_dir.iterdir():
+        entry.unlink()
+    pin_dir.rmdir()

@@ -1,0 +1,66 @@
+"""The map layouts of bpf/lb_maps.h, read by cffi from the same header the
+BPF programs include, so that no layout is written twice."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import cffi
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+HEADER = BPF_DIR / "lb_maps.h"
+
+_PRELUDE = """
+typedef uint8_t __u8;
+typedef uint16_t __u16;
+typedef uint32_t __u32;
+typedef uint64_t __u64;
+"""
+
+
+def _strip_comments(text: str) -> str:
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    return re.sub(r"//[^\n]*", "", text)
+
+
+def _build() -> tuple[cffi.FFI, dict[str, int]]:
+    text = _strip_comments(HEADER.read_text())
+    ffi = cffi.FFI()
+    ffi.cdef(_PRELUDE + text)
+    consts = {
+        m.group(1): int(m.group(2), 0)
+        for m in re.finditer(r"^#define\s+(\w+)\s+(0x[0-9a-fA-F]+|\d+)\s*$", text, re.M)
+    }
+    return ffi, consts
+
+
+ffi, CONSTS = _build()
+
+
+def const(name: str) -> int:
+    """An integer #define of the header, by name."""
+    return CONSTS[name]
+
+
+def new(ctype: str, **fields: int) -> Any:
+    """A zeroed struct of the header's type `ctype`, with `fields` set."""
+    obj = ffi.new(f"{ctype} *")
+    for key, value in fields.items():
+        setattr(obj, key, value)
+    return obj
+
+
+def to_bytes(obj: Any) -> bytes:
+    return bytes(ffi.buffer(obj))
+
+
+def from_bytes(ctype: str, data: bytes) -> Any:
+    obj = ffi.new(f"{ctype} *")
+    ffi.memmove(obj, data, ffi.sizeof(ctype))
+    return obj
+
+
+def sizeof(ctype: str) -> int:
+    return int(ffi.sizeof(ctype))

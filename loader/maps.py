@@ -1,0 +1,172 @@
+"""Typed access to the datapath's maps, whoever created them.
+
+Which maps exist, their kernel type and their key and value structs are read
+from bpf/lib/maps.h, the same declarations BCC compiles; the structs come
+from bpf/lb_maps.h through loader.layout."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from loader import layout, libbpf
+
+MAPS_H = layout.BPF_DIR / "lib" / "maps.h"
+
+# BPF_MAP_TYPE_* numbers of the kinds the datapath declares.
+_KERNEL_TYPE = {"hash": 1, "array": 2, "percpu_array": 6, "lru_hash": 9, "lpm_trie": 11}
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    name: str
+    kind: str
+    key_type: str
+    value_type: str
+
+    @property
+    def percpu(self) -> bool:
+        return self.kind.startswith("percpu")
+
+
+@cache
+def specs() -> dict[str, MapSpec]:
+    """Every pinned map declared in bpf/lib/maps.h, by name."""
+    text = re.sub(r"/\*.*?\*/", "", MAPS_H.read_text(), flags=re.S)
+    found = re.finditer(
+        r'BPF_TABLE_PINNED\(\s*"(\w+)"\s*,\s*([^,]+?)\s*,\s*([^,]+?)\s*,\s*(\w+)\s*,', text
+    )
+    return {m.group(4): MapSpec(m.group(4), m.group(1), m.group(2), m.group(3)) for m in found}
+
+
+@cache
+def possible_cpus() -> int:
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+class BpfMap:
+    """One open map: lookups, updates, deletes and iteration with the
+    header's structs (or plain ints for __u32 keys and values)."""
+
+    def __init__(self, fd: int, spec: MapSpec) -> None:
+        self.fd = fd
+        self.spec = spec
+        self._ffi = layout.ffi
+        self._vsize = layout.sizeof(spec.value_type)
+        if spec.percpu:
+            self._vsize = ((self._vsize + 7) // 8 * 8) * possible_cpus()
+
+    @classmethod
+    def open_pinned(cls, pin_dir: Path, name: str) -> BpfMap:
+        return cls(libbpf.obj_get(str(pin_dir / name)), specs()[name])
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> BpfMap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Keys and values cross as cffi objects of the header's types.
+    def key(self, value: Any = None) -> Any:
+        if isinstance(value, int) or value is None:
+            return self._ffi.new(f"{self.spec.key_type} *", value or 0)
+        return value
+
+    def _value_buf(self) -> Any:
+        return self._ffi.new("char[]", self._vsize)
+
+    def _decode(self, buf: Any) -> Any:
+        vt = self.spec.value_type
+        size = layout.sizeof(vt)
+        if not self.spec.percpu:
+            return self._ffi.cast(f"{vt} *", buf)[0] if vt.startswith("struct") else (
+                self._ffi.cast(f"{vt} *", buf)[0]
+            )
+        stride = (size + 7) // 8 * 8
+        raw = bytes(self._ffi.buffer(buf, self._vsize))
+        return [layout.from_bytes(vt, raw[i * stride : i * stride + size])[0]
+                for i in range(possible_cpus())]
+
+    def lookup(self, key: Any) -> Any | None:
+        k = self.key(key)
+        buf = self._value_buf()
+        ret = libbpf.lib().bpf_map_lookup_elem(self.fd, k, buf)
+        if ret == -2:  # ENOENT
+            return None
+        libbpf.check(ret, f"lookup in {self.spec.name}")
+        value = self._decode(buf)
+        if self.spec.value_type.startswith("struct") and not self.spec.percpu:
+            # Copy out of the scratch buffer so the caller owns it.
+            return layout.from_bytes(self.spec.value_type, bytes(self._ffi.buffer(buf,
+                                     layout.sizeof(self.spec.value_type))))[0]
+        return value
+
+    def update(self, key: Any, value: Any, flags: int = libbpf.BPF_ANY) -> None:
+        k = self.key(key)
+        if isinstance(value, int):
+            v = self._ffi.new(f"{self.spec.value_type} *", value)
+        elif self._ffi.typeof(value).kind == "struct":
+            v = self._ffi.new(f"{self.spec.value_type} *", value)
+        else:
+            v = value
+        libbpf.check(libbpf.lib().bpf_map_update_elem(self.fd, k, v, flags),
+                     f"update of {self.spec.name}")
+
+    def delete(self, key: Any) -> bool:
+        ret = libbpf.lib().bpf_map_delete_elem(self.fd, self.key(key))
+        if ret == -2:
+            return False
+        libbpf.check(ret, f"delete from {self.spec.name}")
+        return True
+
+    def keys(self) -> Iterator[Any]:
+        prev = None
+        while True:
+            nxt = self._ffi.new(f"{self.spec.key_type} *")
+            ret = libbpf.lib().bpf_map_get_next_key(self.fd, prev if prev is not None
+                                                    else self._ffi.NULL, nxt)
+            if ret == -2:
+                return
+            libbpf.check(ret, f"iteration of {self.spec.name}")
+            yield nxt[0]
+            prev = nxt
+
+    def items(self) -> Iterator[tuple[Any, Any]]:
+        for k in self.keys():
+            value = self.lookup(self._ffi.new(f"{self.spec.key_type} *", k))
+            if value is not None:
+                yield k, value
+
+    def update_batch(self, keys: bytes, values: bytes, count: int) -> None:
+        """Write `count` packed keys and values in one syscall (arrays and
+        hashes alike), e.g. a whole Maglev range."""
+        f = libbpf.ffi()
+        n = f.new("uint32_t *", count)
+        opts = f.new("struct bpf_map_batch_opts *")
+        opts.sz = f.sizeof("struct bpf_map_batch_opts")
+        libbpf.check(libbpf.lib().bpf_map_update_batch(self.fd, keys, values, n, opts),
+                     f"batch update of {self.spec.name}")
+
+
+def open_all(pin_dir: Path) -> dict[str, BpfMap]:
+    """Every pinned map of an instance (`lbctl maps` in a second process)."""
+    return {name: BpfMap.open_pinned(pin_dir, name) for name in specs()}
+
+
+def kernel_type(spec: MapSpec) -> int:
+    return _KERNEL_TYPE[spec.kind]
