@@ -75,7 +75,8 @@ LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
 		/* New flow, or its backend is gone: choose again, so that a
 		 * UDP client moves on at once instead of sending into a void. */
 		if (svc->maglev_size == 0)
-			return LB_STAT_REJECT_NO_ENDPOINTS;
+			return svc->flags & LB_SVC_LOCAL_ONLY ?
+			       LB_STAT_DROP_NO_LOCAL : LB_STAT_REJECT_NO_ENDPOINTS;
 		id = lb_select_backend(p, svc, now);
 		b = lb_backend(id);
 		if (!b)

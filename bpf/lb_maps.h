@@ -80,7 +80,8 @@ struct lb_svc_val {
 	__u32 affinity_timeout; /* seconds; used when LB_SVC_AFFINITY is set */
 	__u16 backend_count;
 	__u16 flags;         /* LB_SVC_* */
-	__u32 pad;
+	__u32 group_id;      /* the service port: frontends of one port share
+	                      * backend ids and client affinity */
 };
 
 struct lb_backend {
@@ -88,6 +89,7 @@ struct lb_backend {
 	__u16 port;          /* network order */
 	__u8  proto;
 	__u8  flags;         /* LB_BACKEND_* */
+	__u32 group_id;      /* owning service port (lb_svc_val.group_id) */
 };
 
 /* lb_rev_nat: svc_id -> the frontend a reply must appear to come from. */
@@ -120,7 +122,7 @@ struct lb_ct_val {
 
 struct lb_affinity_key {
 	__u32 client;
-	__u32 svc_id;
+	__u32 group_id;
 };
 
 struct lb_affinity_val {

@@ -133,7 +133,7 @@ class Datapath:
         opts.pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         opts.pin_dir.chmod(0o700)
         check_pins(opts)
-        self.bpf: Any = BPF(text=expand_source(), cflags=opts.cflags())
+        self.bpf: Any = BPF(text=expand_source().encode(), cflags=opts.cflags())
         for name in specs():
             (opts.pin_dir / name).chmod(0o600)
         self.map("lb_meta").update(

@@ -57,7 +57,7 @@ LB_INLINE __u32 lb_maglev_pick(const struct lb_svc_val *svc, __u32 hash)
 LB_INLINE __u32 lb_affinity_pick(const struct lb_pkt *p,
 				 const struct lb_svc_val *svc, __u64 now)
 {
-	struct lb_affinity_key k = { .client = p->saddr, .svc_id = svc->svc_id };
+	struct lb_affinity_key k = { .client = p->saddr, .group_id = svc->group_id };
 	struct lb_affinity_val *a, fresh = {};
 	__u64 timeout = (__u64)svc->affinity_timeout * LB_NSEC_PER_SEC;
 	__u32 id;

@@ -1,0 +1,190 @@
+"""What this node's datapath must hold: a pure function of the cluster model
+and the node, with kube-proxy's endpoint semantics. No kernel involved, so
+every rule here is unit-tested on its own.
+
+Endpoint choice follows kube-proxy (pkg/proxy/topology.go): ready endpoints;
+when none is ready, the serving-and-terminating ones; never not-serving ones.
+A Local traffic policy narrows that to endpoints on this node."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from loader.layout import const
+from lb.model import SERVICE_PROXY_NAME_LABEL, Cluster, Endpoint, Node, Service, ServicePort
+
+log = logging.getLogger(__name__)
+
+PROTO_NUMBERS = {"TCP": 6, "UDP": 17}
+PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
+SCOPE_EXTERNAL = const("LB_SCOPE_EXTERNAL")
+SCOPE_INTERNAL = const("LB_SCOPE_INTERNAL")
+
+
+@dataclass(frozen=True, order=True)
+class Frontend:
+    """A services-map key: where clients send, and which clients (scope)."""
+
+    ip: str
+    port: int
+    proto: int
+    scope: int
+
+    def __str__(self) -> str:
+        scope = "internal" if self.scope == SCOPE_INTERNAL else "external"
+        return f"{self.ip}:{self.port}/{PROTO_NAMES.get(self.proto, self.proto)} ({scope})"
+
+
+@dataclass(frozen=True, order=True)
+class Backend:
+    ip: str
+    port: int
+    proto: int
+    local: bool = False
+    terminating: bool = False
+
+    @property
+    def name(self) -> str:
+        """Stable identity for Maglev: the same on every node."""
+        return f"{self.ip}:{self.port}/{PROTO_NAMES.get(self.proto, self.proto)}"
+
+
+@dataclass(frozen=True)
+class FrontendEntry:
+    frontend: Frontend
+    service: str
+    port_name: str
+    flags: int
+    affinity_timeout: int
+    backends: tuple[Backend, ...]
+
+    @property
+    def group(self) -> str:
+        """Frontends of one service port share backend ids (and affinity)."""
+        return f"{self.service}:{self.port_name}/{PROTO_NAMES[self.frontend.proto]}"
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    entries: dict[Frontend, FrontendEntry]
+
+    def backends(self) -> set[tuple[str, Backend]]:
+        return {(e.group, b) for e in self.entries.values() for b in e.backends}
+
+
+def programmed(svc: Service) -> bool:
+    """kube-proxy's filter: headless, ExternalName and services of another
+    proxy get nothing."""
+    if svc.type == "ExternalName" or svc.headless:
+        return False
+    return not any(k == SERVICE_PROXY_NAME_LABEL for k, _ in svc.labels)
+
+
+def _candidates(cluster: Cluster, svc: Service, port: ServicePort) -> list[tuple[Endpoint, int]]:
+    """Every endpoint of the service port with its resolved target port,
+    one per address (the ready copy wins when slices overlap)."""
+    found: dict[tuple[str, int], tuple[Endpoint, int]] = {}
+    for es in sorted(cluster.slices_of(svc.key), key=lambda s: s.name):
+        match = [p for p in es.ports if p.name == port.name and p.protocol == port.protocol]
+        if not match:
+            continue
+        target = match[0].port
+        for ep in es.endpoints:
+            key = (ep.ip, target)
+            if key not in found or (ep.ready and not found[key][0].ready):
+                found[key] = (ep, target)
+    return list(found.values())
+
+
+def _usable(eps: list[tuple[Endpoint, int]], publish_not_ready: bool) -> list[tuple[Endpoint, int]]:
+    ready = [(e, p) for e, p in eps if e.ready or publish_not_ready]
+    if ready:
+        return ready
+    return [(e, p) for e, p in eps if e.serving and e.terminating]
+
+
+def _backends(eps: list[tuple[Endpoint, int]], proto: int, node: Node) -> tuple[Backend, ...]:
+    return tuple(
+        sorted(
+            Backend(
+                ip=e.ip,
+                port=port,
+                proto=proto,
+                local=node.name is not None and e.node_name == node.name,
+                terminating=e.terminating,
+            )
+            for e, port in eps
+        )
+    )
+
+
+def _service_entries(cluster: Cluster, svc: Service, node: Node) -> list[FrontendEntry]:
+    entries: list[FrontendEntry] = []
+    for port in svc.ports:
+        proto = PROTO_NUMBERS.get(port.protocol)
+        if proto is None:
+            log.info("%s: port %s/%s: protocol not handled by the datapath", svc.key,
+                     port.port, port.protocol)
+            continue
+        eps = _candidates(cluster, svc, port)
+        all_usable = _usable(eps, svc.publish_not_ready)
+        local_eps = [(e, p) for e, p in eps if node.name and e.node_name == node.name]
+        local_usable = _usable(local_eps, svc.publish_not_ready)
+        cluster_set = _backends(all_usable, proto, node)
+        local_set = _backends(local_usable, proto, node)
+
+        base = const("LB_SVC_AFFINITY") if svc.session_affinity else 0
+
+        def entry(ip: str, port_no: int, scope: int, kind: int, local: bool,
+                  extra: int = 0, port: ServicePort = port, proto: int = proto,
+                  base: int = base) -> FrontendEntry:
+            flags = base | kind | extra | (const("LB_SVC_LOCAL_ONLY") if local else 0)
+            return FrontendEntry(
+                frontend=Frontend(ip, port_no, proto, scope),
+                service=svc.key,
+                port_name=port.name,
+                flags=flags,
+                affinity_timeout=svc.affinity_timeout if svc.session_affinity else 0,
+                backends=local_set if local else cluster_set,
+            )
+
+        itp, etp = svc.internal_traffic_local, svc.external_traffic_local
+        for ip in svc.cluster_ips:
+            entries.append(entry(ip, port.port, SCOPE_INTERNAL, const("LB_SVC_CLUSTER_IP"), itp))
+        outside: list[tuple[str, int, int, int]] = []
+        if port.node_port and svc.type in ("NodePort", "LoadBalancer"):
+            outside += [(ip, port.node_port, const("LB_SVC_NODE_PORT"), 0) for ip in node.ips]
+        outside += [(ip, port.port, const("LB_SVC_EXTERNAL_IP"), 0) for ip in svc.external_ips]
+        if svc.type == "LoadBalancer":
+            ranges = const("LB_SVC_SOURCE_RANGES") if svc.load_balancer_source_ranges else 0
+            outside += [
+                (ip, port.port, const("LB_SVC_LOAD_BALANCER"), ranges)
+                for ip in svc.load_balancer_ips
+            ]
+        for ip, port_no, kind, extra in outside:
+            # External clients see the external policy; pods reaching the
+            # same address get every endpoint, as kube-proxy short-circuits
+            # pod traffic to external destinations to its cluster chain.
+            masq = 0 if etp else const("LB_SVC_MASQUERADE")
+            entries.append(entry(ip, port_no, SCOPE_EXTERNAL, kind, etp, extra | masq))
+            entries.append(entry(ip, port_no, SCOPE_INTERNAL, kind, False, extra))
+    return entries
+
+
+def compute(cluster: Cluster, node: Node) -> DesiredState:
+    """The datapath contents for `node`. When two services claim the same
+    frontend, the one whose namespace/name sorts first keeps it and the
+    other is logged."""
+    entries: dict[Frontend, FrontendEntry] = {}
+    for key in sorted(cluster.services):
+        svc = cluster.services[key]
+        if not programmed(svc):
+            continue
+        for e in _service_entries(cluster, svc, node):
+            if e.frontend in entries and entries[e.frontend].service != svc.key:
+                log.error("%s: frontend %s already belongs to %s; skipped", svc.key,
+                          e.frontend, entries[e.frontend].service)
+                continue
+            entries[e.frontend] = e
+    return DesiredState(entries)

@@ -1,0 +1,49 @@
+"""One datapath instance: its pin directory, compiled programs and the
+reconciler that keeps its maps in step. Shared by `lbctl run`, `lbctl
+trace`, the demo and the benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lb.reconcile import Reconciler
+from loader.build import BPFFS, BuildOptions, Datapath
+
+DEFAULT_INSTANCE = "lb"
+
+
+def pin_dir_of(instance: str) -> Path:
+    return BPFFS / instance
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Map capacities; the defaults suit a node with tens of thousands of
+    services. Tools that load throwaway instances use smaller ones."""
+
+    max_services: int = 65536
+    max_backends: int = 65536
+    maglev_slots: int = 1 << 22
+    ct_size: int = 262144
+
+    def options(self, pin_dir: Path, defines: dict[str, str] | None = None) -> BuildOptions:
+        return BuildOptions(
+            pin_dir=pin_dir,
+            max_services=self.max_services,
+            max_backends=self.max_backends,
+            maglev_slots=self.maglev_slots,
+            ct_size=self.ct_size,
+            defines=dict(defines or {}),
+        )
+
+
+SMALL = Sizes(max_services=4096, max_backends=16384, maglev_slots=1 << 20, ct_size=65536)
+
+
+def reconciler_for(dp: Datapath) -> Reconciler:
+    o = dp.opts
+    maps = {name: dp.map(name) for name in ("lb_services", "lb_backends", "lb_maglev",
+                                            "lb_rev_nat")}
+    return Reconciler(maps, max_services=o.max_services, max_backends=o.max_backends,
+                      maglev_slots=o.maglev_slots)

@@ -1,0 +1,189 @@
+"""Maglev consistent hashing for service backend tables.
+
+Each service frontend owns a range of ``size`` slots in a flat BPF array; the datapath sends a
+flow to the backend in slot ``hash(5-tuple) % size``.  This module computes the contents of
+that range with the population algorithm of Maglev (Eisenbud et al., NSDI 2016, section 3.4):
+
+* every backend gets a permutation of the slots, ``(offset + j * skip) % size`` with
+  ``offset = h1(name) % size`` and ``skip = h2(name) % (size - 1) + 1`` (``size`` is prime, so
+  every skip generates a full permutation);
+* backends take turns claiming their most preferred slot that is still free, until the
+  table is full.
+
+The result depends only on the set of backend names and the table size, and the name hashes
+are keyed BLAKE2b rather than Python's per-process randomised ``hash()``, so every node computes
+the same table: a flow that ECMP lands on another node still reaches the same backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+# Primes, roughly doubling, so a table can keep about SLOTS_PER_BACKEND slots per backend.
+TABLE_SIZES: tuple[int, ...] = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
+
+# Maglev gives each backend floor(size / n) or ceil(size / n) slots, so at >= 100 slots per
+# backend no backend's share is more than 1% away from equal.
+SLOTS_PER_BACKEND = 100
+
+MAX_BACKENDS = TABLE_SIZES[-1] // SLOTS_PER_BACKEND
+
+# Domain separation: these hashes are part of the cross-node contract and must not collide
+# by accident with any other use of BLAKE2b on the same strings.
+_HASH_PERSON = b"xdplb-maglev-v1"
+
+# Once few slots are free, probing costs about size / free steps per claim.  From then on it is
+# cheaper to list the free slots once, sort them into each backend's preference order and walk
+# those lists.  The switch happens at TAIL_FACTOR * size / n free slots, which keeps the extra
+# work (n sorted lists of that length) at a few times the table size.
+_TAIL_FACTOR = 2
+
+
+def table_size(n_backends: int) -> int:
+    """Return the table size for ``n_backends`` backends.
+
+    The smallest prime in ``TABLE_SIZES`` that is at least ``SLOTS_PER_BACKEND * n_backends``;
+    0 for no backends.  It depends on nothing but the count, so all nodes agree on it.
+
+    Raises ValueError for a negative count or more than ``MAX_BACKENDS`` backends.
+    """
+    if n_backends < 0:
+        raise ValueError(f"backend count must not be negative, got {n_backends}")
+    if n_backends == 0:
+        return 0
+    wanted = SLOTS_PER_BACKEND * n_backends
+    for size in TABLE_SIZES:
+        if size >= wanted:
+            return size
+    raise ValueError(
+        f"{n_backends} backends do not fit the Maglev table: the largest table has "
+        f"{TABLE_SIZES[-1]} slots, enough for at most {MAX_BACKENDS} backends at "
+        f"{SLOTS_PER_BACKEND} slots each"
+    )
+
+
+def name_hashes(name: str) -> tuple[int, int]:
+    """Return the two independent 64-bit hashes (h1, h2) of a backend name.
+
+    Both halves of one keyed BLAKE2b digest of the UTF-8 name, read little-endian.  Stable
+    across processes, machines and Python versions.
+    """
+    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=16, person=_HASH_PERSON).digest()
+    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+
+
+def permutation_params(name: str, size: int) -> tuple[int, int]:
+    """Return ``(offset, skip)`` of ``name``'s slot permutation in a table of prime ``size``.
+
+    The backend's j-th preferred slot is ``(offset + j * skip) % size``.
+    """
+    _check_prime(size)
+    return _params(name, size)
+
+
+def populate(backends: Sequence[str], size: int) -> list[int]:
+    """Fill a Maglev table of ``size`` slots; return, per slot, an index into ``backends``.
+
+    ``backends`` are stable names such as ``"10.244.1.5:8080/TCP"``.  They are sorted by name
+    (code point order) before population, so the order of the input does not change which
+    backend a slot gets; the returned values are nonetheless indices into the sequence as
+    passed, i.e. ``backends[table[slot]]`` is the backend of ``slot``.
+
+    ``size`` must be a prime (see ``table_size``) and at least ``len(backends)``.  No backends
+    give an empty table, which is only valid with ``size == 0``.  Duplicate names are
+    rejected: they would share one permutation and make the table depend on input order.
+    """
+    n = len(backends)
+    if n == 0:
+        if size != 0:
+            raise ValueError(f"cannot fill {size} slots without backends")
+        return []
+    _check_prime(size)
+    if size < n:
+        raise ValueError(f"table of {size} slots is too small for {n} backends")
+    order = sorted(range(n), key=backends.__getitem__)
+    for a, b in zip(order, order[1:], strict=False):
+        if backends[a] == backends[b]:
+            raise ValueError(f"duplicate backend name {backends[a]!r}")
+    offsets: list[int] = []
+    skips: list[int] = []
+    for i in order:
+        offset, skip = _params(backends[i], size)
+        offsets.append(offset)
+        skips.append(skip)
+    return _fill(order, offsets, skips, size)
+
+
+def _fill(labels: list[int], offsets: list[int], skips: list[int], size: int) -> list[int]:
+    """Run the Maglev round-robin for backends given in turn order.
+
+    Backend ``k`` (the k-th turn) writes ``labels[k]`` into the slots it wins.
+    """
+    n = len(labels)
+    entry = [-1] * size
+    taken = bytearray(size)
+    # Slot each backend will try next: always its most preferred slot not yet known to be taken.
+    pos = offsets[:]
+    # Phase 1: plain probing while free slots are plentiful.
+    tail = min(size, int(_TAIL_FACTOR * size) // n)
+    remaining = size
+    turn = 0
+    while remaining > tail:
+        c = pos[turn]
+        skip = skips[turn]
+        while taken[c]:
+            c += skip
+            if c >= size:
+                c -= size
+        taken[c] = 1
+        entry[c] = labels[turn]
+        c += skip
+        pos[turn] = c - size if c >= size else c
+        remaining -= 1
+        turn += 1
+        if turn == n:
+            turn = 0
+    if not remaining:
+        return entry
+
+    # Phase 2: every slot a backend skipped so far is taken, so its next claim is the free slot
+    # that comes first in its permutation.  The index of slot c in the permutation of
+    # (offset, skip) is (c - offset) * skip^-1 mod size; sort the free slots by that index,
+    # packed as index * size + slot so the sort runs on plain ints.
+    free = [c for c in range(size) if not taken[c]]
+    prefs: list[list[int]] = []
+    for k in range(n):
+        offset = offsets[k]
+        inverse = pow(skips[k], -1, size)
+        keyed = sorted([((c - offset) * inverse % size) * size + c for c in free])
+        prefs.append([v % size for v in keyed])
+    cursor = [0] * n
+    while remaining:
+        pref = prefs[turn]
+        p = cursor[turn]
+        c = pref[p]
+        while taken[c]:
+            p += 1
+            c = pref[p]
+        taken[c] = 1
+        entry[c] = labels[turn]
+        cursor[turn] = p + 1
+        remaining -= 1
+        turn += 1
+        if turn == n:
+            turn = 0
+    return entry
+
+
+def _params(name: str, size: int) -> tuple[int, int]:
+    h1, h2 = name_hashes(name)
+    return h1 % size, h2 % (size - 1) + 1
+
+
+def _check_prime(size: int) -> None:
+    # Maglev needs a prime size so that every skip in [1, size - 1] visits every slot.
+    if size in TABLE_SIZES:
+        return
+    if size < 2 or any(size % d == 0 for d in range(2, int(size**0.5) + 1)):
+        raise ValueError(f"Maglev table size must be a prime, got {size}")

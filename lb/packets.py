@@ -1,0 +1,97 @@
+"""Build and read Ethernet/IPv4/TCP/UDP frames: what `lbctl trace` sends
+through the programs and what tests check the output with."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+ETH_P_IP = 0x0800
+TCP_FLAGS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10}
+# Fixed MACs: the programs never look at them.
+SRC_MAC = bytes.fromhex("020000000001")
+DST_MAC = bytes.fromhex("020000000002")
+
+
+def checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of `data`."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _pseudo(src: bytes, dst: bytes, proto: int, length: int) -> bytes:
+    return src + dst + struct.pack("!BBH", 0, proto, length)
+
+
+def build(
+    src: str, sport: int, dst: str, dport: int, proto: str = "tcp", *,
+    flags: str = "S", payload: bytes = b"", ttl: int = 64, ident: int = 1,
+) -> bytes:
+    """A frame with correct IPv4 and L4 checksums."""
+    s, d = socket.inet_aton(src), socket.inet_aton(dst)
+    if proto == "tcp":
+        bits = sum(TCP_FLAGS[c] for c in flags)
+        hdr = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, bits, 65535, 0, 0)
+        l4 = hdr + payload
+        csum = checksum(_pseudo(s, d, 6, len(l4)) + l4)
+        l4 = l4[:16] + struct.pack("!H", csum) + l4[18:]
+        pnum = 6
+    elif proto == "udp":
+        l4 = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+        csum = checksum(_pseudo(s, d, 17, len(l4)) + l4) or 0xFFFF
+        l4 = l4[:6] + struct.pack("!H", csum) + l4[8:]
+        pnum = 17
+    else:
+        raise ValueError(f"unknown protocol {proto!r}")
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), ident, 0, ttl, pnum, 0, s, d)
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    return DST_MAC + SRC_MAC + struct.pack("!H", ETH_P_IP) + ip + l4
+
+
+@dataclass(frozen=True)
+class Parsed:
+    src: str
+    dst: str
+    proto: int
+    sport: int
+    dport: int
+    ip_csum_ok: bool
+    l4_csum_ok: bool
+    tcp_flags: int = 0
+
+
+def parse(frame: bytes) -> Parsed | None:
+    """The 5-tuple of a well-formed IPv4 TCP/UDP frame, with whether its
+    checksums verify; None for anything else."""
+    if len(frame) < 34 or struct.unpack("!H", frame[12:14])[0] != ETH_P_IP:
+        return None
+    ihl = (frame[14] & 0x0F) * 4
+    tot = struct.unpack("!H", frame[16:18])[0]
+    if frame[14] >> 4 != 4 or ihl < 20 or tot < ihl or len(frame) < 14 + tot:
+        return None
+    ip = frame[14 : 14 + ihl]
+    l4 = frame[14 + ihl : 14 + tot]
+    proto = frame[23]
+    if proto not in (6, 17) or len(l4) < 8:
+        return None
+    sport, dport = struct.unpack("!HH", l4[:4])
+    pseudo = _pseudo(ip[12:16], ip[16:20], proto, len(l4))
+    if proto == 17 and l4[6:8] == b"\0\0":
+        l4_ok = True
+    else:
+        l4_ok = checksum(pseudo + l4) == 0
+    return Parsed(
+        src=socket.inet_ntoa(ip[12:16]),
+        dst=socket.inet_ntoa(ip[16:20]),
+        proto=proto,
+        sport=sport,
+        dport=dport,
+        ip_csum_ok=checksum(ip) == 0,
+        l4_csum_ok=l4_ok,
+        tcp_flags=l4[13] if proto == 6 and len(l4) >= 20 else 0,
+    )

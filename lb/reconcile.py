@@ -1,0 +1,293 @@
+"""Make the datapath's maps match a desired state, changing only what
+differs.
+
+Order matters to packets in flight: backends are written before the
+services that point at them; a service whose backends change gets a fresh
+Maglev range, filled completely, and is then switched to it with one map
+update (so a packet sees the old table or the new one, never a mix);
+deletions come last. Ranges and ids given up in one sync are reused only
+from the next sync on, once no packet can still be reading them.
+
+The reconciler can rebuild its bookkeeping from the pinned maps, so an
+agent restarted over live maps keeps every id and range and disturbs no
+established flow."""
+
+from __future__ import annotations
+
+import array
+import ipaddress
+import logging
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from lb import maglev
+from lb.allocators import Exhausted, IdAllocator, SlabAllocator
+from lb.desired import Backend, DesiredState, Frontend, FrontendEntry
+from loader import layout
+from loader.libbpf import BpfError
+from loader.maps import BpfMap
+
+log = logging.getLogger(__name__)
+
+BackendKey = tuple[int, str, int, int]  # group id, ip, port, proto
+FrontendAddr = tuple[str, int, int]  # ip, port, proto
+
+
+def ip_be(ip: str) -> int:
+    """An IPv4 address as the u32 that holds it in network order."""
+    return int.from_bytes(socket.inet_aton(ip), "little")
+
+
+def ip_str(value: int) -> str:
+    return str(ipaddress.IPv4Address(value.to_bytes(4, "little")))
+
+
+def port_be(port: int) -> int:
+    return socket.htons(port)
+
+
+def port_host(value: int) -> int:
+    return socket.ntohs(value)
+
+
+def svc_key(f: Frontend) -> object:
+    return layout.new(
+        "struct lb_svc_key", addr=ip_be(f.ip), port=port_be(f.port), proto=f.proto, scope=f.scope
+    )
+
+
+@dataclass
+class Applied:
+    """What the maps hold for one frontend entry."""
+
+    svc_id: int
+    group_id: int
+    off: int
+    size: int
+    flags: int
+    affinity_timeout: int
+    backend_ids: tuple[int, ...]
+
+
+@dataclass
+class SyncResult:
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    backends_added: int = 0
+    backends_removed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.updated or self.removed or self.backends_added
+                    or self.backends_removed)
+
+
+class Reconciler:
+    def __init__(
+        self, maps: Mapping[str, BpfMap], *, max_services: int, max_backends: int,
+        maglev_slots: int,
+    ) -> None:
+        self.maps = maps
+        self.slab = SlabAllocator(maglev_slots)
+        self.svc_ids = IdAllocator(max_services)
+        self.group_ids = IdAllocator(max_services)
+        self.backend_ids = IdAllocator(max_backends)
+        self.applied: dict[Frontend, Applied] = {}
+        self.frontend_ids: dict[FrontendAddr, int] = {}
+        self.groups: dict[str, int] = {}
+        self.backends: dict[BackendKey, tuple[int, int]] = {}  # -> (id, flags)
+        self._recovered_groups: dict[Frontend, int] = {}
+        self._quarantine: list[tuple[str, int, int]] = []
+
+    # --- restart ---------------------------------------------------------
+
+    def recover(self) -> int:
+        """Adopt what the pinned maps hold; returns the entries found."""
+        ranges = []
+        for k, v in self.maps["lb_services"].items():
+            f = Frontend(ip_str(k.addr), port_host(k.port), k.proto, k.scope)
+            self.applied[f] = Applied(v.svc_id, v.group_id, v.maglev_off, v.maglev_size,
+                                      v.flags, v.affinity_timeout, ())
+            self._recovered_groups[f] = v.group_id
+            if v.maglev_size:
+                ranges.append((v.maglev_off, v.maglev_size))
+            fa = (f.ip, f.port, f.proto)
+            if fa not in self.frontend_ids:
+                self.frontend_ids[fa] = v.svc_id
+                self.svc_ids.claim(v.svc_id)
+            if v.group_id not in self.group_ids._used:
+                self.group_ids.claim(v.group_id)
+        self.slab.rebuild(ranges)
+        by_group: dict[int, list[int]] = {}
+        for bid, b in self.maps["lb_backends"].items():
+            if b.addr == 0:
+                continue
+            key = (b.group_id, ip_str(b.addr), port_host(b.port), b.proto)
+            self.backends[key] = (bid, b.flags)
+            self.backend_ids.claim(bid)
+            by_group.setdefault(b.group_id, []).append(bid)
+        for a in self.applied.values():
+            a.backend_ids = tuple(sorted(by_group.get(a.group_id, [])))
+        return len(self.applied)
+
+    # --- sync -------------------------------------------------------------
+
+    def sync(self, desired: DesiredState) -> SyncResult:
+        res = SyncResult()
+        self._release_quarantine()
+        entries = dict(desired.entries)
+        self._ensure_groups(entries, res)
+        self._write_backends(entries, res)
+        for f, e in sorted(entries.items()):
+            try:
+                self._write_entry(f, e, res)
+            except (Exhausted, BpfError) as err:
+                msg = f"{e.service}: frontend {f} not programmed: {err}"
+                log.error("%s", msg)
+                res.errors.append(msg)
+                entries.pop(f)
+        for f in sorted(set(self.applied) - set(entries)):
+            self._remove_entry(f, res)
+        self._drop_unused(entries, res)
+        self._recovered_groups.clear()
+        return res
+
+    def _ensure_groups(self, entries: dict[Frontend, FrontendEntry], res: SyncResult) -> None:
+        for f, e in sorted(entries.items()):
+            if e.group in self.groups:
+                continue
+            old = self._recovered_groups.get(f)
+            if old is not None and old not in self.groups.values():
+                self.groups[e.group] = old
+                continue
+            try:
+                self.groups[e.group] = self.group_ids.alloc()
+            except Exhausted as err:
+                res.errors.append(f"{e.service}: {err}")
+
+    def _write_backends(self, entries: dict[Frontend, FrontendEntry], res: SyncResult) -> None:
+        bmap = self.maps["lb_backends"]
+        for e in entries.values():
+            gid = self.groups.get(e.group)
+            if gid is None:
+                continue
+            for b in e.backends:
+                key = (gid, b.ip, b.port, b.proto)
+                flags = _backend_flags(b)
+                have = self.backends.get(key)
+                if have and have[1] == flags:
+                    continue
+                try:
+                    bid = have[0] if have else self.backend_ids.alloc()
+                except Exhausted as err:
+                    res.errors.append(f"{e.service}: backend {b.name}: {err}")
+                    continue
+                bmap.update(bid, layout.new(
+                    "struct lb_backend", addr=ip_be(b.ip), port=port_be(b.port), proto=b.proto,
+                    flags=flags, group_id=gid)[0])
+                self.backends[key] = (bid, flags)
+                res.backends_added += not have
+
+    def _write_entry(self, f: Frontend, e: FrontendEntry, res: SyncResult) -> None:
+        gid = self.groups.get(e.group)
+        if gid is None:
+            raise Exhausted("no service-port id left")
+        fa = (f.ip, f.port, f.proto)
+        if fa not in self.frontend_ids:
+            sid = self.svc_ids.alloc()
+            self.maps["lb_rev_nat"].update(sid, layout.new(
+                "struct lb_rev_nat", addr=ip_be(f.ip), port=port_be(f.port))[0])
+            self.frontend_ids[fa] = sid
+        sid = self.frontend_ids[fa]
+        named = [(b, self.backends.get((gid, b.ip, b.port, b.proto))) for b in e.backends]
+        usable = [(b, have[0]) for b, have in named if have]
+        bids = tuple(sorted(bid for _, bid in usable))
+        old = self.applied.get(f)
+        same_backends = old is not None and old.backend_ids == bids and old.group_id == gid
+        if (same_backends and old is not None and old.flags == e.flags and old.svc_id == sid
+                and old.affinity_timeout == e.affinity_timeout):
+            return
+        if same_backends and old is not None:
+            off, size = old.off, old.size
+        elif usable:
+            size = maglev.table_size(len(usable))
+            off = self.slab.alloc(size)
+            try:
+                self._write_table(off, size, usable)
+            except BpfError:
+                self.slab.free(off, size)
+                raise
+        else:
+            off = size = 0
+        val = layout.new(
+            "struct lb_svc_val", svc_id=sid, maglev_off=off, maglev_size=size,
+            affinity_timeout=e.affinity_timeout, backend_count=len(usable), flags=e.flags,
+            group_id=gid)
+        try:
+            self.maps["lb_services"].update(svc_key(f), val[0])
+        except BpfError:
+            if size and (old is None or off != old.off):
+                self.slab.free(off, size)
+            raise
+        if old and old.size and old.off != off:
+            self._quarantine.append(("slab", old.off, old.size))
+        self.applied[f] = Applied(sid, gid, off, size, e.flags, e.affinity_timeout, bids)
+        if old:
+            res.updated += 1
+        else:
+            res.added += 1
+
+    def _write_table(self, off: int, size: int, usable: list[tuple[Backend, int]]) -> None:
+        slots = maglev.populate([b.name for b, _ in usable], size)
+        ids = [bid for _, bid in usable]
+        keys = array.array("I", range(off, off + size))
+        values = array.array("I", (ids[i] for i in slots))
+        self.maps["lb_maglev"].update_batch(keys.tobytes(), values.tobytes(), size)
+
+    def _remove_entry(self, f: Frontend, res: SyncResult) -> None:
+        old = self.applied.pop(f)
+        self.maps["lb_services"].delete(svc_key(f))
+        if old.size:
+            self._quarantine.append(("slab", old.off, old.size))
+        res.removed += 1
+
+    def _drop_unused(self, entries: dict[Frontend, FrontendEntry], res: SyncResult) -> None:
+        live_frontends = {(f.ip, f.port, f.proto) for f in self.applied}
+        for fa in sorted(set(self.frontend_ids) - live_frontends):
+            sid = self.frontend_ids.pop(fa)
+            self.maps["lb_rev_nat"].update(sid, layout.new("struct lb_rev_nat")[0])
+            self._quarantine.append(("svc", sid, 0))
+        live_groups = {self.groups[e.group] for e in entries.values() if e.group in self.groups}
+        wanted = {
+            (self.groups[e.group], b.ip, b.port, b.proto)
+            for e in entries.values() if e.group in self.groups for b in e.backends
+        }
+        for key in sorted(set(self.backends) - wanted):
+            bid, _ = self.backends.pop(key)
+            self.maps["lb_backends"].update(bid, layout.new("struct lb_backend")[0])
+            self._quarantine.append(("backend", bid, 0))
+            res.backends_removed += 1
+        for name in sorted(g for g, gid in self.groups.items() if gid not in live_groups):
+            self._quarantine.append(("group", self.groups.pop(name), 0))
+
+    def _release_quarantine(self) -> None:
+        for kind, a, b in self._quarantine:
+            if kind == "slab":
+                self.slab.free(a, b)
+            elif kind == "svc":
+                self.svc_ids.free(a)
+            elif kind == "backend":
+                self.backend_ids.free(a)
+            else:
+                self.group_ids.free(a)
+        self._quarantine.clear()
+
+
+def _backend_flags(b: Backend) -> int:
+    flags = layout.const("LB_BACKEND_LOCAL") if b.local else 0
+    if b.terminating:
+        flags |= layout.const("LB_BACKEND_TERMINATING")
+    return flags

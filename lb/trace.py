@@ -1,0 +1,160 @@
+"""`lbctl trace`: send one crafted packet (or a batch) through the real
+programs with BPF_PROG_TEST_RUN and say what the datapath did with it.
+
+The verdict is read from the datapath's own per-reason counters (the one
+that moved during the run), so trace needs no trace-only code path in the
+programs: it observes exactly what production packets get."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from lb import packets
+from lb.desired import DesiredState
+from lb.instance import SMALL, reconciler_for
+from lb.verdicts import reason
+from loader import layout, libbpf
+from loader.build import BPFFS, Datapath, remove_pins
+
+ENTRIES = {"pod": "tc_lb_from_pod", "external": "xdp_lb_external"}
+EPHEMERAL = (32768, 60999)
+
+
+class ProbeError(ValueError):
+    """A probe that cannot be built; `field` names the bad argument."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(problem)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Probe:
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    proto: str = "tcp"
+    entry: str = "pod"
+
+
+def _addr(value: Any, field: str, need_port: bool) -> tuple[str, int | None]:
+    if not isinstance(value, str) or not value:
+        raise ProbeError(field, f"expected IP{':PORT' if need_port else '[:PORT]'}")
+    host, sep, port_s = value.rpartition(":")
+    if not sep:
+        host, port_s = value, ""
+    try:
+        ip = str(ipaddress.IPv4Address(host))
+    except ValueError as e:
+        raise ProbeError(field, f"not an IPv4 address: {host!r}") from e
+    if not port_s:
+        if need_port:
+            raise ProbeError(field, "a port is required (IP:PORT)")
+        return ip, None
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ProbeError(field, f"port {port_s!r} is not in 1-65535")
+    return ip, int(port_s)
+
+
+def make_probe(src: Any, dst: Any, proto: Any = "tcp", entry: Any = "pod",
+               rng: random.Random | None = None) -> Probe:
+    """A probe from user input; a missing source port gets an ephemeral one."""
+    sip, sport = _addr(src, "src", need_port=False)
+    dip, dport = _addr(dst, "dst", need_port=True)
+    if proto not in ("tcp", "udp"):
+        raise ProbeError("proto", f"expected tcp or udp, got {proto!r}")
+    if entry not in ENTRIES:
+        raise ProbeError("from", f"expected pod or external, got {entry!r}")
+    if sport is None:
+        sport = (rng or random).randint(*EPHEMERAL)
+    assert dport is not None
+    return Probe(sip, sport, dip, dport, str(proto), str(entry))
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    verdict: str
+    backend: str | None
+    masquerade: bool
+    reason: str | None
+    entry: str
+    out_packet: str
+
+    def line(self) -> str:
+        if self.verdict == "DNAT":
+            return f"DNAT {self.backend}" + (" masq" if self.masquerade else "")
+        if self.verdict in ("REJECT", "DROP"):
+            return f"{self.verdict} {self.reason}"
+        return "PASS"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "backend": self.backend,
+            "masquerade": self.masquerade,
+            "reason": self.reason,
+            "entry": self.entry,
+            "out_packet": self.out_packet,
+        }
+
+
+class Tracer:
+    """A throwaway datapath instance holding one desired state."""
+
+    def __init__(self, dp: Datapath) -> None:
+        self.dp = dp
+        self.stats = dp.map("lb_stats")
+
+    def _counts(self) -> list[int]:
+        out = []
+        for i in range(layout.const("LB_STAT_MAX")):
+            per_cpu = self.stats.lookup(i) or []
+            out.append(sum(s.packets for s in per_cpu))
+        return out
+
+    def run(self, probe: Probe) -> TraceResult:
+        frame = packets.build(probe.src, probe.sport, probe.dst, probe.dport, probe.proto)
+        before = self._counts()
+        run = libbpf.prog_test_run(self.dp.prog_fd(ENTRIES[probe.entry]), frame)
+        after = self._counts()
+        moved = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if b > a]
+        r = reason(moved[0]) if moved else None
+        out = run.data
+        parsed = packets.parse(out)
+        verdict = r.verdict if r else "PASS"
+        backend = None
+        masq = False
+        if verdict == "DNAT" and parsed:
+            backend = f"{parsed.dst}:{parsed.dport}"
+            masq = parsed.src != probe.src or parsed.sport != probe.sport
+        return TraceResult(
+            verdict=verdict,
+            backend=backend,
+            masquerade=masq,
+            reason=r.name if r else None,
+            entry=probe.entry,
+            out_packet=out.hex(),
+        )
+
+
+@contextmanager
+def tracer(desired: DesiredState) -> Iterator[Tracer]:
+    """Load the programs into their own pin directory, program `desired`,
+    and remove every pin afterwards."""
+    pin_dir = BPFFS / f"lbtrace-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with Datapath(SMALL.options(pin_dir)) as dp:
+            res = reconciler_for(dp).sync(desired)
+            if res.errors:
+                raise RuntimeError("; ".join(res.errors))
+            yield Tracer(dp)
+    finally:
+        remove_pins(pin_dir)

@@ -1,0 +1,44 @@
+"""Fixtures shared by every test directory.
+
+Tests that need the kernel fail loudly when they cannot have it: a run that
+silently skipped them would report a green it never earned."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lb.instance import SMALL, Sizes
+from loader.build import BPFFS, Datapath, remove_pins
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root and BPF (run `make test` as root)", pytrace=False)
+
+
+def new_pin_dir(tag: str = "test") -> Path:
+    return BPFFS / f"lbtest-{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def datapath() -> Iterator[Datapath]:
+    """A freshly compiled datapath in its own pin directory, removed after."""
+    require_root()
+    pin_dir = new_pin_dir()
+    try:
+        with Datapath(SMALL.options(pin_dir)) as dp:
+            yield dp
+    finally:
+        remove_pins(pin_dir)
+
+
+@pytest.fixture
+def sizes() -> Sizes:
+    return SMALL

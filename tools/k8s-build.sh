@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Build a pinned Kubernetes control plane from source with Go: kube-apiserver,
+# kube-controller-manager, kubectl and etcd (at the etcd release that
+# Kubernetes release itself depends on).
+#
+# The binaries land in a machine-level cache, $XDPLB_CACHE_DIR/k8s-<version>/bin
+# (default /var/cache/xdplb), so every clone on the same machine reuses them.
+# The script is idempotent and safe to run concurrently: the build happens under
+# an exclusive flock and is published only when every binary is complete.
+#
+# Progress goes to stderr; the last line of stdout is the bin directory.
+#
+# Technique: a throwaway Go module requires k8s.io/kubernetes at the release and
+# replaces each k8s.io/* staging module (listed as "=> ./staging/..." in that
+# release's go.mod) with its published v0.<minor>.<patch> twin; then `go build`
+# the cmd packages.
+set -euo pipefail
+
+K8S_VERSION="${XDPLB_K8S_VERSION:-v1.34.12}"
+CACHE_ROOT="${XDPLB_CACHE_DIR:-/var/cache/xdplb}"
+# Bump when the way the binaries are built changes, to force a rebuild.
+RECIPE=1
+
+OUT="$CACHE_ROOT/k8s-$K8S_VERSION"
+BIN="$OUT/bin"
+STAMP="$OUT/.complete"
+BINARIES=(kube-apiserver kube-controller-manager kubectl etcd)
+STAGING_VERSION="v0.${K8S_VERSION#v1.}"
+
+log() { echo "k8s-build: $*" >&2; }
+
+stamp_text() { echo "recipe=$RECIPE kubernetes=$K8S_VERSION"; }
+
+is_complete() {
+    [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_text)" ] || return 1
+    local b
+    for b in "${BINARIES[@]}"; do
+        [ -x "$BIN/$b" ] || return 1
+    done
+}
+
+if is_complete; then
+    echo "$BIN"
+    exit 0
+fi
+
+command -v go >/dev/null || { log "go is not installed"; exit 1; }
+command -v flock >/dev/null || { log "flock is not installed (util-linux)"; exit 1; }
+
+mkdir -p "$CACHE_ROOT"
+exec 9>"$OUT.lock"
+if ! flock -n 9; then
+    log "another build of $K8S_VERSION is running; waiting for it"
+    flock 9
+fi
+
+# Someone else may have finished the build while this one waited.
+if is_complete; then
+    echo "$BIN"
+    exit 0
+fi
+
+work=$(mktemp -d "$CACHE_ROOT/.build-$K8S_VERSION.XXXXXX")
+cleanup() { rm -rf "$work"; }
+trap cleanup EXIT
+
+export GOTOOLCHAIN=local
+export GOFLAGS="-p=${XDPLB_BUILD_PARALLEL:-2} -buildvcs=false"
+export CGO_ENABLED=0
+# A soft heap target for the compiler and linker processes.
+export GOMEMLIMIT="${GOMEMLIMIT:-6GiB}"
+
+start=$(date +%s)
+log "building Kubernetes $K8S_VERSION in $work (go: $(go env GOVERSION))"
+
+# The release's own go.mod: its replace block names the staging modules, and
+# its require block pins etcd.
+k8s_gomod=$(cd "$work" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" \
+    | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
+[ -f "$k8s_gomod" ] || { log "could not download k8s.io/kubernetes@$K8S_VERSION"; exit 1; }
+
+mapfile -t staging < <(sed -n 's#^[[:space:]]*\(k8s\.io/[^[:space:]]*\)[[:space:]]*=>[[:space:]]*\./staging/.*#\1#p' \
+    "$k8s_gomod")
+((${#staging[@]})) || { log "no staging modules found in $k8s_gomod"; exit 1; }
+etcd_version=$(sed -n 's#^[[:space:]]*go\.etcd\.io/etcd/server/v3[[:space:]]\{1,\}\(v[^[:space:]]*\).*#\1#p' \
+    "$k8s_gomod" | head -n 1)
+[ -n "$etcd_version" ] || { log "no etcd server version in $k8s_gomod"; exit 1; }
+go_directive=$(sed -n 's/^go[[:space:]]\{1,\}\([0-9.]*\)$/\1/p' "$k8s_gomod" | head -n 1)
+log "staging modules: ${#staging[@]} at $STAGING_VERSION; etcd $etcd_version; go $go_directive"
+
+{
+    echo "module xdplb.invalid/k8sbuild"
+    echo
+    echo "go $go_directive"
+    echo
+    echo "require ("
+    echo "	k8s.io/kubernetes $K8S_VERSION"
+    echo "	go.etcd.io/etcd/server/v3 $etcd_version"
+    echo ")"
+    echo
+    echo "replace ("
+    for m in "${staging[@]}"; do
+        echo "	$m => $m $STAGING_VERSION"
+    done
+    echo ")"
+} >"$work/go.mod"
+
+build_date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+minor=${K8S_VERSION#v1.}
+minor=${minor%%.*}
+ldflags="-s -w"
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$K8S_VERSION"
+    ldflags+=" -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$build_date"
+done
+
+mkdir -p "$work/bin"
+(
+    cd "$work"
+    go build -mod=mod -trimpath -ldflags "$ldflags" -o "$work/bin/" \
+        k8s.io/kubernetes/cmd/kube-apiserver \
+        k8s.io/kubernetes/cmd/kube-controller-manager \
+        k8s.io/kubernetes/cmd/kubectl \
+        go.etcd.io/etcd/server/v3
+) >&2
+# The etcd main package is the module root, so its binary is named "v3".
+mv "$work/bin/v3" "$work/bin/etcd"
+
+for b in "${BINARIES[@]}"; do
+    [ -x "$work/bin/$b" ] || { log "missing $b after build"; exit 1; }
+done
+"$work/bin/kube-apiserver" --version >&2
+"$work/bin/etcd" --version | head -n 1 >&2
+
+# Publish: replace any stale bin dir, then write the stamp last.
+mkdir -p "$OUT"
+rm -f "$STAMP"
+rm -rf "$OUT/bin.old"
+[ -d "$BIN" ] && mv "$BIN" "$OUT/bin.old"
+mv "$work/bin" "$BIN"
+rm -rf "$OUT/bin.old"
+cp "$work/go.mod" "$OUT/go.mod"
+[ -f "$work/go.sum" ] && cp "$work/go.sum" "$OUT/go.sum"
+stamp_text >"$STAMP"
+log "built in $(($(date +%s) - start))s"
+echo "$BIN"
