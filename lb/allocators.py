@@ -36,9 +36,15 @@ class IdAllocator:
         if not 0 < ident < self.limit:
             raise ValueError(f"id {ident} outside [1, {self.limit})")
         self._used.add(ident)
-        self._next = max(self._next, ident + 1)
-        if ident in self._free:
+        if ident >= self._next:
+            # Ids skipped over stay available.
+            self._free.extend(range(ident - 1, self._next - 1, -1))
+            self._next = ident + 1
+        elif ident in self._free:
             self._free.remove(ident)
+
+    def in_use(self, ident: int) -> bool:
+        return ident in self._used
 
     def free(self, ident: int) -> None:
         if ident in self._used:

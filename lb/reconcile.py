@@ -118,7 +118,7 @@ class Reconciler:
             if fa not in self.frontend_ids:
                 self.frontend_ids[fa] = v.svc_id
                 self.svc_ids.claim(v.svc_id)
-            if v.group_id not in self.group_ids._used:
+            if not self.group_ids.in_use(v.group_id):
                 self.group_ids.claim(v.group_id)
         self.slab.rebuild(ranges)
         by_group: dict[int, list[int]] = {}
@@ -139,7 +139,7 @@ class Reconciler:
         res = SyncResult()
         self._release_quarantine()
         entries = dict(desired.entries)
-        self._ensure_groups(entries, res)
+        self._ensure_groups(entries)
         self._write_backends(entries, res)
         for f, e in sorted(entries.items()):
             try:
@@ -155,7 +155,7 @@ class Reconciler:
         self._recovered_groups.clear()
         return res
 
-    def _ensure_groups(self, entries: dict[Frontend, FrontendEntry], res: SyncResult) -> None:
+    def _ensure_groups(self, entries: dict[Frontend, FrontendEntry]) -> None:
         for f, e in sorted(entries.items()):
             if e.group in self.groups:
                 continue
@@ -165,8 +165,8 @@ class Reconciler:
                 continue
             try:
                 self.groups[e.group] = self.group_ids.alloc()
-            except Exhausted as err:
-                res.errors.append(f"{e.service}: {err}")
+            except Exhausted:
+                pass  # its frontends are refused, and reported, one by one
 
     def _write_backends(self, entries: dict[Frontend, FrontendEntry], res: SyncResult) -> None:
         bmap = self.maps["lb_backends"]
@@ -194,7 +194,7 @@ class Reconciler:
     def _write_entry(self, f: Frontend, e: FrontendEntry, res: SyncResult) -> None:
         gid = self.groups.get(e.group)
         if gid is None:
-            raise Exhausted("no service-port id left")
+            raise Exhausted(f"all {self.group_ids.limit - 1} service-port ids are in use")
         fa = (f.ip, f.port, f.proto)
         if fa not in self.frontend_ids:
             sid = self.svc_ids.alloc()

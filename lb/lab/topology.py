@@ -118,6 +118,8 @@ class TopologySpec:
         cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         for n in self.nodes:
             _check_name(n.name)
+            if n.name == "external":
+                raise ValueError("'external' is reserved for the outside client")
             ip = ipaddress.ip_address(n.ip)
             if ip not in node_net or ip in ips:
                 raise ValueError(f"node IP {n.ip} must be unique and inside {node_net}")
@@ -165,7 +167,7 @@ class Node:
     bridge: str | None = None
     bridge_mac: str | None = None
     pods: list[Pod] = field(default_factory=list)
-    _next_host: int = 2
+    _next_host: int = field(default=2, repr=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -407,8 +409,9 @@ class Topology:
             taken = {p.name for p in self._pods}
             name = next(n for n in (f"pod{i}" for i in self._pod_counter) if n not in taken)
         _check_name(name)
-        if any(p.name == name for p in self._pods):
-            raise ValueError(f"pod {name!r} exists already")
+        # Pod, node and external namespaces share the prefix: their names must not collide.
+        if name in {p.name for p in self._pods} | {n.name for n in self.nodes} | {"external"}:
+            raise ValueError(f"name {name!r} is taken already")
         net = ipaddress.ip_network(node.pod_cidr)
         if ip is None:
             if node._next_host >= net.num_addresses - 1:

@@ -1,14 +1,17 @@
-"""The namespace lab itself: wiring, reachability, source IPs, cleanup."""
+"""The namespace lab itself: wiring, reachability, source IPs, cleanup.
+
+These tests need root: without it they fail with a clear message, they never skip."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -25,6 +28,33 @@ from lb.lab.topology import (
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
+
+TOOLS = ("ip", "curl", "ethtool", "sysctl")
+
+
+@pytest.fixture(autouse=True)
+def lab_requirements() -> None:
+    """Fail (not skip) when the lab cannot be built here."""
+    if os.geteuid() != 0:
+        pytest.fail("end-to-end tests build network namespaces and need root "
+                    "(run pytest as root)", pytrace=False)
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"end-to-end tests need these tools on PATH: {missing}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_namespaces() -> Iterator[None]:
+    """After each test, no lab namespace this process created may remain.
+
+    Leftovers are deleted (so one failure does not litter the machine) and reported."""
+    mine = f"lb-{os.getpid()}-"
+    before = set(list_namespaces())
+    yield
+    leaked = sorted(n for n in set(list_namespaces()) - before if n.startswith(mine))
+    for ns in leaked:
+        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+    assert not leaked, f"namespaces left behind: {leaked}"
 
 
 @pytest.fixture(params=WIRINGS)
@@ -184,6 +214,9 @@ def test_add_and_remove_pod(wiring: Wiring) -> None:
         _gone([pod.ns])
         links = [link["ifname"] for link in _json(topo, topo.node.ns, ["link", "show"])]
         assert pod.host_veth not in links
+        for taken in (client.name, "node", "external"):
+            with pytest.raises(ValueError):
+                topo.add_pod(name=taken)
         again = topo.add_pod()
         assert again.ip != pod.ip
         topo.start_http(again, 80)
@@ -226,6 +259,7 @@ def test_cleanup_when_build_fails_half_way(monkeypatch: pytest.MonkeyPatch) -> N
     lambda: TopologySpec(nodes=(NodeSpec("a"), NodeSpec("a", ip="192.0.2.2"))),
     lambda: TopologySpec(nodes=(NodeSpec("a"), NodeSpec("b", pod_cidr="10.244.1.128/25"))),
     lambda: TopologySpec(nodes=(NodeSpec("Bad_Name"),)),
+    lambda: TopologySpec(nodes=(NodeSpec("external"),)),
 ])
 def test_invalid_spec_rejected(make: Callable[[], TopologySpec]) -> None:
     with pytest.raises(ValueError):

@@ -1,0 +1,119 @@
+"""`lbctl trace` and `lbctl maps` as a user runs them: real processes, the
+real kernel, the seed's Tomcat example."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from lb import desired
+from lb.instance import SMALL, reconciler_for
+from lb.manifests import load
+from lb.model import Node
+from loader.build import Datapath, remove_pins
+from tests.conftest import REPO, new_pin_dir, require_root
+
+TOMCAT = REPO / "deploy" / "examples" / "tomcat.yaml"
+CLUSTER_IP = "10.97.222.179"
+ENDPOINTS = {"10.244.1.10:8080", "10.244.1.11:8080"}
+
+
+def lbctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lb.cli", *args], capture_output=True,
+                          text=True, check=check, cwd=REPO, timeout=120)
+
+
+def test_trace_tomcat_clusterip_prints_dnat_to_an_endpoint() -> None:
+    require_root()
+    out = lbctl("trace", "-f", str(TOMCAT), "--src", "10.244.1.5", "--dst",
+                f"{CLUSTER_IP}:8080")
+    line = out.stdout.splitlines()[0]
+    verdict, backend = line.split()
+    assert verdict == "DNAT" and backend in ENDPOINTS
+
+
+def test_trace_batch_spreads_over_both_endpoints(tmp_path: Path) -> None:
+    require_root()
+    batch = tmp_path / "probes.jsonl"
+    batch.write_text("".join(
+        json.dumps({"src": f"10.244.1.5:{port}", "dst": f"{CLUSTER_IP}:8080", "proto": "tcp",
+                    "from": "pod"}) + "\n" for port in range(33000, 33200)))
+    out = lbctl("trace", "-f", str(TOMCAT), "--batch", str(batch))
+    results = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(results) == 200
+    assert {r["verdict"] for r in results} == {"DNAT"}
+    spread = Counter(r["backend"] for r in results)
+    assert set(spread) == ENDPOINTS
+    # Maglev spreads evenly: neither endpoint gets less than a third.
+    assert min(spread.values()) > 200 / 3, spread
+    assert set(results[0]) == {"verdict", "backend", "masquerade", "reason", "entry",
+                               "out_packet"}
+
+
+def test_trace_nodeport_and_load_balancer_from_outside() -> None:
+    require_root()
+    for dst in ("192.0.2.1:30080", "203.0.113.10:8080"):
+        out = lbctl("trace", "-f", str(TOMCAT), "--src", "198.51.100.10", "--dst", dst,
+                    "--from", "external", "--node-ip", "192.0.2.1", "-o", "json")
+        r = json.loads(out.stdout)
+        assert r["verdict"] == "DNAT" and r["backend"] in ENDPOINTS and r["entry"] == "external"
+
+
+def test_trace_bad_arguments_exit_2_naming_the_field(tmp_path: Path) -> None:
+    cases = [
+        (["--src", "10.244.1.5", "--dst", CLUSTER_IP], "dst"),
+        (["--src", "10.244.300.5", "--dst", f"{CLUSTER_IP}:8080"], "src"),
+        (["--src", "10.244.1.5", "--dst", f"{CLUSTER_IP}:8080", "--proto", "icmp"], "proto"),
+        (["--src", "10.244.1.5", "--dst", f"{CLUSTER_IP}:99999"], "dst"),
+        (["--src", "10.244.1.5", "--dst", f"{CLUSTER_IP}:80", "--from", "moon"], "from"),
+    ]
+    for args, field in cases:
+        out = lbctl("trace", "-f", str(TOMCAT), *args, check=False)
+        assert out.returncode == 2, (args, out.stderr)
+        assert field in out.stderr, out.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("kind: Service\n  bad: [indent\n")
+    out = lbctl("trace", "-f", str(broken), "--src", "1.2.3.4", "--dst", "1.2.3.4:1",
+                check=False)
+    assert out.returncode == 2 and "yaml" in out.stderr
+
+
+def test_maps_lists_the_service_from_a_second_process() -> None:
+    require_root()
+    pin_dir = new_pin_dir("maps")
+    try:
+        with Datapath(SMALL.options(pin_dir)) as dp:
+            dp.prog_fd("xdp_lb_external")
+            dp.prog_fd("tc_lb_from_pod")
+            cluster = load([TOMCAT]).cluster
+            reconciler_for(dp).sync(desired.compute(cluster, Node("n1", ("192.0.2.1",))))
+            table = lbctl("maps", "services", "--instance", pin_dir.name).stdout
+            lines = table.splitlines()
+            assert lines[0].split()[:3] == ["FRONTEND", "PROTOCOL", "SCOPE"]
+            assert any(line.startswith(f"{CLUSTER_IP}:8080") and "ClusterIP" in line
+                       for line in lines)
+            rows = json.loads(lbctl("maps", "services", "-o", "json", "--instance",
+                                    pin_dir.name).stdout)
+            fronts = {(r["frontend"], r["scope"]) for r in rows}
+            assert (f"{CLUSTER_IP}:8080", "internal") in fronts
+            assert ("192.0.2.1:30080", "external") in fronts
+            assert ("203.0.113.10:8080", "external") in fronts
+            assert all(r["backends"] == 2 for r in rows)
+            mag = json.loads(lbctl("maps", "maglev", "-o", "json", "--instance",
+                                   pin_dir.name).stdout)
+            for r in mag:
+                assert set(r["slots"]) == ENDPOINTS
+                assert sum(r["slots"].values()) == r["size"]
+            backends = json.loads(lbctl("maps", "backends", "-o", "json", "--instance",
+                                        pin_dir.name).stdout)
+            assert {b["address"] for b in backends} == ENDPOINTS
+    finally:
+        remove_pins(pin_dir)
+
+
+def test_maps_without_an_instance_says_so() -> None:
+    out = lbctl("maps", "services", "--instance", "no-such-instance", check=False)
+    assert out.returncode == 1 and "no datapath instance" in out.stderr
