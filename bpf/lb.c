@@ -93,9 +93,9 @@ LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
 }
 
 LB_INLINE int lb_decide(struct lb_pkt *p, void *data, void *data_end,
-			__u8 scope, struct lb_nat *n)
+			__u32 len, __u8 scope, struct lb_nat *n)
 {
-	int reason = lb_parse(data, data_end, p);
+	int reason = lb_parse(data, data_end, len, p);
 	__u64 now;
 
 	if (reason >= 0)
@@ -131,7 +131,8 @@ int xdp_lb_external(struct xdp_md *ctx)
 	void *data_end = (void *)(long)ctx->data_end;
 	struct lb_pkt p = {};
 	struct lb_nat n = {};
-	int reason = lb_decide(&p, data, data_end, LB_SCOPE_EXTERNAL, &n);
+	int reason = lb_decide(&p, data, data_end, data_end - data,
+			       LB_SCOPE_EXTERNAL, &n);
 
 	if (lb_rewrites(reason) && lb_nat_xdp(ctx, &p, &n))
 		reason = LB_STAT_ERROR;
@@ -139,13 +140,23 @@ int xdp_lb_external(struct xdp_md *ctx)
 	return lb_drops(reason) ? XDP_DROP : XDP_PASS;
 }
 
+/* Headers the programs read must sit in the skb's linear part. */
+#define LB_PULL_LEN (LB_ETH_LEN + 60 + 60)
+
 int tc_lb_from_pod(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct lb_pkt p = {};
 	struct lb_nat n = {};
-	int reason = lb_decide(&p, data, data_end, LB_SCOPE_INTERNAL, &n);
+	int reason;
+
+	if (data + LB_PULL_LEN > data_end && skb->len > data_end - data) {
+		bpf_skb_pull_data(skb, skb->len < LB_PULL_LEN ? skb->len : LB_PULL_LEN);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+	reason = lb_decide(&p, data, data_end, skb->len, LB_SCOPE_INTERNAL, &n);
 
 	if (lb_rewrites(reason) && lb_nat_skb(skb, &p, &n))
 		reason = LB_STAT_ERROR;

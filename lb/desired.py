@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from loader.layout import const
 from lb.model import SERVICE_PROXY_NAME_LABEL, Cluster, Endpoint, Node, Service, ServicePort
+from loader.layout import const
 
 log = logging.getLogger(__name__)
 
@@ -134,41 +134,40 @@ def _service_entries(cluster: Cluster, svc: Service, node: Node) -> list[Fronten
         cluster_set = _backends(all_usable, proto, node)
         local_set = _backends(local_usable, proto, node)
 
-        base = const("LB_SVC_AFFINITY") if svc.session_affinity else 0
+        affinity = const("LB_SVC_AFFINITY") if svc.session_affinity else 0
 
         def entry(ip: str, port_no: int, scope: int, kind: int, local: bool,
-                  extra: int = 0, port: ServicePort = port, proto: int = proto,
-                  base: int = base) -> FrontendEntry:
-            flags = base | kind | extra | (const("LB_SVC_LOCAL_ONLY") if local else 0)
+                  backends: tuple[Backend, ...], port: ServicePort = port,
+                  proto: int = proto, affinity: int = affinity) -> FrontendEntry:
             return FrontendEntry(
                 frontend=Frontend(ip, port_no, proto, scope),
                 service=svc.key,
                 port_name=port.name,
-                flags=flags,
+                flags=affinity | kind | (const("LB_SVC_LOCAL_ONLY") if local else 0),
                 affinity_timeout=svc.affinity_timeout if svc.session_affinity else 0,
-                backends=local_set if local else cluster_set,
+                backends=backends,
             )
 
         itp, etp = svc.internal_traffic_local, svc.external_traffic_local
         for ip in svc.cluster_ips:
-            entries.append(entry(ip, port.port, SCOPE_INTERNAL, const("LB_SVC_CLUSTER_IP"), itp))
-        outside: list[tuple[str, int, int, int]] = []
+            entries.append(entry(ip, port.port, SCOPE_INTERNAL, const("LB_SVC_CLUSTER_IP"), itp,
+                                 local_set if itp else cluster_set))
+        outside: list[tuple[str, int, int]] = []
         if port.node_port and svc.type in ("NodePort", "LoadBalancer"):
-            outside += [(ip, port.node_port, const("LB_SVC_NODE_PORT"), 0) for ip in node.ips]
-        outside += [(ip, port.port, const("LB_SVC_EXTERNAL_IP"), 0) for ip in svc.external_ips]
+            outside += [(ip, port.node_port, const("LB_SVC_NODE_PORT")) for ip in node.ips]
+        outside += [(ip, port.port, const("LB_SVC_EXTERNAL_IP")) for ip in svc.external_ips]
         if svc.type == "LoadBalancer":
             ranges = const("LB_SVC_SOURCE_RANGES") if svc.load_balancer_source_ranges else 0
-            outside += [
-                (ip, port.port, const("LB_SVC_LOAD_BALANCER"), ranges)
-                for ip in svc.load_balancer_ips
-            ]
-        for ip, port_no, kind, extra in outside:
+            outside += [(ip, port.port, const("LB_SVC_LOAD_BALANCER") | ranges)
+                        for ip in svc.load_balancer_ips]
+        masq = 0 if etp else const("LB_SVC_MASQUERADE")
+        for ip, port_no, kind in outside:
             # External clients see the external policy; pods reaching the
             # same address get every endpoint, as kube-proxy short-circuits
             # pod traffic to external destinations to its cluster chain.
-            masq = 0 if etp else const("LB_SVC_MASQUERADE")
-            entries.append(entry(ip, port_no, SCOPE_EXTERNAL, kind, etp, extra | masq))
-            entries.append(entry(ip, port_no, SCOPE_INTERNAL, kind, False, extra))
+            entries.append(entry(ip, port_no, SCOPE_EXTERNAL, kind | masq, etp,
+                                 local_set if etp else cluster_set))
+            entries.append(entry(ip, port_no, SCOPE_INTERNAL, kind, False, cluster_set))
     return entries
 
 

@@ -18,6 +18,7 @@ the same table: a flow that ECMP lands on another node still reaches the same ba
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Sequence
 
 # Primes, roughly doubling, so a table can keep about SLOTS_PER_BACKEND slots per backend.
@@ -32,12 +33,6 @@ MAX_BACKENDS = TABLE_SIZES[-1] // SLOTS_PER_BACKEND
 # Domain separation: these hashes are part of the cross-node contract and must not collide
 # by accident with any other use of BLAKE2b on the same strings.
 _HASH_PERSON = b"xdplb-maglev-v1"
-
-# Once few slots are free, probing costs about size / free steps per claim.  From then on it is
-# cheaper to list the free slots once, sort them into each backend's preference order and walk
-# those lists.  The switch happens at TAIL_FACTOR * size / n free slots, which keeps the extra
-# work (n sorted lists of that length) at a few times the table size.
-_TAIL_FACTOR = 2
 
 
 def table_size(n_backends: int) -> int:
@@ -103,7 +98,7 @@ def populate(backends: Sequence[str], size: int) -> list[int]:
     if size < n:
         raise ValueError(f"table of {size} slots is too small for {n} backends")
     order = sorted(range(n), key=backends.__getitem__)
-    for a, b in zip(order, order[1:], strict=False):
+    for a, b in itertools.pairwise(order):
         if backends[a] == backends[b]:
             raise ValueError(f"duplicate backend name {backends[a]!r}")
     offsets: list[int] = []
@@ -123,56 +118,26 @@ def _fill(labels: list[int], offsets: list[int], skips: list[int], size: int) ->
     n = len(labels)
     entry = [-1] * size
     taken = bytearray(size)
-    # Slot each backend will try next: always its most preferred slot not yet known to be taken.
+    # Per backend, the slot it tries next: its most preferred slot not yet seen taken.  Kept
+    # as a reduced slot number rather than a permutation index so a probe is an add, a compare
+    # and a byte lookup, with no multiplication or modulo.
     pos = offsets[:]
-    # Phase 1: plain probing while free slots are plentiful.
-    tail = min(size, int(_TAIL_FACTOR * size) // n)
-    remaining = size
-    turn = 0
-    while remaining > tail:
-        c = pos[turn]
-        skip = skips[turn]
-        while taken[c]:
+    rounds, last = divmod(size, n)
+    turns = list(zip(range(n), skips, labels, strict=True))
+    for r in range(rounds + (1 if last else 0)):
+        if r == rounds:
+            # The table fills part-way through the final round.
+            turns = turns[:last]
+        for k, skip, label in turns:
+            c = pos[k]
+            while taken[c]:
+                c += skip
+                if c >= size:
+                    c -= size
+            taken[c] = 1
+            entry[c] = label
             c += skip
-            if c >= size:
-                c -= size
-        taken[c] = 1
-        entry[c] = labels[turn]
-        c += skip
-        pos[turn] = c - size if c >= size else c
-        remaining -= 1
-        turn += 1
-        if turn == n:
-            turn = 0
-    if not remaining:
-        return entry
-
-    # Phase 2: every slot a backend skipped so far is taken, so its next claim is the free slot
-    # that comes first in its permutation.  The index of slot c in the permutation of
-    # (offset, skip) is (c - offset) * skip^-1 mod size; sort the free slots by that index,
-    # packed as index * size + slot so the sort runs on plain ints.
-    free = [c for c in range(size) if not taken[c]]
-    prefs: list[list[int]] = []
-    for k in range(n):
-        offset = offsets[k]
-        inverse = pow(skips[k], -1, size)
-        keyed = sorted([((c - offset) * inverse % size) * size + c for c in free])
-        prefs.append([v % size for v in keyed])
-    cursor = [0] * n
-    while remaining:
-        pref = prefs[turn]
-        p = cursor[turn]
-        c = pref[p]
-        while taken[c]:
-            p += 1
-            c = pref[p]
-        taken[c] = 1
-        entry[c] = labels[turn]
-        cursor[turn] = p + 1
-        remaining -= 1
-        turn += 1
-        if turn == n:
-            turn = 0
+            pos[k] = c - size if c >= size else c
     return entry
 
 

@@ -247,7 +247,7 @@ def parse_endpoint_slice(doc: Mapping[str, Any], where: str) -> EndpointSlice | 
         raise ManifestError(where, "addressType", f"unknown value {family!r}")
     if family != "IPv4":
         return None
-    endpoints = []
+    endpoints: list[Endpoint] = []
     for i, ep in enumerate(_list(doc, "endpoints", where)):
         field = f"endpoints[{i}]"
         if not isinstance(ep, Mapping):
@@ -294,7 +294,7 @@ def parse_endpoints(doc: Mapping[str, Any], where: str) -> list[EndpointSlice]:
         field = f"subsets[{i}]"
         if not isinstance(subset, Mapping):
             raise ManifestError(where, field, "expected an object")
-        eps = []
+        eps: list[Endpoint] = []
         for kind, ready in (("addresses", True), ("notReadyAddresses", False)):
             for j, a in enumerate(_list(subset, kind, where)):
                 afield = f"{field}.{kind}[{j}]"

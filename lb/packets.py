@@ -18,7 +18,7 @@ def checksum(data: bytes) -> int:
     """The Internet checksum (RFC 1071) of `data`."""
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = sum(int(w) for w in struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -81,10 +81,8 @@ def parse(frame: bytes) -> Parsed | None:
         return None
     sport, dport = struct.unpack("!HH", l4[:4])
     pseudo = _pseudo(ip[12:16], ip[16:20], proto, len(l4))
-    if proto == 17 and l4[6:8] == b"\0\0":
-        l4_ok = True
-    else:
-        l4_ok = checksum(pseudo + l4) == 0
+    # A UDP checksum of zero means "none".
+    l4_ok = (proto == 17 and l4[6:8] == b"\0\0") or checksum(pseudo + l4) == 0
     return Parsed(
         src=socket.inet_ntoa(ip[12:16]),
         dst=socket.inet_ntoa(ip[16:20]),

@@ -15,6 +15,7 @@ established flow."""
 from __future__ import annotations
 
 import array
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -163,10 +164,9 @@ class Reconciler:
             if old is not None and old not in self.groups.values():
                 self.groups[e.group] = old
                 continue
-            try:
+            # When ids run out its frontends are refused, and reported, one by one.
+            with contextlib.suppress(Exhausted):
                 self.groups[e.group] = self.group_ids.alloc()
-            except Exhausted:
-                pass  # its frontends are refused, and reported, one by one
 
     def _write_backends(self, entries: dict[Frontend, FrontendEntry], res: SyncResult) -> None:
         bmap = self.maps["lb_backends"]

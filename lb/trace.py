@@ -121,28 +121,38 @@ class Tracer:
         return out
 
     def run(self, probe: Probe) -> TraceResult:
-        frame = packets.build(probe.src, probe.sport, probe.dst, probe.dport, probe.proto)
+        frame = probe_frame(probe)
         before = self._counts()
         run = libbpf.prog_test_run(self.dp.prog_fd(ENTRIES[probe.entry]), frame)
         after = self._counts()
         moved = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if b > a]
-        r = reason(moved[0]) if moved else None
-        out = run.data
-        parsed = packets.parse(out)
-        verdict = r.verdict if r else "PASS"
-        backend = None
-        masq = False
-        if verdict == "DNAT" and parsed:
-            backend = f"{parsed.dst}:{parsed.dport}"
-            masq = parsed.src != probe.src or parsed.sport != probe.sport
-        return TraceResult(
-            verdict=verdict,
-            backend=backend,
-            masquerade=masq,
-            reason=r.name if r else None,
-            entry=probe.entry,
-            out_packet=out.hex(),
-        )
+        return trace_result(probe, moved[0] if moved else None, run.data)
+
+
+def probe_frame(probe: Probe) -> bytes:
+    """The frame a probe sends."""
+    return packets.build(probe.src, probe.sport, probe.dst, probe.dport, probe.proto)
+
+
+def trace_result(probe: Probe, reason_index: int | None, out: bytes) -> TraceResult:
+    """What a datapath did with a probe's frame, from the stat reason that
+    moved and the frame it left; shared by the kernel and userspace runs."""
+    r = reason(reason_index) if reason_index is not None else None
+    parsed = packets.parse(out)
+    verdict = r.verdict if r else "PASS"
+    backend = None
+    masq = False
+    if verdict == "DNAT" and parsed:
+        backend = f"{parsed.dst}:{parsed.dport}"
+        masq = parsed.src != probe.src or parsed.sport != probe.sport
+    return TraceResult(
+        verdict=verdict,
+        backend=backend,
+        masquerade=masq,
+        reason=r.name if r else None,
+        entry=probe.entry,
+        out_packet=out.hex(),
+    )
 
 
 @contextmanager

@@ -94,9 +94,7 @@ class BpfMap:
         vt = self.spec.value_type
         size = layout.sizeof(vt)
         if not self.spec.percpu:
-            return self._ffi.cast(f"{vt} *", buf)[0] if vt.startswith("struct") else (
-                self._ffi.cast(f"{vt} *", buf)[0]
-            )
+            return self._ffi.cast(f"{vt} *", buf)[0]
         stride = (size + 7) // 8 * 8
         raw = bytes(self._ffi.buffer(buf, self._vsize))
         return [layout.from_bytes(vt, raw[i * stride : i * stride + size])[0]
@@ -118,9 +116,7 @@ class BpfMap:
 
     def update(self, key: Any, value: Any, flags: int = libbpf.BPF_ANY) -> None:
         k = self.key(key)
-        if isinstance(value, int):
-            v = self._ffi.new(f"{self.spec.value_type} *", value)
-        elif self._ffi.typeof(value).kind == "struct":
+        if isinstance(value, int) or self._ffi.typeof(value).kind == "struct":
             v = self._ffi.new(f"{self.spec.value_type} *", value)
         else:
             v = value

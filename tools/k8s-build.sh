@@ -124,8 +124,8 @@ mkdir -p "$work/bin"
         k8s.io/kubernetes/cmd/kubectl \
         go.etcd.io/etcd/server/v3
 ) >&2
-# The etcd main package is the module root, so its binary is named "v3".
-mv "$work/bin/v3" "$work/bin/etcd"
+# go names the etcd binary after its module path without the major version.
+mv "$work/bin/server" "$work/bin/etcd"
 
 for b in "${BINARIES[@]}"; do
     [ -x "$work/bin/$b" ] || { log "missing $b after build"; exit 1; }

@@ -30,14 +30,16 @@ struct lb_pkt {
 /* Parse Ethernet / IPv4 / TCP or UDP. Returns -1 on success, otherwise the
  * LB_STAT_* reason that decides the packet (pass or drop) untouched.
  * A header that is cut short or inconsistent is malformed; what is well
- * formed but not ours (not IPv4, other protocols, later fragments) passes. */
-LB_INLINE int lb_parse(void *data, void *data_end, struct lb_pkt *p)
+ * formed but not ours (not IPv4, other protocols, later fragments) passes.
+ * Headers must lie in [data, data_end); `len` is the whole packet, which on
+ * an skb may reach past the linear part into pages the program cannot read. */
+LB_INLINE int lb_parse(void *data, void *data_end, __u32 len, struct lb_pkt *p)
 {
 	struct ethhdr *eth = data;
 	struct iphdr *ip;
 	__u32 ihl_len, tot_len;
 
-	p->len = data_end - data;
+	p->len = len;
 	if ((void *)(eth + 1) > data_end)
 		return LB_STAT_DROP_MALFORMED;
 	/* IPv6 keeps its own maps and parser when it comes; only the
@@ -52,7 +54,7 @@ LB_INLINE int lb_parse(void *data, void *data_end, struct lb_pkt *p)
 		return LB_STAT_DROP_MALFORMED;
 	ihl_len = ip->ihl * 4;
 	tot_len = bpf_ntohs(ip->tot_len);
-	if (tot_len < ihl_len || (void *)ip + tot_len > data_end)
+	if (tot_len < ihl_len || sizeof(*eth) + tot_len > len)
 		return LB_STAT_DROP_MALFORMED;
 
 	p->l3_off = sizeof(*eth);

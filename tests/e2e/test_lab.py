@@ -1,17 +1,14 @@
-"""The namespace lab itself: wiring, reachability, source IPs, cleanup.
-
-These tests need root: without it they fail with a clear message, they never skip."""
+"""The namespace lab itself: wiring, reachability, source IPs, cleanup."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,34 +25,6 @@ from lb.lab.topology import (
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
-
-TOOLS = ("ip", "curl", "ethtool", "sysctl")
-
-
-@pytest.fixture(autouse=True)
-def lab_requirements() -> None:
-    """Fail (not skip) when the lab cannot be built here."""
-    if os.geteuid() != 0:
-        pytest.fail("end-to-end tests build network namespaces and need root "
-                    "(run pytest as root)", pytrace=False)
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if missing:
-        pytest.fail(f"end-to-end tests need these tools on PATH: {missing}", pytrace=False)
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_namespaces() -> Iterator[None]:
-    """After each test, no lab namespace this process created may remain.
-
-    Leftovers are deleted (so one failure does not litter the machine) and reported."""
-    mine = f"lb-{os.getpid()}-"
-    before = set(list_namespaces())
-    yield
-    leaked = sorted(n for n in set(list_namespaces()) - before if n.startswith(mine))
-    for ns in leaked:
-        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
-    assert not leaked, f"namespaces left behind: {leaked}"
-
 
 @pytest.fixture(params=WIRINGS)
 def wiring(request: pytest.FixtureRequest) -> Wiring:

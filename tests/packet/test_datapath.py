@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from lb import desired, packets
+from lb.instance import reconciler_for
 from lb.manifests import build_cluster
 from lb.model import Node
-from lb.instance import reconciler_for
 from lb.reconcile import Reconciler, ip_be, port_be
 from lb.trace import Tracer
 from loader import layout, libbpf

@@ -1,0 +1,1 @@
+"""Control plane of the eBPF/XDP service load balancer."""

@@ -1,0 +1,89 @@
+"""Run `lbctl run` inside a lab node and tear it down again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from .topology import LabError, Node, Topology
+
+
+class LabAgent:
+    """The agent of one lab node, with its own instance (pin directory).
+    Its log lines are kept in `.lines` for tests and the demo."""
+
+    def __init__(self, topo: Topology, node: Node, files: Sequence[Path], *,
+                 extra: Sequence[str] = (), instance: str | None = None) -> None:
+        self.topo = topo
+        self.node = node
+        self.instance = instance or f"lblab-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.argv = [sys.executable, "-m", "lb.cli", "run", "--netns", node.ns,
+                     "--node-name", node.name, "--node-ip", node.ip,
+                     "--instance", self.instance, "--min-sync-period", "0.1", *extra]
+        for dev in node.ifaces or [node.iface]:
+            self.argv += ["--iface", dev]
+        for f in files:
+            self.argv += ["-f", str(f)]
+        self.lines: list[str] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+
+    def start(self, timeout: float = 60.0) -> LabAgent:
+        # The agent enters the node namespace itself (--netns): run it here.
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert self.proc.stderr is not None
+        self._reader = threading.Thread(target=self._read, args=(self.proc.stderr,),
+                                        daemon=True)
+        self._reader.start()
+        self.wait_for("ready", timeout)
+        return self
+
+    def _read(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            self.lines.append(raw.decode(errors="replace").rstrip())
+
+    def wait_for(self, text: str, timeout: float = 10.0, after: int = 0) -> str:
+        """The first log line (from index `after`) containing `text`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines[after:]:
+                if text in line:
+                    return line
+            if self.proc is not None and self.proc.poll() is not None:
+                raise LabError("agent exited:\n" + "\n".join(self.lines[-20:]))
+            time.sleep(0.05)
+        raise LabError(f"agent did not log {text!r} within {timeout}s:\n"
+                       + "\n".join(self.lines[-20:]))
+
+    def stop(self) -> int | None:
+        """SIGTERM, as the kubelet does; the programs and pins stay."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def down(self) -> None:
+        """Stop, then remove every program and pin (`lbctl down`)."""
+        self.stop()
+        subprocess.run([sys.executable, "-m", "lb.cli", "down", "--instance", self.instance],
+                       capture_output=True, check=False, timeout=60)
+
+    def __enter__(self) -> LabAgent:
+        return self.start()
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.down()
