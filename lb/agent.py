@@ -115,6 +115,15 @@ class LinkWatcher(threading.Thread):
                         self.on_veth(name)
 
 
+def allow_local_source() -> None:
+    """A NodePort reply is reverse-translated at tc ingress on the backend's
+    veth, so it enters routing with the node's own address as its source;
+    the kernel drops such packets as martians unless accept_local is set
+    ("all" counts for every device, bridges included). kube-proxy likewise
+    sets route_localnet for its NodePorts."""
+    Path("/proc/sys/net/ipv4/conf/all/accept_local").write_text("1")
+
+
 class Agent:
     def __init__(self, args: argparse.Namespace) -> None:
         self.instance: str = args.instance
@@ -160,6 +169,7 @@ class Agent:
             from pyroute2 import netns
 
             netns.setns(self.netns)  # before any thread: they inherit it
+        allow_local_source()
         self.dp = Datapath(self.sizes.options(pin_dir_of(self.instance)))
         self.reconciler = reconciler_for(self.dp)
         found = self.reconciler.recover()

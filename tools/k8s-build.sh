@@ -9,6 +9,8 @@
 # an exclusive flock and is published only when every binary is complete.
 #
 # Progress goes to stderr; the last line of stdout is the bin directory.
+# With --check, nothing is built: exit 0 (printing the bin directory) when the
+# binaries are already there, 1 when they are not.
 #
 # Technique: a throwaway Go module requires k8s.io/kubernetes at the release and
 # replaces each k8s.io/* staging module (listed as "=> ./staging/..." in that
@@ -43,6 +45,10 @@ if is_complete; then
     echo "$BIN"
     exit 0
 fi
+if [ "${1:-}" = "--check" ]; then
+    log "Kubernetes $K8S_VERSION is not built yet in $OUT"
+    exit 1
+fi
 
 command -v go >/dev/null || { log "go is not installed"; exit 1; }
 command -v flock >/dev/null || { log "flock is not installed (util-linux)"; exit 1; }
@@ -60,9 +66,17 @@ if is_complete; then
     exit 0
 fi
 
+# Leftovers of builds that were killed; only the lock holder builds.
+rm -rf "$CACHE_ROOT/.build-$K8S_VERSION".*
 work=$(mktemp -d "$CACHE_ROOT/.build-$K8S_VERSION.XXXXXX")
-cleanup() { rm -rf "$work"; }
+build_pid=
+cleanup() {
+    # The go command and its compilers run in their own process group.
+    [ -n "$build_pid" ] && kill -TERM -- "-$build_pid" 2>/dev/null
+    rm -rf "$work"
+}
 trap cleanup EXIT
+trap 'exit 143' TERM INT HUP
 
 export GOTOOLCHAIN=local
 export GOFLAGS="-p=${XDPLB_BUILD_PARALLEL:-2} -buildvcs=false"
@@ -75,8 +89,12 @@ log "building Kubernetes $K8S_VERSION in $work (go: $(go env GOVERSION))"
 
 # The release's own go.mod: its replace block names the staging modules, and
 # its require block pins etcd.
-k8s_gomod=$(cd "$work" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" \
-    | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
+if ! download=$(cd "$work" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" 2>&1); then
+    log "cannot download k8s.io/kubernetes@$K8S_VERSION:"
+    echo "$download" >&2
+    exit 1
+fi
+k8s_gomod=$(echo "$download" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
 [ -f "$k8s_gomod" ] || { log "could not download k8s.io/kubernetes@$K8S_VERSION"; exit 1; }
 
 mapfile -t staging < <(sed -n 's#^[[:space:]]*\(k8s\.io/[^[:space:]]*\)[[:space:]]*=>[[:space:]]*\./staging/.*#\1#p' \
@@ -116,14 +134,22 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 
 mkdir -p "$work/bin"
-(
-    cd "$work"
-    go build -mod=mod -trimpath -ldflags "$ldflags" -o "$work/bin/" \
-        k8s.io/kubernetes/cmd/kube-apiserver \
-        k8s.io/kubernetes/cmd/kube-controller-manager \
-        k8s.io/kubernetes/cmd/kubectl \
-        go.etcd.io/etcd/server/v3
-) >&2
+cd "$work"
+# In the background and in a new session, so that a signal to this script can
+# stop the whole build (see cleanup) instead of leaving it running.
+setsid go build -mod=mod -trimpath -ldflags "$ldflags" -o "$work/bin/" \
+    k8s.io/kubernetes/cmd/kube-apiserver \
+    k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kubectl \
+    go.etcd.io/etcd/server/v3 >&2 &
+build_pid=$!
+if ! wait "$build_pid"; then
+    build_pid=
+    log "go build failed"
+    exit 1
+fi
+build_pid=
+cd /
 # go names the etcd binary after its module path without the major version.
 mv "$work/bin/server" "$work/bin/etcd"
 

@@ -213,7 +213,7 @@ def nat_xdp(buf: bytearray, p: Pkt, n: Nat) -> int:
     zero stays zero and a computed zero becomes 0xffff."""
     end = len(buf)
     l4 = p.l4_off
-    if _ETH_LEN + 20 > end or l4 > _MAX_L4_OFF:
+    if end < _ETH_LEN + 20 or l4 > _MAX_L4_OFF:
         return -1
     if l4 + (20 if p.proto == IPPROTO_TCP else 8) > end:
         return -1
@@ -271,7 +271,7 @@ def bpf_l3_csum_replace(buf: bytearray, off: int, old: int, new: int) -> int:
 def nat_skb(buf: bytearray, p: Pkt, n: Nat) -> int:
     """lb_nat_skb: bpf_l4/l3_csum_replace, then bpf_skb_store_bytes, field
     by field, in the C's order."""
-    mangled_0 = p.proto == IPPROTO_UDP
+    mangled_0 = False
     coff = l4_csum_off(p)
     for off, old, new in ((_IP_SRC_OFF, p.saddr, n.saddr), (_IP_DST_OFF, p.daddr, n.daddr)):
         if old == new:

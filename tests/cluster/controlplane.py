@@ -11,6 +11,7 @@ EndpointSlices.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -71,38 +72,62 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def build_binaries(log_path: Path | None = None, timeout: float = 3600.0) -> Path:
+def build_binaries(log_path: Path, timeout: float = 3600.0) -> Path:
     """Run tools/k8s-build.sh and return the directory holding the binaries.
 
     The build is cached machine-wide, so after the first time this is instant.
+    Its progress goes to log_path.
     """
     if not BUILD_SCRIPT.is_file():
         raise ControlPlaneError(f"build script missing: {BUILD_SCRIPT}")
-    stderr_file = open(log_path, "w") if log_path else None  # noqa: SIM115
-    try:
-        proc = subprocess.run(
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
             ["bash", str(BUILD_SCRIPT)],
-            stdout=subprocess.PIPE,
-            stderr=stderr_file if stderr_file else subprocess.PIPE,
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
             text=True,
-            timeout=timeout,
-            check=False,
         )
-    except subprocess.TimeoutExpired as e:
-        raise ControlPlaneError(f"{BUILD_SCRIPT} did not finish within {timeout:.0f}s") from e
-    finally:
-        if stderr_file:
-            stderr_file.close()
-    lines = proc.stdout.strip().splitlines()
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            # SIGTERM lets the script stop its compilers and remove its files.
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise ControlPlaneError(
+                f"{BUILD_SCRIPT} did not finish within {timeout:.0f}s; "
+                f"last lines of {log_path}:\n{log_tail(log_path)}"
+            ) from e
+        except BaseException:
+            proc.terminate()
+            proc.wait()
+            raise
+    lines = out.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        tail = log_tail(log_path) if log_path else (proc.stderr or "")[-4000:]
-        raise ControlPlaneError(f"{BUILD_SCRIPT} failed with exit code {proc.returncode}:\n{tail}")
+        raise ControlPlaneError(
+            f"{BUILD_SCRIPT} failed with exit code {proc.returncode}; "
+            f"last lines of {log_path}:\n{log_tail(log_path)}"
+        )
     bin_dir = Path(lines[-1])
     for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl"):
         if not os.access(bin_dir / name, os.X_OK):
             raise ControlPlaneError(f"{BUILD_SCRIPT} reported {bin_dir} but {name} is missing")
     return bin_dir
+
+
+def binaries_ready() -> bool:
+    """Whether tools/k8s-build.sh would return at once (nothing to build)."""
+    proc = subprocess.run(
+        ["bash", str(BUILD_SCRIPT), "--check"],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    return proc.returncode == 0
 
 
 @dataclass
@@ -135,6 +160,9 @@ class ControlPlane:
         self._dir: Path | None = None
         self._bin_dir: Path | None = None
         self._procs: dict[str, _Process] = {}
+        # Kept after close(), so a caller can check that nothing was left.
+        self.created_dir: Path | None = None
+        self.started_pids: list[int] = []
         self.etcd_port = 0
         self.etcd_peer_port = 0
         self.apiserver_port = 0
@@ -163,6 +191,11 @@ class ControlPlane:
         return f"https://{LOOPBACK}:{self.apiserver_port}"
 
     @property
+    def ca_file(self) -> Path:
+        """The API server's serving certificate followed by its CA."""
+        return self.dir / "apiserver-certs" / "apiserver.crt"
+
+    @property
     def etcd_url(self) -> str:
         return f"http://{LOOPBACK}:{self.etcd_port}"
 
@@ -187,6 +220,7 @@ class ControlPlane:
         if self._dir is not None:
             raise ControlPlaneError("control plane already started")
         self._dir = Path(tempfile.mkdtemp(prefix="xdplb-k8s-"))
+        self.created_dir = self._dir
         try:
             self._bin_dir = build_binaries(self.log_path("build"), self.build_timeout)
             self._write_credentials()
@@ -235,6 +269,8 @@ class ControlPlane:
             # The apiserver would publish 127.0.0.1 as the endpoint of the
             # "kubernetes" Service; loopback addresses are not valid there.
             "--endpoint-reconciler-type=none",
+            # Without this, a graceful stop waits 60 s for open watches.
+            "--shutdown-watch-termination-grace-period=2s",
             "--profiling=false",
         ]
         self._spawn("kube-apiserver", [str(self.bin_dir / "kube-apiserver"), *args])
@@ -317,13 +353,19 @@ class ControlPlane:
                 raise ControlPlaneError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
 
     def _write_kubeconfig(self) -> None:
+        # The API server made itself a CA and a serving certificate for
+        # 127.0.0.1; its certificate file holds both, so clients can verify it.
+        try:
+            ca = base64.b64encode(self.ca_file.read_bytes()).decode()
+        except OSError as e:
+            raise ControlPlaneError(f"kube-apiserver wrote no certificate: {e}") from e
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [
                 {
                     "name": "xdplb-test",
-                    "cluster": {"server": self.server, "insecure-skip-tls-verify": True},
+                    "cluster": {"server": self.server, "certificate-authority-data": ca},
                 }
             ],
             "users": [{"name": ADMIN_USER, "user": {"token": self.token}}],
@@ -375,6 +417,7 @@ class ControlPlane:
                 start_new_session=True,
             )
         self._procs[name] = _Process(name, popen, log)
+        self.started_pids.append(popen.pid)
 
     def _stop(self, name: str, *, kill: bool = False, grace: float = 15.0) -> None:
         proc = self._procs.pop(name, None)

@@ -66,7 +66,7 @@ def names(lab: Lab, pods: list[Pod]) -> set[str]:
 
 
 def test_clusterip_from_a_pod_reaches_both_backends_with_the_pod_source(lab: Lab) -> None:
-    spread = curl_many(lab.topo, lab.client, f"http://{VIP}/", 100)
+    spread = curl_many(lab.topo, lab.client, f"http://{VIP}/", 100, timeout=2)
     assert FAILED not in spread and sum(spread.values()) == 100
     assert set(spread) == names(lab, lab.backends[:2])
     # Each backend saw the client pod's own address.
@@ -77,7 +77,7 @@ def test_clusterip_from_a_pod_reaches_both_backends_with_the_pod_source(lab: Lab
 def test_nodeport_and_load_balancer_ip_from_outside_through_xdp(lab: Lab) -> None:
     ext = lab.topo.external
     for url in (f"http://{lab.topo.node_ip}:{NODE_PORT}/", f"http://{LB_IP}/"):
-        spread = curl_many(lab.topo, ext, url, 100)
+        spread = curl_many(lab.topo, ext, url, 100, timeout=2)
         assert FAILED not in spread and sum(spread.values()) == 100, (url, spread)
         assert set(spread) == names(lab, lab.backends[:2])
     # The translation was done by the programs: their counters moved.
@@ -98,14 +98,14 @@ def test_endpoint_added_gets_traffic_within_2s_and_removed_gets_none(lab: Lab) -
     lab.program([b0, b1, b2])
     deadline = time.monotonic() + 2.0
     while True:
-        spread = curl_many(lab.topo, lab.client, f"http://{VIP}/", 30)
+        spread = curl_many(lab.topo, lab.client, f"http://{VIP}/", 30, timeout=2)
         if b2.name in spread or time.monotonic() > deadline:
             break
     assert b2.name in spread, f"new endpoint got no traffic within 2 s: {spread}"
     mark = len(lab.agent.lines)
     lab.program([b1, b2])
     lab.agent.wait_for("synced", timeout=5, after=mark)
-    spread = curl_many(lab.topo, lab.client, f"http://{VIP}/", 100)
+    spread = curl_many(lab.topo, lab.client, f"http://{VIP}/", 100, timeout=2)
     assert FAILED not in spread and b0.name not in spread and set(spread) == {b1.name, b2.name}
 
 
@@ -143,5 +143,5 @@ def test_long_lived_connection_survives_endpoint_changes(lab: Lab) -> None:
 def test_agent_attaches_to_pods_that_appear_later(lab: Lab) -> None:
     pod = lab.topo.add_pod()
     lab.agent.wait_for(f"pod device {pod.host_veth}", timeout=5)
-    spread = curl_many(lab.topo, pod, f"http://{VIP}/", 20)
+    spread = curl_many(lab.topo, pod, f"http://{VIP}/", 20, timeout=2)
     assert FAILED not in spread and set(spread) <= names(lab, lab.backends[:2])

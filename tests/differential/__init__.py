@@ -1,0 +1,1 @@
+"""The kernel programs against the userspace datapath, packet by packet."""
