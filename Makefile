@@ -11,7 +11,7 @@ demo: setup
 	@$(PY) -m lb.demo
 
 test: setup k8s lint
-	$(PYTEST) -q -p no:cacheprovider tests
+	$(PYTEST) -q -p no:cacheprovider --ignore=tests/differential tests
 
 test-unit: setup
 	$(PYTEST) -q tests/unit
@@ -31,3 +31,7 @@ k8s: setup
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
+
+# Kernel vs userspace datapath on random tables and packets (Hypothesis).
+test-differential: setup
+	$(PYTEST) -q tests/differential

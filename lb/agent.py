@@ -42,17 +42,19 @@ class FileSource:
     """Manifest files, re-read when any of them changes on disk."""
 
     paths: list[Path]
-    _stamp: tuple[tuple[float, int], ...] | None = None
+    _stamp: tuple[tuple[int, int, int], ...] | None = None
     last_good: Cluster = field(default_factory=Cluster)
 
-    def _current(self) -> tuple[tuple[float, int], ...]:
+    def _current(self) -> tuple[tuple[int, int, int], ...]:
+        # The inode too: an editor's or kubectl's atomic replace within one
+        # mtime tick, keeping the size, is still a change.
         out = []
         for p in self.paths:
             try:
                 st = p.stat()
-                out.append((st.st_mtime, st.st_size))
+                out.append((st.st_ino, st.st_mtime_ns, st.st_size))
             except FileNotFoundError:
-                out.append((0.0, -1))
+                out.append((0, 0, -1))
         return tuple(out)
 
     def poll(self) -> Cluster | None:

@@ -271,7 +271,7 @@ def bpf_l3_csum_replace(buf: bytearray, off: int, old: int, new: int) -> int:
 def nat_skb(buf: bytearray, p: Pkt, n: Nat) -> int:
     """lb_nat_skb: bpf_l4/l3_csum_replace, then bpf_skb_store_bytes, field
     by field, in the C's order."""
-    mangled_0 = False
+    mangled_0 = p.proto == IPPROTO_UDP
     coff = l4_csum_off(p)
     for off, old, new in ((_IP_SRC_OFF, p.saddr, n.saddr), (_IP_DST_OFF, p.daddr, n.daddr)):
         if old == new:

@@ -55,12 +55,16 @@ class ControlPlaneError(RuntimeError):
     """The control plane could not be built, started or used."""
 
 
-def free_port() -> int:
-    """A TCP port on loopback that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
+def free_ports(count: int) -> list[int]:
+    """Distinct TCP ports on loopback that are free right now."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind((LOOPBACK, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -224,10 +228,12 @@ class ControlPlane:
         try:
             self._bin_dir = build_binaries(self.log_path("build"), self.build_timeout)
             self._write_credentials()
-            self.etcd_port = free_port()
-            self.etcd_peer_port = free_port()
-            self.apiserver_port = free_port()
-            self.controller_manager_port = free_port()
+            (
+                self.etcd_port,
+                self.etcd_peer_port,
+                self.apiserver_port,
+                self.controller_manager_port,
+            ) = free_ports(4)
             self._start_etcd()
             self.start_apiserver()
             self._write_kubeconfig()

@@ -48,7 +48,7 @@ class Lab:
 def lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]:
     require_root()
     with Topology.build(TopologySpec.single(pods=4, wiring=request.param)) as topo:
-        client, *backends = topo.pods
+        _client, *backends = topo.pods
         for pod in backends:
             topo.start_http(pod, 8080)
             topo.start_udp(pod, 5353)
