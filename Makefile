@@ -23,7 +23,7 @@ test-e2e: setup
 	$(PYTEST) -q tests/e2e
 
 lint: setup
-	.venv/bin/ruff check lb loader tests bench
+	.venv/bin/ruff check lb loader tests
 	.venv/bin/mypy --strict lb loader
 
 k8s: setup
