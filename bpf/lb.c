@@ -10,6 +10,7 @@
  * packet and the maps, giving a stat reason and a rewrite), apply. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
+#include <uapi/linux/icmp.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/pkt_cls.h>
@@ -28,6 +29,7 @@
 #include "lib/conntrack.h"
 #include "lib/lb.h"
 #include "lib/nat.h"
+#include "lib/reject.h"
 
 /* A reply of a translated flow: restore the frontend as its source. */
 LB_INLINE int lb_reverse(const struct lb_pkt *p, __u64 now, struct lb_nat *n)
@@ -54,6 +56,26 @@ LB_INLINE int lb_reverse(const struct lb_pkt *p, __u64 now, struct lb_nat *n)
 	return LB_STAT_REVNAT;
 }
 
+/* The source a new flow to backend b is given, 0 to keep the client's:
+ * the node's address for external traffic with externalTrafficPolicy
+ * Cluster (kube-proxy masquerades it), the hairpin address when a pod
+ * reaches itself through a service (its reply would otherwise never leave
+ * the pod: the source would be its own address). */
+LB_INLINE __u32 lb_masq_addr(const struct lb_pkt *p, const struct lb_svc_val *svc,
+			     const struct lb_backend *b)
+{
+	__u32 zero = 0;
+	struct lb_config *cfg = lb_config.lookup(&zero);
+
+	if (!cfg)
+		return 0;
+	if (svc->flags & LB_SVC_MASQUERADE)
+		return cfg->node_ip;
+	if (b->addr == p->saddr)
+		return cfg->hairpin_ip;
+	return 0;
+}
+
 /* A packet to a frontend: keep the flow's backend, or choose one. */
 LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
 			 struct lb_nat *n)
@@ -62,18 +84,25 @@ LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
 	struct lb_backend *b = 0;
 	struct lb_ct_val *v;
 	int reason = LB_STAT_DNAT_ESTABLISHED;
-	__u32 id;
+	__u32 id, hash, masq_addr = 0;
+	__u16 masq_port = 0;
 
 	if (!svc)
-		return LB_STAT_PASS_NOT_SERVICE;
+		return lb_no_service(p, scope);
 	v = lb_ct_lookup(p, LB_CT_FORWARD, now);
 	if (v && v->svc_id == svc->svc_id)
 		b = lb_backend(v->backend_id);
 	if (b) {
 		lb_ct_touch(v, p, now);
+		if (v->flags & LB_CT_MASQ) {
+			masq_addr = v->nat_addr;
+			masq_port = v->nat_port;
+		}
 	} else {
 		/* New flow, or its backend is gone: choose again, so that a
 		 * UDP client moves on at once instead of sending into a void. */
+		if (!lb_source_allowed(p, svc))
+			return LB_STAT_DROP_SOURCE_RANGE;
 		if (svc->maglev_size == 0)
 			return svc->flags & LB_SVC_LOCAL_ONLY ?
 			       LB_STAT_DROP_NO_LOCAL : LB_STAT_REJECT_NO_ENDPOINTS;
@@ -81,12 +110,17 @@ LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
 		b = lb_backend(id);
 		if (!b)
 			return LB_STAT_DROP_BACKEND_GONE;
-		if (lb_ct_create(p, svc->svc_id, id, b, now))
+		masq_addr = lb_masq_addr(p, svc, b);
+		if (masq_addr) {
+			hash = lb_flow_hash(p, 0);
+			masq_port = lb_masq_port(p, b, masq_addr, hash, now);
+		}
+		if (lb_ct_create(p, svc->svc_id, id, b, masq_addr, masq_port, now))
 			return LB_STAT_ERROR;
 		reason = LB_STAT_DNAT_NEW;
 	}
-	n->saddr = p->saddr;
-	n->sport = p->sport;
+	n->saddr = masq_addr ? masq_addr : p->saddr;
+	n->sport = masq_addr ? masq_port : p->sport;
 	n->daddr = b->addr;
 	n->dport = b->port;
 	return reason;
@@ -113,6 +147,11 @@ LB_INLINE int lb_rewrites(int reason)
 	       reason == LB_STAT_REVNAT;
 }
 
+LB_INLINE int lb_rejects(int reason)
+{
+	return reason == LB_STAT_REJECT_NO_ENDPOINTS || reason == LB_STAT_REJECT_NO_PORT;
+}
+
 LB_INLINE int lb_drops(int reason)
 {
 	return reason == LB_STAT_DROP_MALFORMED ||
@@ -137,6 +176,8 @@ int xdp_lb_external(struct xdp_md *ctx)
 	if (lb_rewrites(reason) && lb_nat_xdp(ctx, &p, &n))
 		reason = LB_STAT_ERROR;
 	lb_count(reason, p.len);
+	if (lb_rejects(reason) && lb_reject_xdp(ctx, &p) == 0)
+		return XDP_TX;
 	return lb_drops(reason) ? XDP_DROP : XDP_PASS;
 }
 
@@ -161,5 +202,7 @@ int tc_lb_from_pod(struct __sk_buff *skb)
 	if (lb_rewrites(reason) && lb_nat_skb(skb, &p, &n))
 		reason = LB_STAT_ERROR;
 	lb_count(reason, p.len);
+	if (lb_rejects(reason) && lb_reject_skb(skb, &p) == 0)
+		return bpf_redirect(skb->ifindex, 0);
 	return lb_drops(reason) ? TC_ACT_SHOT : TC_ACT_OK;
 }

@@ -10,7 +10,7 @@
  * pinned maps written with another layout.
  */
 
-#define LB_LAYOUT_VERSION 1
+#define LB_LAYOUT_VERSION 2
 
 /* Service scope: external traffic (XDP on the node device) and traffic from
  * local pods (tc on their veth) may see different backend sets when a traffic
@@ -37,7 +37,7 @@
 #define LB_CT_REPLY   1
 
 /* lb_ct_val.flags */
-#define LB_CT_MASQ      0x01
+#define LB_CT_MASQ      0x01 /* source rewritten too (masquerade or hairpin) */
 #define LB_CT_SEEN_FIN  0x02
 #define LB_CT_SEEN_RST  0x04
 #define LB_CT_SEEN_REPLY 0x08
@@ -134,6 +134,26 @@ struct lb_affinity_val {
 struct lb_stat {
 	__u64 packets;
 	__u64 bytes;
+};
+
+/* lb_config[0]: node-wide settings the agent writes. */
+struct lb_config {
+	__u32 node_ip;       /* masquerade source for external traffic */
+	__u32 hairpin_ip;    /* source of a pod reaching itself via a service */
+};
+
+/* LPM trie key over one IPv4 prefix (lb_svc_cidrs: the service CIDRs). */
+struct lb_lpm4_key {
+	__u32 prefixlen;
+	__u32 addr;
+};
+
+/* LPM trie key of lb_source_ranges: a frontend's loadBalancerSourceRanges.
+ * prefixlen counts svc_id's 32 bits plus the CIDR's. */
+struct lb_src_range_key {
+	__u32 prefixlen;
+	__u32 svc_id;        /* network order, so the trie matches it bit by bit */
+	__u32 addr;
 };
 
 /* lb_meta[0]: written by the agent when it creates the maps. */

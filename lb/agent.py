@@ -28,7 +28,7 @@ from lb import desired
 from lb.attach import Attachments, attach_tc, attach_xdp, detach_all
 from lb.instance import DEFAULT_INSTANCE, Sizes, pin_dir_of, reconciler_for
 from lb.manifests import ManifestError, load
-from lb.model import Cluster, Node
+from lb.model import Cluster
 from loader.build import Datapath, remove_pins
 
 log = logging.getLogger("lbctl.agent")
@@ -129,7 +129,9 @@ def allow_local_source() -> None:
 class Agent:
     def __init__(self, args: argparse.Namespace) -> None:
         self.instance: str = args.instance
-        self.node = Node(name=args.node_name, ips=tuple(args.node_ip or ()))
+        from lb.cli import node_from_args
+
+        self.node = node_from_args(args)
         self.ifaces: list[str] = list(args.iface or [])
         self.min_sync = float(args.min_sync_period)
         self.source = FileSource([Path(f) for f in args.file])

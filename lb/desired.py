@@ -58,6 +58,7 @@ class FrontendEntry:
     flags: int
     affinity_timeout: int
     backends: tuple[Backend, ...]
+    source_ranges: tuple[str, ...] = ()
 
     @property
     def group(self) -> str:
@@ -68,6 +69,10 @@ class FrontendEntry:
 @dataclass(frozen=True)
 class DesiredState:
     entries: dict[Frontend, FrontendEntry]
+    vips: frozenset[str] = frozenset()
+    service_cidrs: tuple[str, ...] = ()
+    node_ip: str | None = None
+    hairpin_ip: str | None = None
 
     def backends(self) -> set[tuple[str, Backend]]:
         return {(e.group, b) for e in self.entries.values() for b in e.backends}
@@ -139,13 +144,16 @@ def _service_entries(cluster: Cluster, svc: Service, node: Node) -> list[Fronten
         def entry(ip: str, port_no: int, scope: int, kind: int, local: bool,
                   backends: tuple[Backend, ...], port: ServicePort = port,
                   proto: int = proto, affinity: int = affinity) -> FrontendEntry:
+            flags = affinity | kind | (const("LB_SVC_LOCAL_ONLY") if local else 0)
+            ranges = svc.load_balancer_source_ranges
             return FrontendEntry(
                 frontend=Frontend(ip, port_no, proto, scope),
                 service=svc.key,
                 port_name=port.name,
-                flags=affinity | kind | (const("LB_SVC_LOCAL_ONLY") if local else 0),
+                flags=flags,
                 affinity_timeout=svc.affinity_timeout if svc.session_affinity else 0,
                 backends=backends,
+                source_ranges=ranges if flags & const("LB_SVC_SOURCE_RANGES") else (),
             )
 
         itp, etp = svc.internal_traffic_local, svc.external_traffic_local
@@ -186,4 +194,7 @@ def compute(cluster: Cluster, node: Node) -> DesiredState:
                           e.frontend, entries[e.frontend].service)
                 continue
             entries[e.frontend] = e
-    return DesiredState(entries)
+    vips = frozenset(e.frontend.ip for e in entries.values()
+                     if e.flags & const("LB_SVC_CLUSTER_IP"))
+    return DesiredState(entries, vips=vips, service_cidrs=node.service_cidrs,
+                        node_ip=node.ips[0] if node.ips else None, hairpin_ip=node.hairpin_ip)

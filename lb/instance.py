@@ -44,6 +44,7 @@ SMALL = Sizes(max_services=4096, max_backends=16384, maglev_slots=1 << 20, ct_si
 def reconciler_for(dp: Datapath) -> Reconciler:
     o = dp.opts
     maps = {name: dp.map(name) for name in ("lb_services", "lb_backends", "lb_maglev",
-                                            "lb_rev_nat")}
+                                            "lb_rev_nat", "lb_config", "lb_vips",
+                                            "lb_svc_cidrs", "lb_source_ranges")}
     return Reconciler(maps, max_services=o.max_services, max_backends=o.max_backends,
                       maglev_slots=o.maglev_slots)

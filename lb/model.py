@@ -88,6 +88,9 @@ class Cluster:
 
     services: dict[str, Service] = field(default_factory=dict)
     slices: dict[str, EndpointSlice] = field(default_factory=dict)
+    pods: dict[str, Pod] = field(default_factory=dict)
+    namespaces: dict[str, Namespace] = field(default_factory=dict)
+    policies: dict[str, NetworkPolicy] = field(default_factory=dict)
 
     def slices_of(self, service_key: str) -> list[EndpointSlice]:
         return [s for s in self.slices.values() if s.service_key == service_key]
@@ -99,3 +102,158 @@ class Node:
 
     name: str | None = None
     ips: tuple[str, ...] = ()
+    # Where ClusterIPs come from: an address there that no service holds is
+    # dropped. Empty: not known, nothing dropped.
+    service_cidrs: tuple[str, ...] = ()
+    # Source of a pod that reaches itself through a service; link-local, so
+    # it never collides with a real address (Cilium uses the same one).
+    hairpin_ip: str = "169.254.42.1"
+
+
+# --- NetworkPolicy and the objects it selects -----------------------------------
+
+# Set by the API server on every namespace (1.21+): selectors may name a
+# namespace through it.
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+POLICY_INGRESS = "Ingress"
+POLICY_EGRESS = "Egress"
+SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+# Pods in these phases hold no address any more (it may be reused).
+TERMINAL_POD_PHASES = ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class ContainerPort:
+    name: str  # "" when unnamed
+    port: int
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
+class Pod:
+    namespace: str
+    name: str
+    labels: tuple[tuple[str, str], ...] = ()
+    node_name: str | None = None
+    ips: tuple[str, ...] = ()  # IPv4 addresses from status.podIPs
+    host_network: bool = False
+    ports: tuple[ContainerPort, ...] = ()
+    phase: str = "Running"
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def ip(self) -> str | None:
+        return self.ips[0] if self.ips else None
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    name: str
+    labels: tuple[tuple[str, str], ...] = ()  # includes NAMESPACE_NAME_LABEL
+
+
+@dataclass(frozen=True)
+class SelectorRequirement:
+    key: str
+    operator: str  # one of SELECTOR_OPERATORS
+    values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    """metav1.LabelSelector: every matchLabels pair and every expression
+    must hold. The empty selector matches everything."""
+
+    match_labels: tuple[tuple[str, str], ...] = ()
+    match_expressions: tuple[SelectorRequirement, ...] = ()
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        for k, v in self.match_labels:
+            if labels.get(k) != v:
+                return False
+        for req in self.match_expressions:
+            present = req.key in labels
+            if req.operator == "In":
+                ok = present and labels[req.key] in req.values
+            elif req.operator == "NotIn":
+                ok = not present or labels[req.key] not in req.values
+            elif req.operator == "Exists":
+                ok = present
+            else:  # DoesNotExist
+                ok = not present
+            if not ok:
+                return False
+        return True
+
+    def __str__(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.match_labels]
+        for r in self.match_expressions:
+            if r.operator in ("In", "NotIn"):
+                parts.append(f"{r.key} {r.operator.lower()} ({','.join(r.values)})")
+            else:
+                parts.append(r.key if r.operator == "Exists" else f"!{r.key}")
+        return ",".join(parts) or "{}"
+
+
+@dataclass(frozen=True)
+class IPBlock:
+    cidr: str  # normalised; an IPv6 block never matches the IPv4 datapath
+    excepts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicyPeer:
+    """One entry of `from`/`to`. Either ip_block alone, or one or both
+    selectors (both: pods matching pod_selector in namespaces matching
+    namespace_selector; pod_selector alone: in the policy's namespace)."""
+
+    pod_selector: LabelSelector | None = None
+    namespace_selector: LabelSelector | None = None
+    ip_block: IPBlock | None = None
+
+
+@dataclass(frozen=True)
+class PolicyPort:
+    """port None: every port of the protocol; a str: a container port name;
+    end_port: the last port of the range starting at port (an int)."""
+
+    protocol: str = "TCP"
+    port: int | str | None = None
+    end_port: int | None = None
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """An ingress or egress rule. No peers: every peer; no ports: every port
+    and protocol."""
+
+    peers: tuple[PolicyPeer, ...] = ()
+    ports: tuple[PolicyPort, ...] = ()
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    namespace: str
+    name: str
+    pod_selector: LabelSelector = LabelSelector()
+    ingress: tuple[PolicyRule, ...] = ()
+    egress: tuple[PolicyRule, ...] = ()
+    policy_types: tuple[str, ...] = (POLICY_INGRESS,)  # as defaulted by the API
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def rules(self, policy_type: str) -> tuple[PolicyRule, ...]:
+        """The rules of one direction; none when the policy does not apply
+        to it (rules of a direction missing from policyTypes are ignored)."""
+        if policy_type not in self.policy_types:
+            return ()
+        return self.ingress if policy_type == POLICY_INGRESS else self.egress

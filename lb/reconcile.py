@@ -102,6 +102,10 @@ class Reconciler:
         self.backends: dict[BackendKey, tuple[int, int]] = {}  # -> (id, flags)
         self._recovered_groups: dict[Frontend, int] = {}
         self._quarantine: list[tuple[str, int, int]] = []
+        self.vips: set[str] = set()
+        self.cidrs: set[str] = set()
+        self.ranges: dict[int, set[str]] = {}  # svc_id -> CIDRs
+        self.config: tuple[str | None, str | None] | None = None
 
     # --- restart ---------------------------------------------------------
 
@@ -132,6 +136,13 @@ class Reconciler:
             by_group.setdefault(b.group_id, []).append(bid)
         for a in self.applied.values():
             a.backend_ids = tuple(sorted(by_group.get(a.group_id, [])))
+        vips, cidrs, ranges = (self.maps[m].keys() for m in
+                               ("lb_vips", "lb_svc_cidrs", "lb_source_ranges"))
+        self.vips = {ip_str(k) for k in vips}
+        self.cidrs = {f"{ip_str(k.addr)}/{k.prefixlen}" for k in cidrs}
+        for k in ranges:
+            cidr = f"{ip_str(k.addr)}/{k.prefixlen - 32}"
+            self.ranges.setdefault(socket.ntohl(k.svc_id), set()).add(cidr)
         return len(self.applied)
 
     # --- sync -------------------------------------------------------------
@@ -154,7 +165,65 @@ class Reconciler:
             self._remove_entry(f, res)
         self._drop_unused(entries, res)
         self._recovered_groups.clear()
+        self._write_node(desired, entries, res)
+        self._write_source_ranges(entries, res)
         return res
+
+    # --- node-wide entries: config, ClusterIP set, service CIDRs ---------
+
+    def _write_node(self, desired: DesiredState, entries: dict[Frontend, FrontendEntry],
+                    res: SyncResult) -> None:
+        config = (desired.node_ip, desired.hairpin_ip)
+        if config != self.config:
+            self.maps["lb_config"].update(0, layout.new(
+                "struct lb_config",
+                node_ip=ip_be(desired.node_ip) if desired.node_ip else 0,
+                hairpin_ip=ip_be(desired.hairpin_ip) if desired.hairpin_ip else 0)[0])
+            self.config = config
+        # Only ClusterIPs actually programmed: a refused service must not
+        # turn into REJECTs for its clients.
+        want_vips = {f.ip for f in entries if f.ip in desired.vips}
+        vips = self.maps["lb_vips"]
+        for ip in sorted(self.vips - want_vips):
+            vips.delete(ip_be(ip))
+            self.vips.discard(ip)
+        for ip in sorted(want_vips - self.vips):
+            try:
+                vips.update(ip_be(ip), 1)
+                self.vips.add(ip)
+            except BpfError as err:
+                res.errors.append(f"ClusterIP {ip}: {err}")
+        cidrs = self.maps["lb_svc_cidrs"]
+        want = {c for c in desired.service_cidrs if ipaddress.ip_network(c).version == 4}
+        for c in sorted(want - self.cidrs):
+            cidrs.update(_lpm4(c), 1)
+        for c in sorted(self.cidrs - want):
+            cidrs.delete(_lpm4(c))
+        self.cidrs = want
+
+    def _write_source_ranges(self, entries: dict[Frontend, FrontendEntry],
+                             res: SyncResult) -> None:
+        want: dict[int, set[str]] = {}
+        for f, e in entries.items():
+            if e.source_ranges and (f.ip, f.port, f.proto) in self.frontend_ids:
+                sid = self.frontend_ids[(f.ip, f.port, f.proto)]
+                want.setdefault(sid, set()).update(
+                    c for c in e.source_ranges if ipaddress.ip_network(c).version == 4)
+        rmap = self.maps["lb_source_ranges"]
+        for sid in sorted(set(want) | set(self.ranges)):
+            have, need = self.ranges.get(sid, set()), want.get(sid, set())
+            for c in sorted(need - have):
+                try:
+                    rmap.update(_range_key(sid, c), 1)
+                except BpfError as err:
+                    res.errors.append(f"source range {c}: {err}")
+                    need = need - {c}
+            for c in sorted(have - need):
+                rmap.delete(_range_key(sid, c))
+            if need:
+                self.ranges[sid] = need
+            else:
+                self.ranges.pop(sid, None)
 
     def _ensure_groups(self, entries: dict[Frontend, FrontendEntry]) -> None:
         for f, e in sorted(entries.items()):
@@ -284,6 +353,18 @@ class Reconciler:
             else:
                 self.group_ids.free(a)
         self._quarantine.clear()
+
+
+def _lpm4(cidr: str) -> object:
+    net = ipaddress.IPv4Network(cidr)
+    return layout.new("struct lb_lpm4_key", prefixlen=net.prefixlen,
+                      addr=ip_be(str(net.network_address)))
+
+
+def _range_key(svc_id: int, cidr: str) -> object:
+    net = ipaddress.IPv4Network(cidr)
+    return layout.new("struct lb_src_range_key", prefixlen=32 + net.prefixlen,
+                      svc_id=socket.htonl(svc_id), addr=ip_be(str(net.network_address)))
 
 
 def _backend_flags(b: Backend) -> int:

@@ -49,6 +49,10 @@ class BuildOptions:
             "lb_ct": self.ct_size,
             "lb_affinity": self.affinity_size,
             "lb_stats": layout.const("LB_STAT_MAX"),
+            "lb_config": 1,
+            "lb_vips": self.max_services,
+            "lb_svc_cidrs": 16,
+            "lb_source_ranges": 16384,
         }
 
     def cflags(self) -> list[str]:

@@ -24,6 +24,9 @@
 #ifndef LB_CT_SIZE
 #define LB_CT_SIZE 262144
 #endif
+#ifndef LB_MAX_SOURCE_RANGES
+#define LB_MAX_SOURCE_RANGES 16384
+#endif
 #ifndef LB_AFFINITY_SIZE
 #define LB_AFFINITY_SIZE 65536
 #endif

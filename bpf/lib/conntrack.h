@@ -58,11 +58,12 @@ LB_INLINE void lb_ct_touch(struct lb_ct_val *v, const struct lb_pkt *p,
 }
 
 /* Record a new flow client -> frontend served by backend b: the forward
- * entry keeps the backend, the reply entry lets replies from b be
- * reverse-translated to the frontend. */
+ * entry keeps the backend (and the source it is given, when masqueraded),
+ * the reply entry lets replies from b be reverse-translated to the frontend
+ * and, when masqueraded, back to the client. */
 LB_INLINE int lb_ct_create(const struct lb_pkt *p, __u32 svc_id,
 			   __u32 backend_id, const struct lb_backend *b,
-			   __u64 now)
+			   __u32 masq_addr, __u16 masq_port, __u64 now)
 {
 	struct lb_ct_key k;
 	struct lb_ct_val v = {};
@@ -71,17 +72,54 @@ LB_INLINE int lb_ct_create(const struct lb_pkt *p, __u32 svc_id,
 	v.last_seen_ns = now;
 	v.svc_id = svc_id;
 	v.backend_id = backend_id;
+	if (masq_addr) {
+		v.flags = LB_CT_MASQ;
+		v.nat_addr = masq_addr;
+		v.nat_port = masq_port;
+	}
 	lb_ct_key_of(p, LB_CT_FORWARD, &k);
 	if (lb_ct.update(&k, &v))
 		return -1;
 
 	k.saddr = b->addr;
-	k.daddr = p->saddr;
+	k.daddr = masq_addr ? masq_addr : p->saddr;
 	k.sport = b->port;
-	k.dport = p->sport;
+	k.dport = masq_addr ? masq_port : p->sport;
 	k.dir = LB_CT_REPLY;
 	v.backend_id = 0;
+	v.nat_addr = p->saddr;
+	v.nat_port = p->sport;
 	return lb_ct.update(&k, &v);
+}
+
+/* A source port for a masqueraded flow to backend b: the client's own when
+ * no other flow holds it towards b, else one derived from the flow hash.
+ * A few probes keep the cost bounded; a clash after them reuses a port
+ * (the older flow loses its reverse entry, as an LRU eviction would). */
+LB_INLINE __u16 lb_masq_port(const struct lb_pkt *p, const struct lb_backend *b,
+			     __u32 masq_addr, __u32 hash, __u64 now)
+{
+	struct lb_ct_key k = {
+		.saddr = b->addr,
+		.daddr = masq_addr,
+		.sport = b->port,
+		.proto = p->proto,
+		.dir = LB_CT_REPLY,
+	};
+	__u16 port = p->sport;
+	struct lb_ct_val *v;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < 4; i++) {
+		k.dport = port;
+		v = lb_ct.lookup(&k);
+		if (!v || now - v->last_seen_ns > lb_ct_lifetime_ns(v, p->proto) ||
+		    (v->nat_addr == p->saddr && v->nat_port == p->sport))
+			return port;
+		port = bpf_htons(32768 + (hash >> (i * 8)) % 28232);
+	}
+	return port;
 }
 
 #endif

@@ -32,6 +32,37 @@ LB_INLINE struct lb_backend *lb_backend(__u32 id)
 	return b;
 }
 
+/* kube-proxy's answer for a packet to no service: REJECT at a ClusterIP on
+ * a port it does not have, DROP in the service CIDR where nothing lives,
+ * otherwise not ours. Only pods reach ClusterIPs. */
+LB_INLINE int lb_no_service(const struct lb_pkt *p, __u8 scope)
+{
+	struct lb_lpm4_key k = { .prefixlen = 32, .addr = p->daddr };
+	__u32 addr = p->daddr;
+
+	if (scope != LB_SCOPE_INTERNAL)
+		return LB_STAT_PASS_NOT_SERVICE;
+	if (lb_vips.lookup(&addr))
+		return LB_STAT_REJECT_NO_PORT;
+	if (lb_svc_cidrs.lookup(&k))
+		return LB_STAT_DROP_UNKNOWN_VIP;
+	return LB_STAT_PASS_NOT_SERVICE;
+}
+
+/* loadBalancerSourceRanges: only listed sources reach the frontend. */
+LB_INLINE int lb_source_allowed(const struct lb_pkt *p, const struct lb_svc_val *svc)
+{
+	struct lb_src_range_key k = {
+		.prefixlen = 64,
+		.svc_id = bpf_htonl(svc->svc_id),
+		.addr = p->saddr,
+	};
+
+	if (!(svc->flags & LB_SVC_SOURCE_RANGES))
+		return 1;
+	return lb_source_ranges.lookup(&k) != 0;
+}
+
 LB_INLINE __u32 lb_flow_hash(const struct lb_pkt *p, int client_only)
 {
 	if (client_only)

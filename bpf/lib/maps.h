@@ -24,5 +24,17 @@ BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_val,
 		 lb_affinity, LB_AFFINITY_SIZE, LB_PIN_DIR "/lb_affinity");
 BPF_TABLE_PINNED("percpu_array", __u32, struct lb_stat, lb_stats,
 		 LB_STAT_MAX, LB_PIN_DIR "/lb_stats");
+BPF_TABLE_PINNED("array", __u32, struct lb_config, lb_config, 1,
+		 LB_PIN_DIR "/lb_config");
+/* ClusterIPs that exist: a packet to one on a port no service has is
+ * rejected, as kube-proxy does. */
+BPF_TABLE_PINNED("hash", __u32, __u32, lb_vips, LB_MAX_SERVICES,
+		 LB_PIN_DIR "/lb_vips");
+/* Service CIDRs: an address there that no service holds is dropped. */
+BPF_TABLE_PINNED("lpm_trie", struct lb_lpm4_key, __u32, lb_svc_cidrs, 16,
+		 LB_PIN_DIR "/lb_svc_cidrs", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct lb_src_range_key, __u32, lb_source_ranges,
+		 LB_MAX_SOURCE_RANGES, LB_PIN_DIR "/lb_source_ranges",
+		 BPF_F_NO_PREALLOC);
 
 #endif

@@ -109,7 +109,10 @@ class Pkt:
 
 
 def parse(frame: bytes | bytearray, p: Pkt) -> int:
-    """lb_parse: -1 when `p` holds a TCP/UDP 5-tuple, else the stat reason."""
+    """lb_parse: -1 when `p` holds a TCP/UDP 5-tuple, else the stat reason.
+    A frame here is all linear, so the C's `len` (the whole packet) and
+    `data_end` (the end of the linear part) are the same, and tc's pull of
+    the headers into the linear part has nothing to do."""
     end = p.len = len(frame)
     if end < _ETH_LEN:
         return _STAT["DROP_MALFORMED"]

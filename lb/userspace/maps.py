@@ -7,7 +7,8 @@ loader.layout), so a key or value means exactly what it means in the kernel.
 Arrays have a fixed size, read as zeros until written and refuse deletes;
 hashes hold at most max_entries and refuse a new key when full (E2BIG), as
 a preallocated kernel hash does; LRU hashes evict their least recently used
-entry instead. Per-CPU maps have one CPU."""
+entry instead; LPM tries match the longest prefix and refuse a new prefix
+when full (ENOSPC). Per-CPU maps have one CPU."""
 
 from __future__ import annotations
 
@@ -46,8 +47,14 @@ class DictMap(BpfMap):
         self._vsize = (self._size + 7) // 8 * 8 if spec.percpu else self._size
         self._array = spec.kind.endswith("array")
         self._lru = spec.kind == "lru_hash"
+        self._lpm = spec.kind == "lpm_trie"
+        # An LPM key is a u32 prefix length, then the bits it counts.
+        self._lpm_bits = 8 * (self._ksize - 4)
         # Arrays keep only the slots ever written; the others read as zeros.
+        # LPM entries are keyed by prefix length and masked bits, the way
+        # the trie tells prefixes apart; _lpm_keys keeps the key as written.
         self._data: OrderedDict[bytes, bytearray] = OrderedDict()
+        self._lpm_keys: dict[bytes, bytes] = {}
 
     def __repr__(self) -> str:
         return f"DictMap({self.spec.name}, {self.spec.kind}, {len(self._data)}/{self.max_entries})"
@@ -86,6 +93,25 @@ class DictMap(BpfMap):
     def _index(self, kb: bytes) -> int:
         return int.from_bytes(kb, sys.byteorder)
 
+    def _prefixlen(self, kb: bytes) -> int:
+        return int.from_bytes(kb[:4], sys.byteorder)
+
+    def _prefix(self, kb: bytes, plen: int) -> bytes:
+        """The entry key of the first `plen` bits of `kb`'s data."""
+        clear = self._lpm_bits - plen
+        data = int.from_bytes(kb[4:], "big") >> clear << clear
+        return plen.to_bytes(4, sys.byteorder) + data.to_bytes(self._ksize - 4, "big")
+
+    def _longest_match(self, kb: bytes) -> bytes | None:
+        plen = self._prefixlen(kb)
+        if plen > self._lpm_bits:
+            return None
+        for p in range(plen, -1, -1):
+            entry = self._prefix(kb, p)
+            if entry in self._data:
+                return entry
+        return None
+
     # --- the datapath's side ---------------------------------------------------
 
     def ref(self, kb: bytes) -> bytearray | None:
@@ -98,6 +124,9 @@ class DictMap(BpfMap):
             if slot is None:
                 slot = self._data[kb] = bytearray(self._size)
             return slot
+        if self._lpm:
+            entry = self._longest_match(kb)
+            return None if entry is None else self._data[entry]
         slot = self._data.get(kb)
         if slot is not None and self._lru:
             self._data.move_to_end(kb)
@@ -114,16 +143,25 @@ class DictMap(BpfMap):
                 return -errno.EEXIST
             self._data[kb] = bytearray(vb)
             return 0
+        written = kb
+        if self._lpm:
+            if self._prefixlen(kb) > self._lpm_bits:
+                return -errno.EINVAL
+            kb = self._prefix(kb, self._prefixlen(kb))
         present = kb in self._data
         if present and flags == BPF_NOEXIST:
             return -errno.EEXIST
         if not present and flags == BPF_EXIST:
             return -errno.ENOENT
         if not present and len(self._data) >= self.max_entries:
+            if self._lpm:
+                return -errno.ENOSPC
             if not self._lru:
                 return -errno.E2BIG
             self._data.popitem(last=False)
         self._data[kb] = bytearray(vb)
+        if self._lpm:
+            self._lpm_keys[kb] = written
         if self._lru:
             self._data.move_to_end(kb)
         return 0
@@ -131,6 +169,7 @@ class DictMap(BpfMap):
     def clear(self) -> None:
         """Every hash entry deleted, every array slot zero."""
         self._data.clear()
+        self._lpm_keys.clear()
 
     # --- BpfMap's interface ------------------------------------------------------
 
@@ -143,6 +182,9 @@ class DictMap(BpfMap):
             if self._index(kb) >= self.max_entries:
                 return None
             return self._decode(self._data.get(kb, bytes(self._size)))
+        if self._lpm:
+            entry = self._longest_match(kb)
+            return None if entry is None else self._decode(self._data[entry])
         # A lookup from the control plane does not count as use, as with
         # the bpf(2) syscall on a kernel LRU map.
         raw = self._data.get(kb)
@@ -156,10 +198,16 @@ class DictMap(BpfMap):
     def delete(self, key: Any) -> bool:
         if self._array:
             raise _error(errno.EINVAL, f"delete from {self.spec.name}")
-        return self._data.pop(self.key_bytes(key), None) is not None
+        kb = self.key_bytes(key)
+        if self._lpm:
+            if self._prefixlen(kb) > self._lpm_bits:
+                raise _error(errno.EINVAL, f"delete from {self.spec.name}")
+            kb = self._prefix(kb, self._prefixlen(kb))
+            self._lpm_keys.pop(kb, None)
+        return self._data.pop(kb, None) is not None
 
     def _key_of(self, kb: bytes) -> Any:
-        return layout.from_bytes(self.spec.key_type, kb)[0]
+        return layout.from_bytes(self.spec.key_type, self._lpm_keys.get(kb, kb))[0]
 
     def keys(self) -> Iterator[Any]:
         if self._array:

@@ -165,7 +165,7 @@ def test_flow_moves_on_when_its_backend_is_removed(datapath: Datapath) -> None:
 def test_non_service_traffic_passes_untouched(datapath: Datapath) -> None:
     program(datapath, web(["10.244.1.10"]))
     for frame in (packets.build("10.244.1.5", 1234, "10.244.1.7", 80),
-                  packets.build("10.244.1.5", 1234, VIP, 81),
+                  packets.build("10.244.1.5", 1234, "10.96.0.11", 80),
                   packets.build("10.244.1.5", 1234, "8.8.8.8", 53, "udp")):
         for prog, ok in ((TC, TC_ACT_OK), (XDP, XDP_PASS)):
             out = run(datapath, prog, frame)
