@@ -161,3 +161,81 @@ struct lb_meta {
 	__u32 layout_version;
 	__u32 pad;
 };
+
+/* NetworkPolicy
+ *
+ * Checked on the first packet of a connection only, after service DNAT (the
+ * policy sees the backend's address and port, never a VIP); later packets and
+ * replies pass through conntrack. Egress is checked for a local pod as it
+ * sends (tc ingress on its veth), ingress for a local pod as traffic enters it.
+ * Built by lb/policy (compile, lookup: the reference of what the programs do).
+ *
+ * lb_pol_endpoints  hash          __u32 local pod IPv4 (network order)
+ *                                 -> struct lb_pol_endpoint; only pods some
+ *                                 policy isolates; no entry: allow
+ * lb_pol_ipcache    lpm_trie      struct lb_lpm4_key (the remote address, 32)
+ *                                 -> struct lb_pol_peer; no match: identity 0
+ * lb_pol_rules      hash          struct lb_pol_rule_key -> __u32, the first
+ *                                 lb_pol_portsets slot of what is allowed
+ * lb_pol_portsets   array         __u32 slot -> struct lb_pol_portset; 0 unused
+ * lb_pol_drops      percpu_array  __u32 policy id -> struct lb_stat
+ *
+ * An identity numbers a class of remote addresses that every policy of this
+ * node treats alike (same selector peers matched, same ipBlocks containing
+ * them, same named ports); the ipcache maps each pod /32 and each ipBlock
+ * prefix to one, so a pod that comes or goes is one ipcache entry, not one
+ * rule per local pod. Identity 0 is "no class": its rules are those with an
+ * empty from/to, which every identity's entry includes too.
+ */
+#define LB_POL_INGRESS 0
+#define LB_POL_EGRESS  1
+
+/* lb_pol_endpoint.flags */
+#define LB_POL_ISOLATED_INGRESS 0x01
+#define LB_POL_ISOLATED_EGRESS  0x02
+
+/* lb_pol_peer.flags: an address of this node (or its hairpin source);
+ * ingress from it is always allowed, as the API requires for the pod's node. */
+#define LB_POL_PEER_HOST 0x01
+
+#define LB_POL_IDENTITY_ANY 0
+/* lb_pol_port_range.proto: any protocol, every port (a rule without ports). */
+#define LB_POL_PROTO_ANY 0
+#define LB_POL_PORTS_PER_SET 8
+/* Longest chain of lb_pol_portsets slots the programs follow. */
+#define LB_POL_MAX_CHAIN 8
+
+struct lb_pol_endpoint {
+	__u32 ingress_policy; /* policy id blamed for an ingress drop */
+	__u32 egress_policy;  /* policy id blamed for an egress drop */
+	__u8  flags;          /* LB_POL_ISOLATED_* */
+	__u8  pad[3];
+};
+
+struct lb_pol_peer {
+	__u32 identity;
+	__u32 flags;          /* LB_POL_PEER_* */
+};
+
+struct lb_pol_rule_key {
+	__u32 ep_addr;        /* the local pod, network order */
+	__u32 identity;       /* the remote end's; LB_POL_IDENTITY_ANY: fallback */
+	__u8  dir;            /* LB_POL_INGRESS / LB_POL_EGRESS */
+	__u8  pad[3];
+};
+
+/* Ports in HOST order, unlike everywhere else: they are compared as a range. */
+struct lb_pol_port_range {
+	__u16 port_lo;
+	__u16 port_hi;
+	__u8  proto;          /* IPPROTO_*, or LB_POL_PROTO_ANY */
+	__u8  pad[3];
+	__u32 policy;         /* id credited when this range allows */
+};
+
+/* Disjoint ranges; the first that matches decides. */
+struct lb_pol_portset {
+	__u32 count;          /* ranges in use */
+	__u32 next;           /* slot continuing the set; 0: end */
+	struct lb_pol_port_range ranges[LB_POL_PORTS_PER_SET];
+};

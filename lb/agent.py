@@ -26,6 +26,7 @@ from typing import Any
 
 from lb import desired
 from lb.attach import Attachments, attach_tc, attach_xdp, detach_all
+from lb.healthcheck import HealthServers, health_checks
 from lb.instance import DEFAULT_INSTANCE, Sizes, pin_dir_of, reconciler_for
 from lb.manifests import ManifestError, load
 from lb.model import Cluster
@@ -139,6 +140,7 @@ class Agent:
         self.sizes = Sizes()
         self.stopping = threading.Event()
         self.attachments = Attachments(netns=self.netns)
+        self.health = HealthServers()
         self._tc_lock = threading.Lock()
 
     def _attach_veth(self, dev: str) -> None:
@@ -162,6 +164,7 @@ class Agent:
         start = time.monotonic()
         state = desired.compute(cluster, self.node)
         res = self.reconciler.sync(state)
+        self.health.update(health_checks(cluster, state))
         took = (time.monotonic() - start) * 1000
         log.info("synced %d frontends in %.1f ms: %d added, %d updated, %d removed, "
                  "%d backends added, %d removed, %d errors", len(state.entries), took,
@@ -204,6 +207,7 @@ class Agent:
                 self.sync(cluster)
                 last_sync = time.monotonic()
         watcher.stop.set()
+        self.health.close()
         log.info("stopping; programs and pinned maps stay in place for the next start")
         return 0
 

@@ -72,7 +72,9 @@ work=$(mktemp -d "$CACHE_ROOT/.build-$K8S_VERSION.XXXXXX")
 build_pid=
 cleanup() {
     # The go command and its compilers run in their own process group.
-    [ -n "$build_pid" ] && kill -TERM -- "-$build_pid" 2>/dev/null
+    if [ -n "$build_pid" ]; then
+        kill -TERM -- "-$build_pid" 2>/dev/null || true
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -81,6 +83,10 @@ trap 'exit 143' TERM INT HUP
 export GOTOOLCHAIN=local
 export GOFLAGS="-p=${XDPLB_BUILD_PARALLEL:-2} -buildvcs=false"
 export CGO_ENABLED=0
+# go's own scratch space, inside $work so that cleanup removes it even when
+# the build is killed.
+export GOTMPDIR="$work/tmp"
+mkdir -p "$GOTMPDIR"
 # A soft heap target for the compiler and linker processes.
 export GOMEMLIMIT="${GOMEMLIMIT:-6GiB}"
 

@@ -72,8 +72,10 @@ def test_ports_and_protocols(datapath: Datapath) -> None:
 
 
 def _icmp_unreachable(frame: bytes, client: str, vip: str, quoted_dport: int) -> None:
-    assert len(frame) == 70 and frame[12:14] == b"\x08\x00"
-    ip, icmp = frame[14:34], frame[34:70]
+    # The quote: the IP header and 8 bytes of UDP, or the whole TCP header.
+    quote = 20 + (20 if frame[34 + 8 + 9] == 6 else 8)
+    assert len(frame) == 14 + 28 + quote and frame[12:14] == b"\x08\x00"
+    ip, icmp = frame[14:34], frame[34:]
     assert ip[9] == 1 and packets.checksum(ip) == 0
     assert ip[12:16] == bytes(map(int, vip.split("."))), "from the address the client used"
     assert ip[16:20] == bytes(map(int, client.split(".")))
