@@ -5,6 +5,8 @@
  *                    replies of remote backends.
  *   tc_lb_from_pod   tc ingress on a pod's host-side veth: what a local pod
  *                    sends (every service type) and replies of local backends.
+ *   sock_*4          cgroup socket hooks: ClusterIPs for the node's own
+ *                    processes, translated at connect/sendmsg time.
  *
  * Both run the same three steps: parse, decide (a pure function of the
  * packet and the maps, giving a stat reason and a rewrite), apply. */
@@ -30,6 +32,7 @@
 #include "lib/lb.h"
 #include "lib/nat.h"
 #include "lib/reject.h"
+#include "lib/sock.h"
 
 /* A reply of a translated flow: restore the frontend as its source. */
 LB_INLINE int lb_reverse(const struct lb_pkt *p, __u64 now, struct lb_nat *n)
@@ -205,4 +208,19 @@ int tc_lb_from_pod(struct __sk_buff *skb)
 	if (lb_rejects(reason) && lb_reject_skb(skb, &p) == 0)
 		return bpf_redirect(skb->ifindex, 0);
 	return lb_drops(reason) ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+int sock_connect4(struct bpf_sock_addr *ctx)
+{
+	return lb_sock_translate(ctx, 0);
+}
+
+int sock_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return lb_sock_translate(ctx, 1);
+}
+
+int sock_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return lb_sock_reverse(ctx);
 }

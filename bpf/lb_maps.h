@@ -10,7 +10,7 @@
  * pinned maps written with another layout.
  */
 
-#define LB_LAYOUT_VERSION 2
+#define LB_LAYOUT_VERSION 3
 
 /* Service scope: external traffic (XDP on the node device) and traffic from
  * local pods (tc on their veth) may see different backend sets when a traffic
@@ -140,6 +140,22 @@ struct lb_stat {
 struct lb_config {
 	__u32 node_ip;       /* masquerade source for external traffic */
 	__u32 hairpin_ip;    /* source of a pod reaching itself via a service */
+	__u64 netns_cookie;  /* the node's network namespace: socket hooks act there only */
+};
+
+/* lb_sock_rev: a UDP socket's translated peer -> the service it asked for,
+ * so replies read through recvmsg appear to come from the service. */
+struct lb_sock_rev_key {
+	__u64 cookie;        /* bpf_get_socket_cookie() */
+	__u32 addr;
+	__u16 port;
+	__u16 pad;
+};
+
+struct lb_sock_rev_val {
+	__u32 addr;
+	__u16 port;
+	__u16 pad;
 };
 
 /* LPM trie key over one IPv4 prefix (lb_svc_cidrs: the service CIDRs). */

@@ -73,6 +73,7 @@ class DesiredState:
     service_cidrs: tuple[str, ...] = ()
     node_ip: str | None = None
     hairpin_ip: str | None = None
+    netns_cookie: int = 0
 
     def backends(self) -> set[tuple[str, Backend]]:
         return {(e.group, b) for e in self.entries.values() for b in e.backends}
@@ -197,4 +198,5 @@ def compute(cluster: Cluster, node: Node) -> DesiredState:
     vips = frozenset(e.frontend.ip for e in entries.values()
                      if e.flags & const("LB_SVC_CLUSTER_IP"))
     return DesiredState(entries, vips=vips, service_cidrs=node.service_cidrs,
-                        node_ip=node.ips[0] if node.ips else None, hairpin_ip=node.hairpin_ip)
+                        node_ip=node.ips[0] if node.ips else None, hairpin_ip=node.hairpin_ip,
+                        netns_cookie=node.netns_cookie)

@@ -108,6 +108,9 @@ class Node:
     # Source of a pod that reaches itself through a service; link-local, so
     # it never collides with a real address (Cilium uses the same one).
     hairpin_ip: str = "169.254.42.1"
+    # The node's network namespace (SO_NETNS_COOKIE): socket hooks attached
+    # to a cgroup act only on sockets there. 0: the hooks translate nothing.
+    netns_cookie: int = 0
 
 
 # --- NetworkPolicy and the objects it selects -----------------------------------

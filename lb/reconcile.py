@@ -105,7 +105,7 @@ class Reconciler:
         self.vips: set[str] = set()
         self.cidrs: set[str] = set()
         self.ranges: dict[int, set[str]] = {}  # svc_id -> CIDRs
-        self.config: tuple[str | None, str | None] | None = None
+        self.config: tuple[str | None, str | None, int] | None = None
 
     # --- restart ---------------------------------------------------------
 
@@ -173,12 +173,13 @@ class Reconciler:
 
     def _write_node(self, desired: DesiredState, entries: dict[Frontend, FrontendEntry],
                     res: SyncResult) -> None:
-        config = (desired.node_ip, desired.hairpin_ip)
+        config = (desired.node_ip, desired.hairpin_ip, desired.netns_cookie)
         if config != self.config:
             self.maps["lb_config"].update(0, layout.new(
                 "struct lb_config",
                 node_ip=ip_be(desired.node_ip) if desired.node_ip else 0,
-                hairpin_ip=ip_be(desired.hairpin_ip) if desired.hairpin_ip else 0)[0])
+                hairpin_ip=ip_be(desired.hairpin_ip) if desired.hairpin_ip else 0,
+                netns_cookie=desired.netns_cookie)[0])
             self.config = config
         # Only ClusterIPs actually programmed: a refused service must not
         # turn into REJECTs for its clients.

@@ -23,6 +23,17 @@ BPFFS = Path("/sys/fs/bpf")
 _INCLUDE = re.compile(r'\s*#include\s+"([^"]+)"')
 
 
+# bpf_attach_type of each socket hook program.
+BPF_CGROUP_INET4_CONNECT = 10
+BPF_CGROUP_UDP4_SENDMSG = 14
+BPF_CGROUP_UDP4_RECVMSG = 19
+SOCK_HOOKS = {
+    "sock_connect4": BPF_CGROUP_INET4_CONNECT,
+    "sock_sendmsg4": BPF_CGROUP_UDP4_SENDMSG,
+    "sock_recvmsg4": BPF_CGROUP_UDP4_RECVMSG,
+}
+
+
 class LayoutMismatch(RuntimeError):
     """Pinned maps were written by a datapath with another layout or size."""
 
@@ -50,6 +61,7 @@ class BuildOptions:
             "lb_affinity": self.affinity_size,
             "lb_stats": layout.const("LB_STAT_MAX"),
             "lb_config": 1,
+            "lb_sock_rev": self.affinity_size,
             "lb_vips": self.max_services,
             "lb_svc_cidrs": 16,
             "lb_source_ranges": 16384,
@@ -147,9 +159,16 @@ class Datapath:
     def prog_fd(self, name: str) -> int:
         """Load (once) the program `name`; its type follows from its prefix."""
         if name not in self._progs:
-            kinds = {"xdp_": self._bpf_cls.XDP, "tc_": self._bpf_cls.SCHED_CLS}
-            kind = next(v for k, v in kinds.items() if name.startswith(k))
-            self._progs[name] = self.bpf.load_func(name.encode(), kind).fd
+            if name.startswith("sock_"):
+                # cgroup sock_addr programs are verified for one hook.
+                hook = SOCK_HOOKS[name]
+                fn = self.bpf.load_func(name.encode(), self._bpf_cls.CGROUP_SOCK_ADDR,
+                                        attach_type=hook)
+            else:
+                kinds = {"xdp_": self._bpf_cls.XDP, "tc_": self._bpf_cls.SCHED_CLS}
+                kind = next(v for k, v in kinds.items() if name.startswith(k))
+                fn = self.bpf.load_func(name.encode(), kind)
+            self._progs[name] = fn.fd
         return self._progs[name]
 
     def map(self, name: str) -> BpfMap:

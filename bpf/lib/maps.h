@@ -24,6 +24,8 @@ BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_val,
 		 lb_affinity, LB_AFFINITY_SIZE, LB_PIN_DIR "/lb_affinity");
 BPF_TABLE_PINNED("percpu_array", __u32, struct lb_stat, lb_stats,
 		 LB_STAT_MAX, LB_PIN_DIR "/lb_stats");
+BPF_TABLE_PINNED("lru_hash", struct lb_sock_rev_key, struct lb_sock_rev_val,
+		 lb_sock_rev, LB_AFFINITY_SIZE, LB_PIN_DIR "/lb_sock_rev");
 BPF_TABLE_PINNED("array", __u32, struct lb_config, lb_config, 1,
 		 LB_PIN_DIR "/lb_config");
 /* ClusterIPs that exist: a packet to one on a port no service has is

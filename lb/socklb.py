@@ -1,0 +1,73 @@
+"""Attach the socket-level load balancer (cgroup connect4/sendmsg4/recvmsg4)
+to a cgroup v2 directory: the node's own processes and hostNetwork pods then
+reach ClusterIPs with no per-packet NAT at all."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+from loader import libbpf
+from loader.build import SOCK_HOOKS, Datapath
+
+SO_NETNS_COOKIE = 71
+BPF_F_ALLOW_MULTI = 2
+
+
+def cgroup2_root() -> Path:
+    """Where the unified hierarchy is mounted (/sys/fs/cgroup on most hosts,
+    /sys/fs/cgroup/unified on hybrid ones)."""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == "cgroup2":
+            return Path(fields[1])
+    raise FileNotFoundError("no cgroup2 mount: socket load balancing needs cgroup v2")
+
+
+def netns_cookie(netns: str | None = None) -> int:
+    """The cookie of a named network namespace (or this process's own), read
+    from a socket opened there by a short-lived thread: setns moves only the
+    calling thread."""
+    result: list[int] = []
+    errors: list[BaseException] = []
+
+    def probe() -> None:
+        try:
+            if netns:
+                from pyroute2 import netns as pns
+
+                pns.setns(netns)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+                result.append(int.from_bytes(raw, "little"))
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
+def attach(dp: Datapath, cgroup: Path) -> None:
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name, hook in SOCK_HOOKS.items():
+            libbpf.check(libbpf.lib().bpf_prog_attach(dp.prog_fd(name), fd, hook,
+                                                      BPF_F_ALLOW_MULTI),
+                         f"attach {name} to {cgroup}")
+    finally:
+        os.close(fd)
+
+
+def detach(dp: Datapath, cgroup: Path) -> None:
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name, hook in SOCK_HOOKS.items():
+            libbpf.lib().bpf_prog_detach2(dp.prog_fd(name), fd, hook)
+    finally:
+        os.close(fd)

@@ -1,0 +1,99 @@
+"""Host-network clients reach ClusterIPs through the connect-time socket
+hooks, attached to a cgroup this test creates; they act only inside the
+node's network namespace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lb import desired, socklb
+from lb.instance import SMALL, reconciler_for
+from lb.lab import objects
+from lb.lab.topology import Topology, TopologySpec
+from lb.manifests import build_cluster
+from lb.model import Node
+from loader.build import Datapath, remove_pins
+from tests.conftest import new_pin_dir, require_root
+
+VIP = "10.96.0.10"
+HTTP = objects.Port("http", 80, 8080)
+DNS = objects.Port("dns", 53, 5353, "UDP")
+
+CLIENT = r"""
+import socket, sys
+vip = sys.argv[1]
+names = []
+for _ in range(20):
+    s = socket.create_connection((vip, 80), timeout=2)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = b""
+    while chunk := s.recv(4096):
+        data += chunk
+    names.append(data.split(b"\r\n\r\n", 1)[1].split()[0].decode())
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(2)
+u.sendto(b"x", (vip, 53))
+reply, peer = u.recvfrom(100)
+print(" ".join(sorted(set(names))), reply.split()[0].decode(), f"{peer[0]}:{peer[1]}")
+"""
+
+
+def in_cgroup(cgroup: Path, argv: list[str]) -> list[str]:
+    # The shell joins the cgroup, then becomes the client: same pid.
+    return ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *argv]
+
+
+@pytest.fixture
+def cgroup() -> Iterator[Path]:
+    require_root()
+    path = socklb.cgroup2_root() / f"lbtest-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        path.rmdir()
+
+
+def test_host_network_client_reaches_clusterip_through_socket_hooks(cgroup: Path) -> None:
+    pin_dir = new_pin_dir("socklb")
+    try:
+        with Topology.build(TopologySpec.single(pods=2)) as topo, \
+                Datapath(SMALL.options(pin_dir)) as dp:
+            for pod in topo.pods:
+                topo.start_http(pod, 8080)
+                topo.start_udp(pod, 5353)
+            docs = [objects.service("web", VIP, [HTTP, DNS]),
+                    objects.endpoint_slice("web", [HTTP, DNS],
+                                           [(p.ip, "node") for p in topo.pods])]
+            node = Node(name="node", ips=(topo.node_ip,),
+                        netns_cookie=socklb.netns_cookie(topo.node.ns))
+            cluster = build_cluster((d, "t") for d in docs).cluster
+            assert not reconciler_for(dp).sync(desired.compute(cluster, node)).errors
+            socklb.attach(dp, cgroup)
+            try:
+                argv = ["ip", "netns", "exec", topo.node.ns, sys.executable, "-c", CLIENT, VIP]
+                out = subprocess.run(in_cgroup(cgroup, argv), capture_output=True, text=True,
+                                     timeout=60)
+                assert out.returncode == 0, out.stderr
+                tcp_names, udp_name, peer = out.stdout.split()[:-2], *out.stdout.split()[-2:]
+                assert set(tcp_names) == {p.name for p in topo.pods}
+                assert udp_name in {p.name for p in topo.pods}
+                assert peer == f"{VIP}:53", "recvmsg shows the service, not the backend"
+                # The same cgroup in another namespace: not translated.
+                probe = ("import socket\ntry:\n socket.create_connection(('%s',80),timeout=1)"
+                         "\n print('connected')\nexcept OSError as e: print('untouched')" % VIP)
+                argv = ["ip", "netns", "exec", topo.external.ns, sys.executable, "-c", probe]
+                out = subprocess.run(in_cgroup(cgroup, argv), capture_output=True, text=True,
+                                     timeout=30)
+                assert out.stdout.strip() == "untouched"
+            finally:
+                socklb.detach(dp, cgroup)
+    finally:
+        remove_pins(pin_dir)
