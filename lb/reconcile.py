@@ -136,11 +136,11 @@ class Reconciler:
             by_group.setdefault(b.group_id, []).append(bid)
         for a in self.applied.values():
             a.backend_ids = tuple(sorted(by_group.get(a.group_id, [])))
-        vips, cidrs, ranges = (self.maps[m].keys() for m in
-                               ("lb_vips", "lb_svc_cidrs", "lb_source_ranges"))
-        self.vips = {ip_str(k) for k in vips}
-        self.cidrs = {f"{ip_str(k.addr)}/{k.prefixlen}" for k in cidrs}
-        for k in ranges:
+        vip_keys, cidr_keys, range_keys = (
+            self.maps[m].keys() for m in ("lb_vips", "lb_svc_cidrs", "lb_source_ranges"))
+        self.vips = {ip_str(k) for k in vip_keys}
+        self.cidrs = {f"{ip_str(k.addr)}/{k.prefixlen}" for k in cidr_keys}
+        for k in range_keys:
             cidr = f"{ip_str(k.addr)}/{k.prefixlen - 32}"
             self.ranges.setdefault(socket.ntohl(k.svc_id), set()).add(cidr)
         return len(self.applied)

@@ -87,8 +87,8 @@ def test_host_network_client_reaches_clusterip_through_socket_hooks(cgroup: Path
                 assert udp_name in {p.name for p in topo.pods}
                 assert peer == f"{VIP}:53", "recvmsg shows the service, not the backend"
                 # The same cgroup in another namespace: not translated.
-                probe = ("import socket\ntry:\n socket.create_connection(('%s',80),timeout=1)"
-                         "\n print('connected')\nexcept OSError as e: print('untouched')" % VIP)
+                probe = (f"import socket\ntry:\n socket.create_connection(('{VIP}',80),"
+                         "timeout=1)\n print('connected')\nexcept OSError: print('untouched')")
                 argv = ["ip", "netns", "exec", topo.external.ns, sys.executable, "-c", probe]
                 out = subprocess.run(in_cgroup(cgroup, argv), capture_output=True, text=True,
                                      timeout=30)
