@@ -48,6 +48,8 @@ LB_INLINE int lb_reverse(const struct lb_pkt *p, __u64 now, struct lb_nat *n)
 	if (!rn || rn->addr == 0)
 		return -1;
 	lb_ct_touch(v, p, now);
+	if (!(v->flags & LB_CT_SEEN_REPLY))
+		lb_ct_answered(v, rn->addr, rn->port, p->proto);
 	n->saddr = rn->addr;
 	n->sport = rn->port;
 	n->daddr = p->daddr;

@@ -219,7 +219,7 @@ struct lb_meta {
 #define LB_POL_PROTO_ANY 0
 #define LB_POL_PORTS_PER_SET 8
 /* Longest chain of lb_pol_portsets slots the programs follow. */
-#define LB_POL_MAX_CHAIN 8
+#define LB_POL_MAX_CHAIN 16
 
 struct lb_pol_endpoint {
 	__u32 ingress_policy; /* policy id blamed for an ingress drop */

@@ -31,7 +31,11 @@
 #define LB_AFFINITY_SIZE 65536
 #endif
 /* Connection-tracking lifetimes, as Cilium's defaults: established TCP 6 h,
- * TCP after FIN or RST 10 s, everything else 60 s of silence. */
+ * TCP not yet answered 60 s, TCP after FIN or RST 10 s, everything else 60 s
+ * of silence. */
+#ifndef LB_CT_TCP_SYN_S
+#define LB_CT_TCP_SYN_S 60
+#endif
 #ifndef LB_CT_TCP_LIFETIME_S
 #define LB_CT_TCP_LIFETIME_S 21600
 #endif

@@ -19,12 +19,16 @@ LB_INLINE void lb_ct_key_of(const struct lb_pkt *p, __u8 dir,
 	k->pad = 0;
 }
 
+/* By state, so that half-open flows (a SYN flood) and closed ones leave
+ * the table soon and only answered, open TCP flows live long. */
 LB_INLINE __u64 lb_ct_lifetime_ns(const struct lb_ct_val *v, __u8 proto)
 {
 	if (proto != IPPROTO_TCP)
 		return LB_CT_OTHER_LIFETIME_S * LB_NSEC_PER_SEC;
 	if (v->flags & (LB_CT_SEEN_FIN | LB_CT_SEEN_RST))
 		return LB_CT_TCP_CLOSING_S * LB_NSEC_PER_SEC;
+	if (!(v->flags & LB_CT_SEEN_REPLY))
+		return LB_CT_TCP_SYN_S * LB_NSEC_PER_SEC;
 	return LB_CT_TCP_LIFETIME_S * LB_NSEC_PER_SEC;
 }
 
@@ -55,6 +59,26 @@ LB_INLINE void lb_ct_touch(struct lb_ct_val *v, const struct lb_pkt *p,
 		v->flags |= LB_CT_SEEN_FIN;
 	if (now - v->last_seen_ns > LB_NSEC_PER_SEC)
 		v->last_seen_ns = now;
+}
+
+/* The first reply of a flow: both of its entries become established. */
+LB_INLINE void lb_ct_answered(struct lb_ct_val *reply, __u32 frontend_addr,
+			      __u16 frontend_port, __u8 proto)
+{
+	struct lb_ct_key k = {
+		.saddr = reply->nat_addr,
+		.daddr = frontend_addr,
+		.sport = reply->nat_port,
+		.dport = frontend_port,
+		.proto = proto,
+		.dir = LB_CT_FORWARD,
+	};
+	struct lb_ct_val *fwd;
+
+	reply->flags |= LB_CT_SEEN_REPLY;
+	fwd = lb_ct.lookup(&k);
+	if (fwd)
+		fwd->flags |= LB_CT_SEEN_REPLY;
 }
 
 /* Record a new flow client -> frontend served by backend b: the forward

@@ -1,0 +1,92 @@
+"""Conntrack lifetimes by state, with lifetimes shortened at compile time
+(the same -D defines a node may set)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from lb import packets
+from lb.instance import SMALL
+from loader import layout, libbpf
+from loader.build import Datapath, remove_pins
+from tests.conftest import new_pin_dir, require_root
+from tests.packet.test_datapath import TC, VIP, program, web
+
+SHORT = {"LB_CT_TCP_SYN_S": "1", "LB_CT_TCP_CLOSING_S": "1", "LB_CT_OTHER_LIFETIME_S": "1",
+         "LB_CT_TCP_LIFETIME_S": "30"}
+
+
+@pytest.fixture
+def short_ct() -> Iterator[Datapath]:
+    require_root()
+    pin_dir = new_pin_dir("ct")
+    try:
+        with Datapath(SMALL.options(pin_dir, SHORT)) as dp:
+            program(dp, web(["10.244.1.10"]))
+            yield dp
+    finally:
+        remove_pins(pin_dir)
+
+
+def reason_of(dp: Datapath, frame: bytes) -> str:
+    stats = dp.map("lb_stats")
+
+    def counts() -> list[int]:
+        return [sum(s.packets for s in stats.lookup(i)) for i in range(8)]
+
+    before = counts()
+    libbpf.prog_test_run(dp.prog_fd(TC), frame)
+    after = counts()
+    moved = [i for i in range(8) if after[i] > before[i]]
+    names = {layout.const("LB_STAT_DNAT_NEW"): "new",
+             layout.const("LB_STAT_DNAT_ESTABLISHED"): "established",
+             layout.const("LB_STAT_REVNAT"): "reverse"}
+    return names.get(moved[0], str(moved)) if moved else "none"
+
+
+def syn(sport: int, flags: str = "S") -> bytes:
+    return packets.build("10.244.1.5", sport, VIP, 80, flags=flags)
+
+
+def answer(sport: int, flags: str = "SA") -> bytes:
+    return packets.build("10.244.1.10", 8080, "10.244.1.5", sport, flags=flags)
+
+
+def test_unanswered_tcp_expires_soon_answered_lives_on(short_ct: Datapath) -> None:
+    assert reason_of(short_ct, syn(50001)) == "new"
+    assert reason_of(short_ct, syn(50002)) == "new"
+    assert reason_of(short_ct, answer(50002)) == "reverse"
+    time.sleep(1.3)
+    assert reason_of(short_ct, syn(50001, "A")) == "new", "a half-open flow is gone"
+    assert reason_of(short_ct, syn(50002, "A")) == "established", "an answered one stays"
+
+
+def test_closed_tcp_expires_soon(short_ct: Datapath) -> None:
+    assert reason_of(short_ct, syn(50003)) == "new"
+    assert reason_of(short_ct, answer(50003)) == "reverse"
+    assert reason_of(short_ct, syn(50003, "FA")) == "established"
+    time.sleep(1.3)
+    assert reason_of(short_ct, syn(50003, "A")) == "new"
+
+
+def test_udp_expires_after_silence(short_ct: Datapath) -> None:
+    frame = packets.build("10.244.1.5", 50004, VIP, 53, "udp")
+    assert reason_of(short_ct, frame) == "new"
+    assert reason_of(short_ct, frame) == "established"
+    time.sleep(1.3)
+    assert reason_of(short_ct, frame) == "new"
+
+
+def test_flags_record_the_flow_state(short_ct: Datapath) -> None:
+    reason_of(short_ct, syn(50005))
+    reason_of(short_ct, answer(50005))
+    ct = short_ct.map("lb_ct")
+    flags = {k.dir: v.flags for k, v in ct.items()
+             if 50005 in (socket.ntohs(k.sport), socket.ntohs(k.dport))}
+    seen = layout.const("LB_CT_SEEN_REPLY")
+    assert flags[layout.const("LB_CT_FORWARD")] & seen
+    assert flags[layout.const("LB_CT_REPLY")] & seen
