@@ -156,7 +156,7 @@ class Reconciler:
         for f, e in sorted(entries.items()):
             try:
                 self._write_entry(f, e, res)
-            except (Exhausted, BpfError) as err:
+            except (Exhausted, BpfError, ValueError) as err:
                 msg = f"{e.service}: frontend {f} not programmed: {err}"
                 log.error("%s", msg)
                 res.errors.append(msg)
