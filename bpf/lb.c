@@ -5,6 +5,8 @@
  *                    replies of remote backends.
  *   tc_lb_from_pod   tc ingress on a pod's host-side veth: what a local pod
  *                    sends (every service type) and replies of local backends.
+ *   tc_lb_to_pod     tc egress on a pod's host-side veth: ingress
+ *                    NetworkPolicy for what enters the pod.
  *   sock_*4          cgroup socket hooks: ClusterIPs for the node's own
  *                    processes, translated at connect/sendmsg time.
  *
@@ -33,6 +35,7 @@
 #include "lib/nat.h"
 #include "lib/reject.h"
 #include "lib/sock.h"
+#include "lib/policy.h"
 
 /* A reply of a translated flow: restore the frontend as its source. */
 LB_INLINE int lb_reverse(const struct lb_pkt *p, __u64 now, struct lb_nat *n)
@@ -152,6 +155,13 @@ LB_INLINE int lb_rewrites(int reason)
 	       reason == LB_STAT_REVNAT;
 }
 
+/* Packets policy looks at: whole IPv4 packets, translated or not. */
+LB_INLINE int lb_policed(int reason)
+{
+	return reason == LB_STAT_DNAT_NEW || reason == LB_STAT_DNAT_ESTABLISHED ||
+	       reason == LB_STAT_PASS_NOT_SERVICE || reason == LB_STAT_PASS_OTHER_PROTO;
+}
+
 LB_INLINE int lb_rejects(int reason)
 {
 	return reason == LB_STAT_REJECT_NO_ENDPOINTS || reason == LB_STAT_REJECT_NO_PORT;
@@ -206,10 +216,54 @@ int tc_lb_from_pod(struct __sk_buff *skb)
 
 	if (lb_rewrites(reason) && lb_nat_skb(skb, &p, &n))
 		reason = LB_STAT_ERROR;
+	/* Egress policy of the sending pod, on the translated flow. Replies of
+	 * service flows (reverse NAT) belong to a connection judged already. */
+	if (reason != LB_STAT_REVNAT && lb_policed(reason)) {
+		struct lb_flow f = { p.saddr, p.daddr, p.sport, p.dport, p.proto };
+
+		if (reason == LB_STAT_DNAT_NEW || reason == LB_STAT_DNAT_ESTABLISHED) {
+			f.saddr = n.saddr;
+			f.sport = n.sport;
+			f.daddr = n.daddr;
+			f.dport = n.dport;
+		}
+		if (lb_policy(&f, p.saddr, LB_POL_EGRESS, p.tcp_flags, p.len))
+			reason = LB_STAT_DROP_POLICY;
+	}
 	lb_count(reason, p.len);
 	if (lb_rejects(reason) && lb_reject_skb(skb, &p) == 0)
 		return bpf_redirect(skb->ifindex, 0);
 	return lb_drops(reason) ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+/* Ingress policy of a local pod, for what is about to enter it. Counts
+ * drops only: the pass path of every packet to a pod stays one lookup. */
+int tc_lb_to_pod(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct lb_pkt p = {};
+	struct lb_flow f;
+	int reason;
+
+	if (data + LB_PULL_LEN > data_end && skb->len > data_end - data) {
+		bpf_skb_pull_data(skb, skb->len < LB_PULL_LEN ? skb->len : LB_PULL_LEN);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+	reason = lb_parse(data, data_end, skb->len, &p);
+	if (reason != -1 && reason != LB_STAT_PASS_OTHER_PROTO)
+		return TC_ACT_OK;
+	f.saddr = p.saddr;
+	f.daddr = p.daddr;
+	f.sport = p.sport;
+	f.dport = p.dport;
+	f.proto = p.proto;
+	if (lb_policy(&f, p.daddr, LB_POL_INGRESS, p.tcp_flags, p.len)) {
+		lb_count(LB_STAT_DROP_POLICY, p.len);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_OK;
 }
 
 int sock_connect4(struct bpf_sock_addr *ctx)

@@ -10,7 +10,7 @@
  * pinned maps written with another layout.
  */
 
-#define LB_LAYOUT_VERSION 3
+#define LB_LAYOUT_VERSION 4
 
 /* Service scope: external traffic (XDP on the node device) and traffic from
  * local pods (tc on their veth) may see different backend sets when a traffic
@@ -35,6 +35,7 @@
 /* lb_ct_key.dir */
 #define LB_CT_FORWARD 0
 #define LB_CT_REPLY   1
+#define LB_CT_POLICY  2 /* a connection NetworkPolicy allowed; keyed both ways */
 
 /* lb_ct_val.flags */
 #define LB_CT_MASQ      0x01 /* source rewritten too (masquerade or hairpin) */
@@ -178,9 +179,9 @@ struct lb_meta {
 	__u32 pad;
 };
 
-/* NetworkPolicy
- *
- * Checked on the first packet of a connection only, after service DNAT (the
+/* NetworkPolicy */
+
+/* Checked on the first packet of a connection only, after service DNAT (the
  * policy sees the backend's address and port, never a VIP); later packets and
  * replies pass through conntrack. Egress is checked for a local pod as it
  * sends (tc ingress on its veth), ingress for a local pod as traffic enters it.
@@ -202,6 +203,17 @@ struct lb_meta {
  * prefix to one, so a pod that comes or goes is one ipcache entry, not one
  * rule per local pod. Identity 0 is "no class": its rules are those with an
  * empty from/to, which every identity's entry includes too.
+ *
+ * Per new connection and direction (local = the pod checked, remote = the
+ * other end; lb/policy/lookup.py:check is the reference):
+ *   ep = lb_pol_endpoints[local]; none, or flag of dir clear: allow
+ *   remote == local: allow (a pod reaching itself)
+ *   peer = lb_pol_ipcache[{32, remote}]; identity = peer ? peer->identity : 0
+ *   dir == ingress and peer->flags & LB_POL_PEER_HOST: allow
+ *   slot = lb_pol_rules[{local, identity, dir}] ?: lb_pol_rules[{local, 0, dir}]
+ *   follow slot/next (at most LB_POL_MAX_CHAIN): the first range with proto
+ *   ANY or equal, and port_lo <= dport <= port_hi: allow, credit its policy
+ *   otherwise drop; count it in lb_pol_drops[ep->{ingress,egress}_policy]
  */
 #define LB_POL_INGRESS 0
 #define LB_POL_EGRESS  1

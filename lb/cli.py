@@ -137,7 +137,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     else:
         from lb.trace import tracer
 
-        with tracer(state) as t:
+        with tracer(cluster, _node(args)) as t:
             results = [t.run(p) for p in probes]
     for r in results:
         if args.batch or args.output == "json":

@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lb.model import Cluster, Node
+from lb.policy.kernel import MAPS as POLICY_MAPS
+from lb.policy.kernel import PolicyWriter
 from lb.reconcile import Reconciler
 from loader.build import BPFFS, BuildOptions, Datapath
 
@@ -48,3 +51,14 @@ def reconciler_for(dp: Datapath) -> Reconciler:
                                             "lb_svc_cidrs", "lb_source_ranges")}
     return Reconciler(maps, max_services=o.max_services, max_backends=o.max_backends,
                       maglev_slots=o.maglev_slots)
+
+
+def policy_writer_for(dp: Datapath) -> PolicyWriter:
+    return PolicyWriter({name: dp.map(name) for name in POLICY_MAPS})
+
+
+def local_pod_ips(cluster: Cluster, node: Node) -> set[str]:
+    """Addresses of this node's pods: where a packet's next hook is the
+    receiving pod's own (its ingress policy)."""
+    return {ip for pod in cluster.pods.values() if not pod.host_network
+            and (node.name is None or pod.node_name == node.name) for ip in pod.ips}

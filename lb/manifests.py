@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,26 @@ import yaml
 
 from lb.model import (
     DEFAULT_AFFINITY_TIMEOUT,
+    NAMESPACE_NAME_LABEL,
+    POLICY_EGRESS,
+    POLICY_INGRESS,
     PROTOCOLS,
+    SELECTOR_OPERATORS,
     SERVICE_TYPES,
     Cluster,
+    ContainerPort,
     Endpoint,
     EndpointPort,
     EndpointSlice,
+    IPBlock,
+    LabelSelector,
+    Namespace,
+    NetworkPolicy,
+    Pod,
+    PolicyPeer,
+    PolicyPort,
+    PolicyRule,
+    SelectorRequirement,
     Service,
     ServicePort,
 )
@@ -327,6 +342,7 @@ def build_cluster(docs: Iterable[tuple[Mapping[str, Any], str]]) -> LoadResult:
     slices: dict[str, EndpointSlice] = {}
     legacy: dict[str, list[EndpointSlice]] = {}
     errors: list[ManifestError] = []
+    policy_objects = _PolicyObjects()
     for doc, source in docs:
         where = _where(doc, source)
         kind, api = doc.get("kind"), doc.get("apiVersion")
@@ -341,6 +357,8 @@ def build_cluster(docs: Iterable[tuple[Mapping[str, Any], str]]) -> LoadResult:
             elif kind == "Endpoints" and api == "v1":
                 for es in parse_endpoints(doc, where):
                     legacy.setdefault(es.service_key, []).append(es)
+            elif policy_objects.accepts(kind, api):
+                policy_objects.add(doc, where)
         except ManifestError as e:
             log.error("skipping object: %s", e)
             errors.append(e)
@@ -350,7 +368,9 @@ def build_cluster(docs: Iterable[tuple[Mapping[str, Any], str]]) -> LoadResult:
     for key, mirrored in legacy.items():
         if key not in have_slices:
             slices.update({s.key: s for s in mirrored})
-    return LoadResult(Cluster(services=services, slices=slices), tuple(errors))
+    cluster = Cluster(services=services, slices=slices, pods=policy_objects.pods,
+                      namespaces=policy_objects.namespaces, policies=policy_objects.policies)
+    return LoadResult(cluster, tuple(errors))
 
 
 def read_documents(paths: Iterable[Path]) -> list[tuple[Mapping[str, Any], str]]:
@@ -379,3 +399,241 @@ def read_documents(paths: Iterable[Path]) -> list[tuple[Mapping[str, Any], str]]
 
 def load(paths: Iterable[Path]) -> LoadResult:
     return build_cluster(read_documents(paths))
+
+
+# --- Pods, Namespaces and NetworkPolicies ----------------------------------------
+
+# IANA_SVC_NAME, what a named port must look like: at most 15 lowercase
+# alphanumerics or '-', at least one letter, no '-' at either end or twice.
+_PORT_NAME = re.compile(r"^(?=.*[a-z])(?!.*--)[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
+
+
+def _string_pairs(value: Any, field: str, where: str) -> tuple[tuple[str, str], ...]:
+    """Labels as the API takes them: string keys and string values only (a
+    YAML `version: 1` is refused, as the API server refuses it)."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise ManifestError(where, field, "expected a map of strings")
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ManifestError(where, f"{field}.{k}", f"expected a string, got {v!r}")
+    return tuple(sorted(value.items()))
+
+
+def _string_map(obj: Mapping[str, Any], path: str, where: str) -> tuple[tuple[str, str], ...]:
+    return _string_pairs(_get(obj, path, where), path, where)
+
+
+def parse_selector(value: Any, field: str, where: str) -> LabelSelector:
+    if not isinstance(value, Mapping):
+        raise ManifestError(where, field, "expected a label selector object")
+    labels = _string_pairs(value.get("matchLabels"), f"{field}.matchLabels", where)
+    exprs = []
+    raw = value.get("matchExpressions") or []
+    if not isinstance(raw, list):
+        raise ManifestError(where, f"{field}.matchExpressions", "expected a list")
+    for i, e in enumerate(raw):
+        efield = f"{field}.matchExpressions[{i}]"
+        if not isinstance(e, Mapping):
+            raise ManifestError(where, efield, "expected an object")
+        key = e.get("key")
+        if not isinstance(key, str) or not key:
+            raise ManifestError(where, f"{efield}.key", f"expected a non-empty string, got {key!r}")
+        op = e.get("operator")
+        if op not in SELECTOR_OPERATORS:
+            raise ManifestError(where, f"{efield}.operator", f"unknown operator {op!r}")
+        values = e.get("values") or []
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ManifestError(where, f"{efield}.values", "expected a list of strings")
+        if op in ("In", "NotIn") and not values:
+            raise ManifestError(where, f"{efield}.values", f"must be non-empty for {op}")
+        if op in ("Exists", "DoesNotExist") and values:
+            raise ManifestError(where, f"{efield}.values", f"must be empty for {op}")
+        exprs.append(SelectorRequirement(key, str(op), tuple(sorted(set(values)))))
+    return LabelSelector(labels, tuple(exprs))
+
+
+def parse_pod(doc: Mapping[str, Any], where: str) -> Pod:
+    name = _str(doc, "metadata.name", where)
+    namespace = _str(doc, "metadata.namespace", where, "default")
+    node = _get(doc, "spec.nodeName", where)
+    if node is not None and not isinstance(node, str):
+        raise ManifestError(where, "spec.nodeName", f"expected a string, got {node!r}")
+    host_network = _get(doc, "spec.hostNetwork", where, False)
+    if not isinstance(host_network, bool):
+        raise ManifestError(where, "spec.hostNetwork", f"expected a boolean, got {host_network!r}")
+    ports: list[ContainerPort] = []
+    for i, c in enumerate(_list(doc, "spec.containers", where)):
+        if not isinstance(c, Mapping):
+            raise ManifestError(where, f"spec.containers[{i}]", "expected an object")
+        for j, p in enumerate(_list(c, "ports", where)):
+            field = f"spec.containers[{i}].ports[{j}]"
+            if not isinstance(p, Mapping):
+                raise ManifestError(where, field, "expected an object")
+            pname = p.get("name") or ""
+            if not isinstance(pname, str):
+                raise ManifestError(where, f"{field}.name", f"expected a string, got {pname!r}")
+            ports.append(ContainerPort(
+                name=pname,
+                port=_int(p.get("containerPort"), f"{field}.containerPort", where, 1, 65535),
+                protocol=_protocol(p.get("protocol"), f"{field}.protocol", where),
+            ))
+    raw_ips = [
+        (f"status.podIPs[{i}].ip", e.get("ip") if isinstance(e, Mapping) else e)
+        for i, e in enumerate(_list(doc, "status.podIPs", where))
+    ]
+    if not raw_ips and _get(doc, "status.podIP", where):
+        raw_ips = [("status.podIP", _get(doc, "status.podIP", where))]
+    ips = tuple(ip for field, raw in raw_ips if (ip := _ip_any(raw, field, where)))
+    phase = _get(doc, "status.phase", where, "Running" if ips else "Pending")
+    if not isinstance(phase, str):
+        raise ManifestError(where, "status.phase", f"expected a string, got {phase!r}")
+    return Pod(namespace=namespace, name=name, labels=_string_map(doc, "metadata.labels", where),
+               node_name=node or None, ips=ips, host_network=host_network, ports=tuple(ports),
+               phase=phase)
+
+
+def parse_namespace(doc: Mapping[str, Any], where: str) -> Namespace:
+    name = _str(doc, "metadata.name", where)
+    labels = dict(_string_map(doc, "metadata.labels", where))
+    # The API server sets this label on every namespace and keeps it true.
+    labels[NAMESPACE_NAME_LABEL] = name
+    return Namespace(name=name, labels=tuple(sorted(labels.items())))
+
+
+def _ip_block(value: Any, field: str, where: str) -> IPBlock:
+    if not isinstance(value, Mapping):
+        raise ManifestError(where, field, "expected an object")
+    try:
+        net = ipaddress.ip_network(str(value.get("cidr")).strip(), strict=False)
+    except ValueError as e:
+        raise ManifestError(where, f"{field}.cidr", f"not a CIDR: {value.get('cidr')!r}") from e
+    excepts = []
+    raw = value.get("except") or []
+    if not isinstance(raw, list):
+        raise ManifestError(where, f"{field}.except", "expected a list")
+    for i, c in enumerate(raw):
+        efield = f"{field}.except[{i}]"
+        try:
+            ex = ipaddress.ip_network(str(c).strip(), strict=False)
+        except ValueError as e:
+            raise ManifestError(where, efield, f"not a CIDR: {c!r}") from e
+        # The API's validation: an except must be a strict subset of cidr.
+        if (ex.version != net.version or ex.prefixlen <= net.prefixlen
+                or not ex.subnet_of(net)):  # type: ignore[arg-type]
+            raise ManifestError(where, efield, f"{ex} is not a strict subset of {net}")
+        excepts.append(str(ex))
+    return IPBlock(str(net), tuple(sorted(set(excepts))))
+
+
+def _peer(value: Any, field: str, where: str) -> PolicyPeer:
+    if not isinstance(value, Mapping):
+        raise ManifestError(where, field, "expected an object")
+    pods = value.get("podSelector")
+    nss = value.get("namespaceSelector")
+    block = value.get("ipBlock")
+    if block is not None:
+        if pods is not None or nss is not None:
+            raise ManifestError(where, f"{field}.ipBlock",
+                                "may not be combined with podSelector or namespaceSelector")
+        return PolicyPeer(ip_block=_ip_block(block, f"{field}.ipBlock", where))
+    if pods is None and nss is None:
+        raise ManifestError(where, field, "must specify podSelector, namespaceSelector or ipBlock")
+    return PolicyPeer(
+        pod_selector=None if pods is None else parse_selector(pods, f"{field}.podSelector", where),
+        namespace_selector=(None if nss is None
+                            else parse_selector(nss, f"{field}.namespaceSelector", where)),
+    )
+
+
+def _policy_port(value: Any, field: str, where: str) -> PolicyPort:
+    if not isinstance(value, Mapping):
+        raise ManifestError(where, field, "expected an object")
+    proto = _protocol(value.get("protocol"), f"{field}.protocol", where)
+    port = value.get("port")
+    end = value.get("endPort")
+    if isinstance(port, str):
+        if not _PORT_NAME.match(port):
+            raise ManifestError(where, f"{field}.port", f"not a port name: {port!r}")
+        if end is not None:
+            raise ManifestError(where, f"{field}.endPort", "requires a numeric port")
+        return PolicyPort(proto, port)
+    if port is None:
+        if end is not None:
+            raise ManifestError(where, f"{field}.endPort", "requires a numeric port")
+        return PolicyPort(proto)
+    number = _int(port, f"{field}.port", where, 1, 65535)
+    if end is not None:
+        end = _int(end, f"{field}.endPort", where, number, 65535)
+    return PolicyPort(proto, number, end)
+
+
+def _policy_rules(doc: Mapping[str, Any], kind: str, peers_field: str,
+                  where: str) -> tuple[PolicyRule, ...]:
+    rules = []
+    for i, r in enumerate(_list(doc, f"spec.{kind}", where)):
+        field = f"spec.{kind}[{i}]"
+        if not isinstance(r, Mapping):
+            raise ManifestError(where, field, "expected an object")
+        peers = tuple(_peer(p, f"{field}.{peers_field}[{j}]", where)
+                      for j, p in enumerate(_list(r, peers_field, where)))
+        ports = tuple(_policy_port(p, f"{field}.ports[{j}]", where)
+                      for j, p in enumerate(_list(r, "ports", where)))
+        rules.append(PolicyRule(peers, ports))
+    return tuple(rules)
+
+
+def parse_network_policy(doc: Mapping[str, Any], where: str) -> NetworkPolicy:
+    name = _str(doc, "metadata.name", where)
+    namespace = _str(doc, "metadata.namespace", where, "default")
+    selector = _get(doc, "spec.podSelector", where, {})
+    ingress = _policy_rules(doc, "ingress", "from", where)
+    egress = _policy_rules(doc, "egress", "to", where)
+    types = _list(doc, "spec.policyTypes", where)
+    for i, t in enumerate(types):
+        if t not in (POLICY_INGRESS, POLICY_EGRESS):
+            raise ManifestError(where, f"spec.policyTypes[{i}]", f"unknown policy type {t!r}")
+    if len(set(types)) != len(types):
+        raise ManifestError(where, "spec.policyTypes", "duplicate policy type")
+    if not types:
+        # The API server's default: Ingress always; Egress when there is at
+        # least one egress rule (an empty `egress: []` does not count).
+        types = [POLICY_INGRESS] + ([POLICY_EGRESS] if egress else [])
+    return NetworkPolicy(
+        namespace=namespace,
+        name=name,
+        pod_selector=parse_selector(selector, "spec.podSelector", where),
+        ingress=ingress,
+        egress=egress,
+        policy_types=tuple(t for t in (POLICY_INGRESS, POLICY_EGRESS) if t in types),
+    )
+
+
+_POLICY_KINDS = frozenset(
+    {("Pod", "v1"), ("Namespace", "v1"), ("NetworkPolicy", "networking.k8s.io/v1")}
+)
+
+
+class _PolicyObjects:
+    """The objects NetworkPolicy needs, as build_cluster collects them."""
+
+    def __init__(self) -> None:
+        self.pods: dict[str, Pod] = {}
+        self.namespaces: dict[str, Namespace] = {}
+        self.policies: dict[str, NetworkPolicy] = {}
+
+    def accepts(self, kind: Any, api: Any) -> bool:
+        return (kind, api) in _POLICY_KINDS
+
+    def add(self, doc: Mapping[str, Any], where: str) -> None:
+        kind = doc.get("kind")
+        if kind == "Pod":
+            pod = parse_pod(doc, where)
+            self.pods[pod.key] = pod
+        elif kind == "Namespace":
+            ns = parse_namespace(doc, where)
+            self.namespaces[ns.name] = ns
+        else:
+            pol = parse_network_policy(doc, where)
+            self.policies[pol.key] = pol

@@ -16,14 +16,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from lb import packets
-from lb.desired import DesiredState
-from lb.instance import SMALL, reconciler_for
+from lb import desired, packets
+from lb.instance import SMALL, local_pod_ips, policy_writer_for, reconciler_for
+from lb.model import Cluster, Node
 from lb.verdicts import reason
 from loader import layout, libbpf
 from loader.build import BPFFS, Datapath, remove_pins
 
 ENTRIES = {"pod": "tc_lb_from_pod", "external": "xdp_lb_external"}
+TO_POD = "tc_lb_to_pod"
+TC_ACT_SHOT = 2
 EPHEMERAL = (32768, 60999)
 
 
@@ -107,11 +109,18 @@ class TraceResult:
 
 
 class Tracer:
-    """A throwaway datapath instance holding one desired state."""
+    """A throwaway datapath instance holding one node's state. A packet
+    crosses every hook it would on the node: the sender's (the pod's veth,
+    or the node device), then, when it is bound for a local pod, that pod's
+    own (its ingress policy)."""
 
-    def __init__(self, dp: Datapath) -> None:
+    def __init__(self, dp: Datapath, local_pods: set[str] | None = None,
+                 policy_names: dict[int, str] | None = None) -> None:
         self.dp = dp
         self.stats = dp.map("lb_stats")
+        self.drops = dp.map("lb_pol_drops")
+        self.local_pods = local_pods or set()
+        self.policy_names = policy_names or {}
 
     def _counts(self) -> list[int]:
         out = []
@@ -120,13 +129,29 @@ class Tracer:
             out.append(sum(s.packets for s in per_cpu))
         return out
 
-    def run(self, probe: Probe) -> TraceResult:
-        frame = probe_frame(probe)
-        before = self._counts()
-        run = libbpf.prog_test_run(self.dp.prog_fd(ENTRIES[probe.entry]), frame)
-        after = self._counts()
+    def _drop_counts(self) -> dict[int, int]:
+        return {i: sum(s.packets for s in self.drops.lookup(i) or [])
+                for i in self.policy_names}
+
+    def _hop(self, prog: str, frame: bytes) -> tuple[libbpf.TestRun, int | None, str | None]:
+        """Run one program: its result, the stat reason that moved, and the
+        policy blamed when it dropped for policy."""
+        before, pol_before = self._counts(), self._drop_counts()
+        run = libbpf.prog_test_run(self.dp.prog_fd(prog), frame)
+        after, pol_after = self._counts(), self._drop_counts()
         moved = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if b > a]
-        return trace_result(probe, moved[0] if moved else None, run.data)
+        blamed = [self.policy_names[i] for i in pol_after if pol_after[i] > pol_before[i]]
+        return run, (moved[0] if moved else None), (blamed[0] if blamed else None)
+
+    def run(self, probe: Probe) -> TraceResult:
+        run, index, blamed = self._hop(ENTRIES[probe.entry], probe_frame(probe))
+        result = trace_result(probe, index, run.data, blamed)
+        parsed = packets.parse(run.data)
+        if result.verdict in ("DNAT", "PASS") and parsed and parsed.dst in self.local_pods:
+            hop, index, blamed = self._hop(TO_POD, run.data)
+            if hop.retval == TC_ACT_SHOT:
+                return trace_result(probe, index, run.data, blamed)
+        return result
 
 
 def probe_frame(probe: Probe) -> bytes:
@@ -134,10 +159,15 @@ def probe_frame(probe: Probe) -> bytes:
     return packets.build(probe.src, probe.sport, probe.dst, probe.dport, probe.proto)
 
 
-def trace_result(probe: Probe, reason_index: int | None, out: bytes) -> TraceResult:
+def trace_result(probe: Probe, reason_index: int | None, out: bytes,
+                 blamed: str | None = None) -> TraceResult:
     """What a datapath did with a probe's frame, from the stat reason that
-    moved and the frame it left; shared by the kernel and userspace runs."""
+    moved and the frame it left (and, for a policy drop, the policy blamed);
+    shared by the kernel and userspace runs."""
     r = reason(reason_index) if reason_index is not None else None
+    why = r.name if r else None
+    if r is not None and r.index == layout.const("LB_STAT_DROP_POLICY"):
+        why = f"policy {blamed}" if blamed else "policy"
     parsed = packets.parse(out)
     verdict = r.verdict if r else "PASS"
     backend = None
@@ -149,22 +179,24 @@ def trace_result(probe: Probe, reason_index: int | None, out: bytes) -> TraceRes
         verdict=verdict,
         backend=backend,
         masquerade=masq,
-        reason=r.name if r else None,
+        reason=why,
         entry=probe.entry,
         out_packet=out.hex(),
     )
 
 
 @contextmanager
-def tracer(desired: DesiredState) -> Iterator[Tracer]:
-    """Load the programs into their own pin directory, program `desired`,
-    and remove every pin afterwards."""
+def tracer(cluster: Cluster, node: Node) -> Iterator[Tracer]:
+    """Load the programs into their own pin directory, program the node's
+    state for `cluster`, and remove every pin afterwards."""
     pin_dir = BPFFS / f"lbtrace-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with Datapath(SMALL.options(pin_dir)) as dp:
-            res = reconciler_for(dp).sync(desired)
-            if res.errors:
-                raise RuntimeError("; ".join(res.errors))
-            yield Tracer(dp)
+            res = reconciler_for(dp).sync(desired.compute(cluster, node))
+            policy = policy_writer_for(dp)
+            errors = res.errors + policy.sync(cluster, node)
+            if errors:
+                raise RuntimeError("; ".join(errors))
+            yield Tracer(dp, local_pod_ips(cluster, node), dict(policy.current.policies))
     finally:
         remove_pins(pin_dir)

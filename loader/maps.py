@@ -85,6 +85,8 @@ class BpfMap:
     def key(self, value: Any = None) -> Any:
         if isinstance(value, int) or value is None:
             return self._ffi.new(f"{self.spec.key_type} *", value or 0)
+        if isinstance(value, (bytes, bytearray)):
+            return self._ffi.from_buffer(bytearray(value))
         return value
 
     def _value_buf(self) -> Any:
@@ -147,6 +149,16 @@ class BpfMap:
             value = self.lookup(self._ffi.new(f"{self.spec.key_type} *", k))
             if value is not None:
                 yield k, value
+
+    def raw_items(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every entry as the bytes of its key and value."""
+        ksize = layout.sizeof(self.spec.key_type)
+        for k in self.keys():
+            kbuf = self._ffi.new(f"{self.spec.key_type} *", k)
+            vbuf = self._value_buf()
+            if libbpf.lib().bpf_map_lookup_elem(self.fd, kbuf, vbuf) == 0:
+                yield (bytes(self._ffi.buffer(kbuf, ksize)),
+                       bytes(self._ffi.buffer(vbuf, self._vsize)))
 
     def update_batch(self, keys: bytes, values: bytes, count: int) -> None:
         """Write `count` packed keys and values in one syscall (arrays and

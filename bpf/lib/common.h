@@ -27,6 +27,18 @@
 #ifndef LB_MAX_SOURCE_RANGES
 #define LB_MAX_SOURCE_RANGES 16384
 #endif
+#ifndef LB_POL_MAX_ENDPOINTS
+#define LB_POL_MAX_ENDPOINTS 4096
+#endif
+#ifndef LB_POL_IPCACHE_SIZE
+#define LB_POL_IPCACHE_SIZE 262144
+#endif
+#ifndef LB_POL_RULES_SIZE
+#define LB_POL_RULES_SIZE (1 << 20)
+#endif
+#ifndef LB_POL_PORTSETS
+#define LB_POL_PORTSETS 65536
+#endif
 #ifndef LB_AFFINITY_SIZE
 #define LB_AFFINITY_SIZE 65536
 #endif

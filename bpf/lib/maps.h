@@ -26,6 +26,17 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct lb_stat, lb_stats,
 		 LB_STAT_MAX, LB_PIN_DIR "/lb_stats");
 BPF_TABLE_PINNED("lru_hash", struct lb_sock_rev_key, struct lb_sock_rev_val,
 		 lb_sock_rev, LB_AFFINITY_SIZE, LB_PIN_DIR "/lb_sock_rev");
+/* NetworkPolicy (see lb_maps.h and lib/policy.h). */
+BPF_TABLE_PINNED("hash", __u32, struct lb_pol_endpoint, lb_pol_endpoints,
+		 LB_POL_MAX_ENDPOINTS, LB_PIN_DIR "/lb_pol_endpoints");
+BPF_TABLE_PINNED("lpm_trie", struct lb_lpm4_key, struct lb_pol_peer, lb_pol_ipcache,
+		 LB_POL_IPCACHE_SIZE, LB_PIN_DIR "/lb_pol_ipcache", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct lb_pol_rule_key, __u32, lb_pol_rules,
+		 LB_POL_RULES_SIZE, LB_PIN_DIR "/lb_pol_rules");
+BPF_TABLE_PINNED("array", __u32, struct lb_pol_portset, lb_pol_portsets,
+		 LB_POL_PORTSETS, LB_PIN_DIR "/lb_pol_portsets");
+BPF_TABLE_PINNED("percpu_array", __u32, struct lb_stat, lb_pol_drops,
+		 LB_POL_PORTSETS, LB_PIN_DIR "/lb_pol_drops");
 BPF_TABLE_PINNED("array", __u32, struct lb_config, lb_config, 1,
 		 LB_PIN_DIR "/lb_config");
 /* ClusterIPs that exist: a packet to one on a port no service has is

@@ -38,6 +38,7 @@ LB_INLINE int lb_parse(void *data, void *data_end, __u32 len, struct lb_pkt *p)
 	struct ethhdr *eth = data;
 	struct iphdr *ip;
 	__u32 ihl_len, tot_len;
+	void *l4;
 
 	p->len = len;
 	if ((void *)(eth + 1) > data_end)
@@ -66,30 +67,35 @@ LB_INLINE int lb_parse(void *data, void *data_end, __u32 len, struct lb_pkt *p)
 	p->dport = 0;
 	p->tcp_flags = 0;
 
-	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
-		return LB_STAT_PASS_OTHER_PROTO;
 	/* A later fragment has no L4 header to match on. */
 	if (ip->frag_off & bpf_htons(LB_IP_MF | LB_IP_OFFSET))
 		return LB_STAT_PASS_FRAGMENT;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP &&
+	    ip->protocol != IPPROTO_SCTP)
+		return LB_STAT_PASS_OTHER_PROTO;
 
+	/* TCP and UDP (and SCTP) open with the two ports: read them behind one
+	 * bound, so the compiler has no tail to merge the branches into. */
+	l4 = (void *)ip + ihl_len;
+	if (l4 + sizeof(struct udphdr) > data_end)
+		return LB_STAT_DROP_MALFORMED;
+	p->sport = ((struct udphdr *)l4)->source;
+	p->dport = ((struct udphdr *)l4)->dest;
+	if (ip->protocol == IPPROTO_SCTP)
+		return LB_STAT_PASS_OTHER_PROTO; /* not balanced; policy reads its ports */
 	if (ip->protocol == IPPROTO_TCP) {
-		struct tcphdr *tcp = (void *)ip + ihl_len;
+		struct tcphdr *tcp = l4;
 
 		if ((void *)(tcp + 1) > data_end || tcp->doff < 5 ||
 		    tcp->doff * 4 > tot_len - ihl_len)
 			return LB_STAT_DROP_MALFORMED;
-		p->sport = tcp->source;
-		p->dport = tcp->dest;
 		p->tcp_flags = ((__u8 *)tcp)[13];
 	} else {
-		struct udphdr *udp = (void *)ip + ihl_len;
+		struct udphdr *udp = l4;
 
-		if ((void *)(udp + 1) > data_end ||
-		    bpf_ntohs(udp->len) < sizeof(*udp) ||
+		if (bpf_ntohs(udp->len) < sizeof(*udp) ||
 		    bpf_ntohs(udp->len) > tot_len - ihl_len)
 			return LB_STAT_DROP_MALFORMED;
-		p->sport = udp->source;
-		p->dport = udp->dest;
 	}
 	return -1;
 }

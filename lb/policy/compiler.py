@@ -1,0 +1,775 @@
+"""NetworkPolicy compiled into the maps of bpf/lb_maps.h for one node: a pure
+function of the cluster model and the node, so every rule is unit-tested
+without a kernel.
+
+Why this shape. The datapath decides once per connection, after DNAT, and
+must not cost more than a few map lookups:
+
+    endpoint   hash  local pod address -> isolated? + the policy to blame
+    ipcache    LPM   remote address -> identity
+    rules      hash  (local pod, identity, direction) -> first port-set slot
+    portsets   array slot -> up to 8 (proto, port range, policy), chained
+
+A peer is not expanded into one /32 rule per matching pod and local pod (a
+"from every namespace" rule on a 10,000-pod cluster would be 10,000 entries
+per local pod, rewritten whenever any pod anywhere comes or goes). Remote
+addresses are sorted into identities instead: an identity is a class of
+addresses that every policy relevant to this node treats alike, i.e. the same
+selector peers match it, the same ipBlocks contain it (excepts applied) and
+it has the same named ports. A pod coming, going or changing labels is one
+ipcache write unless it makes a new class; rules are per (local pod,
+identity) and identical port sets are stored once.
+
+ipBlocks go into the same LPM trie: every cidr and every except is a prefix,
+and the identity of a prefix is computed from every block that contains it
+and does not except it, so the longest match alone gives the right answer,
+also when one peer excepts a range another peer (or a pod selector) allows.
+A prefix whose class equals that of the prefix above it is left out.
+
+Rules with an empty from/to apply to every identity: they are stored under
+identity 0 (the class of an address no peer matches, and the fallback the
+datapath looks up when the peer's own identity has no entry) and folded
+into every identity's entry of that local pod.
+
+Port sets hold disjoint ranges, each credited to the first policy in
+(namespace, name) order that allows it, so the first matching range gives
+both the verdict and the policy to count. A rule without ports is one range
+of any protocol. Named ports are resolved against the destination pod: the
+local pod for ingress, the identity's pods for egress (pods with different
+numbers for a name are different identities).
+
+Numbers are stable: compiling with `previous` keeps the identity, policy id
+and port-set slot of everything that did not change, and gives new things
+numbers `previous` does not use, so the diff can be applied entry by entry
+without a packet ever reading a number that means something else (see
+`diff`)."""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import ipaddress
+import itertools
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from lb.model import Cluster, IPBlock, LabelSelector, NetworkPolicy, Node, Pod, PolicyPeer
+from lb.policy.common import (
+    DIRECTION_NAMES,
+    EGRESS,
+    INGRESS,
+    POLICY_TYPES,
+    PROTO_ANY,
+    PROTO_NAMES,
+    ip_int,
+    namespace_labels,
+    pods_by_ip,
+    proto_number,
+)
+from loader.layout import const
+
+PORTS_PER_SET = const("LB_POL_PORTS_PER_SET")
+MAX_CHAIN = const("LB_POL_MAX_CHAIN")
+IDENTITY_ANY = const("LB_POL_IDENTITY_ANY")
+PEER_HOST = const("LB_POL_PEER_HOST")
+ISOLATED = {INGRESS: const("LB_POL_ISOLATED_INGRESS"), EGRESS: const("LB_POL_ISOLATED_EGRESS")}
+
+Prefix = tuple[int, int]  # (network address as an int, prefix length)
+RuleKey = tuple[int, int, int]  # (local pod address, identity, direction)
+# A selector peer as written, with the namespace it means when it has no
+# namespaceSelector: (namespace or None, namespaceSelector, podSelector).
+PeerKey = tuple[str | None, LabelSelector | None, LabelSelector | None]
+NamedPort = tuple[str, str, int]  # (name, protocol, number)
+
+
+# --- map contents ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EndpointEntry:
+    flags: int  # ISOLATED bits
+    ingress_policy: int = 0  # policy ids blamed for a drop
+    egress_policy: int = 0
+
+    def policy(self, direction: int) -> int:
+        return self.ingress_policy if direction == INGRESS else self.egress_policy
+
+
+@dataclass(frozen=True)
+class PeerEntry:
+    identity: int
+    flags: int = 0  # PEER_HOST
+
+
+@dataclass(frozen=True, order=True)
+class PortRange:
+    proto: int  # PROTO_ANY: any protocol, and lo..hi is 0..65535
+    lo: int
+    hi: int
+    policy: int
+
+    def __str__(self) -> str:
+        if self.proto == PROTO_ANY:
+            return "any"
+        name = PROTO_NAMES.get(self.proto, str(self.proto))
+        if (self.lo, self.hi) == (0, 65535):
+            return f"{name} all"
+        return f"{name} {self.lo}" if self.lo == self.hi else f"{name} {self.lo}-{self.hi}"
+
+
+@dataclass(frozen=True)
+class PortSet:
+    ranges: tuple[PortRange, ...]  # at most PORTS_PER_SET
+    next: int = 0
+
+
+@dataclass(frozen=True)
+class PolicyMaps:
+    """Exactly what the maps hold (see bpf/lb_maps.h), as Python values;
+    what `lookup` reads and `encode` writes. Addresses are ints. Treat as
+    immutable (the ipcache's prefix lengths are cached)."""
+
+    endpoints: dict[int, EndpointEntry] = field(default_factory=dict)
+    ipcache: dict[Prefix, PeerEntry] = field(default_factory=dict)
+    rules: dict[RuleKey, int] = field(default_factory=dict)
+    portsets: dict[int, PortSet] = field(default_factory=dict)
+    # Not a datapath map: policy id -> "namespace/name", for people.
+    policies: dict[int, str] = field(default_factory=dict)
+
+    @cached_property
+    def ipcache_lengths(self) -> tuple[int, ...]:
+        """Prefix lengths present, longest first (the trie's search order)."""
+        return tuple(sorted({plen for _, plen in self.ipcache}, reverse=True))
+
+
+@dataclass(frozen=True)
+class PeerClass:
+    """What makes remote addresses alike for this node's policies."""
+
+    selectors: frozenset[PeerKey] = frozenset()
+    blocks: frozenset[IPBlock] = frozenset()
+    named_ports: frozenset[NamedPort] = frozenset()
+
+    def __str__(self) -> str:
+        parts = [_peer_key_text(k) for k in sorted(self.selectors, key=str)]
+        parts += [_block_text(b) for b in sorted(self.blocks, key=lambda b: (b.cidr, b.excepts))]
+        return " & ".join(parts) or "no peer"
+
+
+EMPTY_CLASS = PeerClass()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Capacities of the maps; a compile that exceeds one says so in
+    `errors` (the agent refuses to apply it rather than apply half)."""
+
+    endpoints: int = 4096
+    ipcache: int = 262144
+    rules: int = 1 << 20
+    portsets: int = 65536  # slots, slot 0 unused
+    policies: int = 65536  # ids, 0 unused
+
+
+@dataclass(frozen=True)
+class CompiledPolicy:
+    """The maps plus what numbering them took and what people want to
+    read back."""
+
+    maps: PolicyMaps
+    node_name: str | None = None
+    local_pods: dict[int, str] = field(default_factory=dict)  # address -> ns/name
+    pods: dict[int, str] = field(default_factory=dict)  # every policy pod's address
+    identities: dict[PeerClass, int] = field(default_factory=dict)
+    portset_slots: dict[tuple[PortRange, ...], tuple[int, ...]] = field(default_factory=dict)
+    policy_ids: dict[str, int] = field(default_factory=dict)
+    errors: tuple[str, ...] = ()
+
+    @cached_property
+    def identity_classes(self) -> dict[int, PeerClass]:
+        return {i: c for c, i in self.identities.items()}
+
+
+# --- helpers -------------------------------------------------------------------
+
+
+def mask(plen: int) -> int:
+    return (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
+
+
+def _prefix(cidr: str) -> Prefix | None:
+    net = ipaddress.ip_network(cidr, strict=False)
+    if net.version != 4:
+        return None  # IPv6 blocks never match the IPv4 datapath
+    return int(net.network_address), net.prefixlen
+
+
+def prefix_text(p: Prefix) -> str:
+    return f"{ipaddress.IPv4Address(p[0])}/{p[1]}"
+
+
+def _canonical(sel: LabelSelector | None) -> LabelSelector | None:
+    if sel is None:
+        return None
+    exprs = tuple(sorted(sel.match_expressions, key=lambda r: (r.key, r.operator, r.values)))
+    return LabelSelector(tuple(sorted(sel.match_labels)), exprs)
+
+
+def _peer_key(pol: NetworkPolicy, peer: PolicyPeer) -> PeerKey:
+    ns = pol.namespace if peer.namespace_selector is None else None
+    return ns, _canonical(peer.namespace_selector), _canonical(peer.pod_selector)
+
+
+def _peer_key_text(key: PeerKey) -> str:
+    ns, nss, ps = key
+    where = f"ns {ns}" if ns is not None else f"ns [{nss}]"
+    return f"{where} pods [{ps}]" if ps is not None else f"{where} pods [all]"
+
+
+def _block_text(b: IPBlock) -> str:
+    return b.cidr + (f" except {','.join(b.excepts)}" if b.excepts else "")
+
+
+class _Ids:
+    """Numbers for keys: a key keeps its number from the previous compile;
+    a new key gets the lowest number neither compile uses."""
+
+    def __init__(self, previous: dict[Any, int], reserved: Iterable[int] = (0,)) -> None:
+        self.previous = previous
+        self.taken = set(previous.values()) | set(reserved)
+        self.assigned: dict[Any, int] = {}
+        self._next = 1
+
+    def get(self, key: Any) -> int:
+        ident = self.assigned.get(key)
+        if ident is None:
+            ident = self.previous.get(key)
+            if ident is None:
+                while self._next in self.taken:
+                    self._next += 1
+                ident = self._next
+                self.taken.add(ident)
+            self.assigned[key] = ident
+        return ident
+
+    def fresh(self) -> int:
+        while self._next in self.taken:
+            self._next += 1
+        self.taken.add(self._next)
+        return self._next
+
+
+class _Selectors:
+    """Selector evaluation over groups of pods with equal namespace and
+    labels, through inverted indexes (set operations instead of one label
+    match per pod and selector)."""
+
+    def __init__(self, cluster: Cluster, pods: dict[int, Pod], local: set[int]) -> None:
+        self.cluster = cluster
+        groups: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
+        self.members: list[list[int]] = []  # group -> pod addresses
+        self.local: list[list[int]] = []  # group -> local pod addresses
+        self.by_label: dict[tuple[str, str], set[int]] = defaultdict(set)
+        self.by_key: dict[str, set[int]] = defaultdict(set)
+        self.by_ns: dict[str, set[int]] = defaultdict(set)
+        for ip, pod in pods.items():
+            gkey = (pod.namespace, pod.labels)
+            gid = groups.get(gkey)
+            if gid is None:
+                gid = groups[gkey] = len(self.members)
+                self.members.append([])
+                self.local.append([])
+                self.by_ns[pod.namespace].add(gid)
+                for k, v in pod.labels:
+                    self.by_label[(k, v)].add(gid)
+                    self.by_key[k].add(gid)
+            self.members[gid].append(ip)
+            if ip in local:
+                self.local[gid].append(ip)
+        self._ns_labels = {ns: namespace_labels(cluster, ns)
+                           for ns in set(cluster.namespaces) | set(self.by_ns)}
+        self._peer_cache: dict[PeerKey, set[int]] = {}
+
+    def select(self, sel: LabelSelector, universe: set[int]) -> set[int]:
+        out = set(universe)
+        for kv in sel.match_labels:
+            out &= self.by_label.get(kv, set())
+        for req in sel.match_expressions:
+            if req.operator in ("In", "NotIn"):
+                hit: set[int] = set()
+                for v in req.values:
+                    hit |= self.by_label.get((req.key, v), set())
+                if req.operator == "In":
+                    out &= hit
+                else:
+                    out -= hit
+            elif req.operator == "Exists":
+                out &= self.by_key.get(req.key, set())
+            else:
+                out -= self.by_key.get(req.key, set())
+        return out
+
+    def in_namespaces(self, sel: LabelSelector) -> set[int]:
+        out: set[int] = set()
+        for ns, labels in self._ns_labels.items():
+            if sel.matches(labels):
+                out |= self.by_ns.get(ns, set())
+        return out
+
+    def peer(self, key: PeerKey) -> set[int]:
+        found = self._peer_cache.get(key)
+        if found is None:
+            ns, nss, ps = key
+            universe = (self.by_ns.get(ns, set()) if ns is not None
+                        else self.in_namespaces(nss or LabelSelector()))
+            found = universe if ps is None else self.select(ps, universe)
+            self._peer_cache[key] = found
+        return found
+
+
+class _Blocks:
+    """ipBlocks indexed by prefix length: which contain an address or a
+    prefix, excepts applied."""
+
+    def __init__(self, blocks: Iterable[IPBlock]) -> None:
+        self.cidrs: dict[int, dict[int, list[IPBlock]]] = defaultdict(lambda: defaultdict(list))
+        self.excepts: dict[int, dict[int, list[IPBlock]]] = defaultdict(lambda: defaultdict(list))
+        self.prefixes: set[Prefix] = set()
+        for b in blocks:
+            p = _prefix(b.cidr)
+            if p is None:
+                continue
+            self.cidrs[p[1]][p[0]].append(b)
+            self.prefixes.add(p)
+            for e in b.excepts:
+                q = _prefix(e)
+                assert q is not None
+                self.excepts[q[1]][q[0]].append(b)
+                self.prefixes.add(q)
+        self.cidr_lens = sorted(self.cidrs)
+        self.except_lens = sorted(self.excepts)
+
+    def containing(self, net: int, plen: int) -> frozenset[IPBlock]:
+        found: set[IPBlock] = set()
+        for length in self.cidr_lens:
+            if length > plen:
+                break
+            found.update(self.cidrs[length].get(net & mask(length), ()))
+        if found:
+            for length in self.except_lens:
+                if length > plen:
+                    break
+                found.difference_update(self.excepts[length].get(net & mask(length), ()))
+        return frozenset(found)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """A rule of one policy and direction, its peers resolved to identities."""
+
+    targets: frozenset[int] | None  # None: every peer
+    numeric: tuple[tuple[int, int, int], ...]  # (proto, lo, hi)
+    named: tuple[tuple[str, str], ...]  # (name, protocol)
+
+
+Tagged = tuple[int, int, int, int, int]  # (rank, proto, lo, hi, policy id)
+
+
+def normalize(tagged: Iterable[Tagged]) -> tuple[PortRange, ...]:
+    """Disjoint ranges, each credited to the first-ranked policy covering
+    it: the specific protocols first, sorted, then the any-protocol range
+    (if any), so that the first match gives the best-ranked policy. Ranges
+    ranked after the any-protocol one add nothing and are dropped."""
+    items = set(tagged)
+    anys = [(rank, pid) for rank, proto, _, _, pid in items if proto == PROTO_ANY]
+    any_best = min(anys) if anys else None
+    by_proto: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
+    for rank, proto, lo, hi, pid in items:
+        if proto != PROTO_ANY and (any_best is None or rank < any_best[0]):
+            by_proto[proto].append((lo, hi, rank, pid))
+    out: list[PortRange] = []
+    for proto in sorted(by_proto):
+        ivs = sorted(by_proto[proto])
+        # Sweep the elementary intervals between boundaries, keeping the
+        # intervals that cover the current one in a heap by rank.
+        points = sorted({lo for lo, _, _, _ in ivs} | {hi + 1 for _, hi, _, _ in ivs})
+        active: list[tuple[int, int, int]] = []  # (rank, hi, pid)
+        i = 0
+        for x, nxt in itertools.pairwise(points):
+            while i < len(ivs) and ivs[i][0] <= x:
+                lo, hi, rank, pid = ivs[i]
+                heapq.heappush(active, (rank, hi, pid))
+                i += 1
+            while active and active[0][1] < x:
+                heapq.heappop(active)
+            if not active:
+                continue
+            pid = active[0][2]
+            last = out[-1] if out else None
+            if last and last.proto == proto and last.policy == pid and last.hi + 1 == x:
+                out[-1] = PortRange(proto, last.lo, nxt - 1, pid)
+            else:
+                out.append(PortRange(proto, x, nxt - 1, pid))
+    if any_best is not None:
+        out.append(PortRange(PROTO_ANY, 0, 65535, any_best[1]))
+    return tuple(out)
+
+
+# --- the compiler ------------------------------------------------------------------
+
+
+def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None = None,
+                   limits: Limits = Limits()) -> CompiledPolicy:
+    """This node's policy maps. Local pods are the pods whose nodeName is
+    node.name (every pod when node.name is None: a one-node view); their
+    ingress and egress are enforced here. node.ips and node.hairpin_ip are
+    the sources this node's pods always accept (the API exempts the pod's
+    node; the hairpin source is a pod reaching itself)."""
+    prev = previous or CompiledPolicy(PolicyMaps())
+    pods = pods_by_ip(cluster.pods.values())
+    local = {ip for ip, pod in pods.items() if node.name is None or pod.node_name == node.name}
+    ranked = sorted(cluster.policies.values(), key=lambda p: (p.namespace, p.name))
+    sel = _Selectors(cluster, pods, local)
+
+    # Which policies isolate which local pods, best-ranked first.
+    isolating: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for rank, pol in enumerate(ranked):
+        groups = sel.select(pol.pod_selector, sel.by_ns.get(pol.namespace, set()))
+        members = [ip for g in groups for ip in sel.local[g]]
+        if not members:
+            continue
+        for direction, ptype in POLICY_TYPES.items():
+            if ptype in pol.policy_types:
+                for ip in members:
+                    isolating[(ip, direction)].append(rank)
+    relevant = sorted({r for ranks in isolating.values() for r in ranks})
+
+    # What the relevant rules name: selector peers, ipBlocks, and the port
+    # names egress rules look up in the pods their peers match (a pod's
+    # numbers for names no rule asks of it must not split its class).
+    peer_keys: set[PeerKey] = set()
+    blocks: set[IPBlock] = set()
+    names_of_any: set[tuple[str, str]] = set()
+    names_of: dict[PeerKey | IPBlock, set[tuple[str, str]]] = defaultdict(set)
+    for rank in relevant:
+        pol = ranked[rank]
+        for direction, ptype in POLICY_TYPES.items():
+            for rule in pol.rules(ptype):
+                asked = ({(p.port, p.protocol) for p in rule.ports if isinstance(p.port, str)}
+                         if direction == EGRESS else set())
+                if asked and not rule.peers:
+                    names_of_any |= asked
+                for peer in rule.peers:
+                    if peer.ip_block is not None:
+                        blocks.add(peer.ip_block)
+                        names_of[peer.ip_block] |= asked
+                    else:
+                        pkey = _peer_key(pol, peer)
+                        peer_keys.add(pkey)
+                        names_of[pkey] |= asked
+
+    # The class of every address that has an entry.
+    pod_selectors: dict[int, list[PeerKey]] = defaultdict(list)
+    for key in peer_keys:
+        for g in sel.peer(key):
+            for ip in sel.members[g]:
+                pod_selectors[ip].append(key)
+    bidx = _Blocks(blocks)
+    entries: dict[Prefix, tuple[PeerClass, int]] = {
+        p: (PeerClass(blocks=bidx.containing(*p)), 0) for p in bidx.prefixes
+    }
+    for ip, pod in pods.items():
+        keys = frozenset(pod_selectors.get(ip, ()))
+        pod_blocks = bidx.containing(ip, 32)
+        named: frozenset[NamedPort] = frozenset()
+        if pod.ports:
+            wanted = set(names_of_any)
+            for k in keys:
+                wanted |= names_of.get(k, set())
+            for b in pod_blocks:
+                wanted |= names_of.get(b, set())
+            named = frozenset((c.name, c.protocol, c.port) for c in pod.ports
+                              if (c.name, c.protocol) in wanted)
+        entries[(ip, 32)] = (PeerClass(keys, pod_blocks, named), 0)
+    for host in (*node.ips, node.hairpin_ip):
+        try:
+            hip = ip_int(host)
+        except ValueError:
+            continue  # an IPv6 node address
+        cls, _ = entries.get((hip, 32), (PeerClass(blocks=bidx.containing(hip, 32)), 0))
+        entries[(hip, 32)] = (cls, PEER_HOST)
+
+    # Keep a prefix only where it changes the answer of the prefix above it.
+    lengths = sorted({plen for _, plen in entries}, reverse=True)
+    kept: dict[Prefix, tuple[PeerClass, int]] = {}
+    for (net, plen), value in entries.items():
+        above: tuple[PeerClass, int] = (EMPTY_CLASS, 0)
+        for length in lengths:
+            if length < plen:
+                hit = entries.get((net & mask(length), length))
+                if hit is not None:
+                    above = hit
+                    break
+        if value != above:
+            kept[(net, plen)] = value
+
+    identity_ids = _Ids(prev.identities)
+    identity_ids.assigned[EMPTY_CLASS] = IDENTITY_ANY
+    ipcache = {p: PeerEntry(identity_ids.get(cls), flags) for p, (cls, flags) in kept.items()}
+    identities = dict(identity_ids.assigned)
+    by_selector: dict[PeerKey, set[int]] = defaultdict(set)
+    by_block: dict[IPBlock, set[int]] = defaultdict(set)
+    by_name: dict[tuple[str, str], dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    for cls, ident in identities.items():
+        for key in cls.selectors:
+            by_selector[key].add(ident)
+        for b in cls.blocks:
+            by_block[b].add(ident)
+        for name, proto, number in cls.named_ports:
+            by_name[(name, proto)][ident].add(number)
+
+    policy_ids = _Ids(prev.policy_ids)
+    pids = {rank: policy_ids.get(ranked[rank].key) for rank in relevant}
+
+    # Each relevant policy's rules, peers resolved to identities.
+    prepared: dict[tuple[int, int], list[_Rule]] = {}
+    for rank in relevant:
+        pol = ranked[rank]
+        for direction, ptype in POLICY_TYPES.items():
+            rules = []
+            for rule in pol.rules(ptype):
+                targets: frozenset[int] | None = None
+                if rule.peers:
+                    found: set[int] = set()
+                    for peer in rule.peers:
+                        if peer.ip_block is not None:
+                            found |= by_block.get(peer.ip_block, set())
+                        else:
+                            found |= by_selector.get(_peer_key(pol, peer), set())
+                    targets = frozenset(found)
+                numeric: list[tuple[int, int, int]] = []
+                names: list[tuple[str, str]] = []
+                for p in rule.ports:
+                    proto = proto_number(p.protocol)
+                    if p.port is None:
+                        numeric.append((proto, 0, 65535))
+                    elif isinstance(p.port, int):
+                        numeric.append((proto, p.port, p.end_port or p.port))
+                    else:
+                        names.append((p.port, p.protocol))
+                if not rule.ports:
+                    numeric.append((PROTO_ANY, 0, 65535))
+                rules.append(_Rule(targets, tuple(numeric), tuple(names)))
+            prepared[(rank, direction)] = rules
+    ingress_named = {rank for rank in relevant
+                     if any(r.named for r in prepared[(rank, INGRESS)])}
+
+    slots = _Ids({}, reserved=(0, *prev.maps.portsets))
+    portsets: dict[int, PortSet] = {}
+    portset_slots: dict[tuple[PortRange, ...], tuple[int, ...]] = {}
+    errors: list[str] = []
+
+    def intern(ranges: tuple[PortRange, ...], where: str) -> int:
+        """The first slot of a port set, stored once however many rules use it."""
+        chain = portset_slots.get(ranges)
+        if chain is None:
+            limit = PORTS_PER_SET * MAX_CHAIN
+            if len(ranges) > limit:
+                # Fail closed: the ranges past the limit are not allowed.
+                errors.append(f"{where}: {len(ranges)} port ranges, only {limit} kept")
+                ranges_kept = ranges[:limit]
+            else:
+                ranges_kept = ranges
+            chunks = [ranges_kept[i:i + PORTS_PER_SET]
+                      for i in range(0, len(ranges_kept), PORTS_PER_SET)]
+            chain = prev.portset_slots.get(ranges) or tuple(slots.fresh() for _ in chunks)
+            for i, chunk in enumerate(chunks):
+                nxt = chain[i + 1] if i + 1 < len(chain) else 0
+                portsets[chain[i]] = PortSet(chunk, nxt)
+            portset_slots[ranges] = chain
+        return chain[0]
+
+    # Rules: per local pod and direction, cached by what they depend on.
+    rules_out: dict[RuleKey, int] = {}
+    endpoints: dict[int, EndpointEntry] = {}
+    cache: dict[Any, tuple[int | None, dict[int, int]]] = {}
+    for ip in sorted(local):
+        pod = pods[ip]
+        flags, blame = 0, {INGRESS: 0, EGRESS: 0}
+        for direction in (INGRESS, EGRESS):
+            ranks = isolating.get((ip, direction))
+            if not ranks:
+                continue
+            flags |= ISOLATED[direction]
+            blame[direction] = pids[ranks[0]]
+            ports_key = (pod.ports if direction == INGRESS
+                         and any(r in ingress_named for r in ranks) else ())
+            ckey = (direction, tuple(ranks), ports_key)
+            compiled = cache.get(ckey)
+            if compiled is None:
+                where = f"{pod.key} {DIRECTION_NAMES[direction]}"
+                compiled = _pod_rules(direction, ranks, pids, prepared, pod, by_name,
+                                      functools.partial(intern, where=where))
+                cache[ckey] = compiled
+            any_slot, per_identity = compiled
+            if any_slot is not None:
+                rules_out[(ip, IDENTITY_ANY, direction)] = any_slot
+            for ident, slot in per_identity.items():
+                rules_out[(ip, ident, direction)] = slot
+        if flags:
+            endpoints[ip] = EndpointEntry(flags, blame[INGRESS], blame[EGRESS])
+
+    maps = PolicyMaps(
+        endpoints=endpoints,
+        ipcache=ipcache,
+        rules=rules_out,
+        portsets=portsets,
+        policies={pid: ranked[rank].key for rank, pid in pids.items()},
+    )
+    for what, count, limit in (("endpoints", len(endpoints), limits.endpoints),
+                               ("ipcache entries", len(ipcache), limits.ipcache),
+                               ("rules", len(rules_out), limits.rules)):
+        if count > limit:
+            errors.append(f"{count} {what}, the map holds {limit}")
+    if portsets and max(portsets) >= limits.portsets:
+        errors.append(f"port-set slot {max(portsets)} beyond the {limits.portsets} slots")
+    if pids and max(pids.values()) >= limits.policies:
+        errors.append(f"policy id {max(pids.values())} beyond the {limits.policies} ids")
+    return CompiledPolicy(
+        maps=maps,
+        node_name=node.name,
+        local_pods={ip: pods[ip].key for ip in local},
+        pods={ip: pod.key for ip, pod in pods.items()},
+        identities=identities,
+        portset_slots=portset_slots,
+        policy_ids={ranked[rank].key: pid for rank, pid in pids.items()},
+        errors=tuple(errors),
+    )
+
+
+def compile_incremental(previous: CompiledPolicy, cluster: Cluster, node: Node,
+                        limits: Limits = Limits()) -> tuple[CompiledPolicy, PolicyDiff]:
+    """The next compile, numbered after `previous`, and the changes that
+    turn the maps of `previous` into it (apply them in `steps()` order)."""
+    new = compile_policy(cluster, node, previous, limits)
+    return new, diff(previous.maps, new.maps)
+
+
+def _pod_rules(direction: int, ranks: list[int], pids: dict[int, int],
+               prepared: dict[tuple[int, int], list[_Rule]], pod: Pod,
+               by_name: dict[tuple[str, str], dict[int, set[int]]],
+               intern: Callable[[tuple[PortRange, ...]], int]
+               ) -> tuple[int | None, dict[int, int]]:
+    """The port-set slots of one local pod's direction: for identity 0 (the
+    rules for every peer; None when there are none) and for each identity
+    whose ports differ from those."""
+    any_tagged: list[Tagged] = []
+    per_identity: dict[int, list[Tagged]] = defaultdict(list)
+    for rank in ranks:
+        pid = pids[rank]
+        for rule in prepared[(rank, direction)]:
+            tagged = [(rank, proto, lo, hi, pid) for proto, lo, hi in rule.numeric]
+            if direction == INGRESS:
+                # Named ports of the destination: this pod.
+                tagged += [(rank, proto_number(c.protocol), c.port, c.port, pid)
+                           for name, proto in rule.named for c in pod.ports
+                           if c.name == name and c.protocol == proto]
+            if rule.targets is None:
+                any_tagged += tagged
+            else:
+                for ident in rule.targets:
+                    per_identity[ident] += tagged
+            if direction == EGRESS:
+                # Named ports of the destination: the remote pods.
+                for name, proto in rule.named:
+                    for ident, numbers in by_name.get((name, proto), {}).items():
+                        if rule.targets is None or ident in rule.targets:
+                            per_identity[ident] += [(rank, proto_number(proto), n, n, pid)
+                                                    for n in numbers]
+    base = normalize(any_tagged)
+    any_slot = intern(base) if base else None
+    out: dict[int, int] = {}
+    for ident, tagged in per_identity.items():
+        if not tagged:
+            continue
+        ranges = normalize(tagged + any_tagged)
+        if ranges != base:
+            out[ident] = intern(ranges)
+    return any_slot, out
+
+
+# --- applying a change --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MapChanges:
+    put: dict[Any, Any] = field(default_factory=dict)
+    delete: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicyDiff:
+    """What turns the maps of one compile into those of the next. Apply in
+    `steps()` order: new port sets, then rules, ipcache and endpoints that
+    point to them, then removals in reverse. Since a number that changes
+    meaning is never reused within one compile, every packet meanwhile sees
+    the old or the new decision for its lookup. Removing a port-set slot
+    means writing zeros (it is an array)."""
+
+    portsets: MapChanges
+    rules: MapChanges
+    ipcache: MapChanges
+    endpoints: MapChanges
+    policies: dict[int, str] = field(default_factory=dict)  # the new names, whole
+
+    def steps(self) -> Iterator[tuple[str, str, Any, Any]]:
+        """(map name, "put" | "delete", key, value or None), in a safe order."""
+        from lb.policy.encode import MAP_ENDPOINTS, MAP_IPCACHE, MAP_PORTSETS, MAP_RULES
+
+        order = ((MAP_PORTSETS, self.portsets), (MAP_RULES, self.rules),
+                 (MAP_IPCACHE, self.ipcache), (MAP_ENDPOINTS, self.endpoints))
+        for name, ch in order:
+            for k, v in ch.put.items():
+                yield name, "put", k, v
+        for name, ch in reversed(order):
+            for k in ch.delete:
+                yield name, "delete", k, None
+
+    def __len__(self) -> int:
+        return sum(len(c.put) + len(c.delete)
+                   for c in (self.portsets, self.rules, self.ipcache, self.endpoints))
+
+
+def _changes(old: dict[Any, Any], new: dict[Any, Any]) -> MapChanges:
+    return MapChanges(
+        put={k: v for k, v in new.items() if old.get(k) != v},
+        delete=tuple(k for k in old if k not in new),
+    )
+
+
+def diff(old: PolicyMaps, new: PolicyMaps) -> PolicyDiff:
+    return PolicyDiff(
+        portsets=_changes(old.portsets, new.portsets),
+        rules=_changes(old.rules, new.rules),
+        ipcache=_changes(old.ipcache, new.ipcache),
+        endpoints=_changes(old.endpoints, new.endpoints),
+        policies=dict(new.policies),
+    )
+
+
+def apply(maps: PolicyMaps, change: PolicyDiff) -> PolicyMaps:
+    """`maps` with `change` applied (what the kernel maps hold afterwards)."""
+    out: dict[str, dict[Any, Any]] = {
+        "portsets": dict(maps.portsets), "rules": dict(maps.rules),
+        "ipcache": dict(maps.ipcache), "endpoints": dict(maps.endpoints),
+    }
+    for name in out:
+        ch: MapChanges = getattr(change, name)
+        for k in ch.delete:
+            out[name].pop(k, None)
+        out[name].update(ch.put)
+    return PolicyMaps(endpoints=out["endpoints"], ipcache=out["ipcache"], rules=out["rules"],
+                      portsets=out["portsets"], policies=dict(change.policies))
