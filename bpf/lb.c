@@ -219,15 +219,17 @@ int tc_lb_from_pod(struct __sk_buff *skb)
 	/* Egress policy of the sending pod, on the translated flow. Replies of
 	 * service flows (reverse NAT) belong to a connection judged already. */
 	if (reason != LB_STAT_REVNAT && lb_policed(reason)) {
-		struct lb_flow f = { p.saddr, p.daddr, p.sport, p.dport, p.proto };
+		struct lb_flow front = { p.saddr, p.daddr, p.sport, p.dport, p.proto };
+		struct lb_flow f = front;
+		int dnat = reason == LB_STAT_DNAT_NEW || reason == LB_STAT_DNAT_ESTABLISHED;
 
-		if (reason == LB_STAT_DNAT_NEW || reason == LB_STAT_DNAT_ESTABLISHED) {
+		if (dnat) {
 			f.saddr = n.saddr;
 			f.sport = n.sport;
 			f.daddr = n.daddr;
 			f.dport = n.dport;
 		}
-		if (lb_policy(&f, p.saddr, LB_POL_EGRESS, p.tcp_flags, p.len))
+		if (lb_policy(&f, dnat ? &front : 0, p.saddr, LB_POL_EGRESS, p.tcp_flags, p.len))
 			reason = LB_STAT_DROP_POLICY;
 	}
 	lb_count(reason, p.len);
@@ -259,7 +261,7 @@ int tc_lb_to_pod(struct __sk_buff *skb)
 	f.sport = p.sport;
 	f.dport = p.dport;
 	f.proto = p.proto;
-	if (lb_policy(&f, p.daddr, LB_POL_INGRESS, p.tcp_flags, p.len)) {
+	if (lb_policy(&f, 0, p.daddr, LB_POL_INGRESS, p.tcp_flags, p.len)) {
 		lb_count(LB_STAT_DROP_POLICY, p.len);
 		return TC_ACT_SHOT;
 	}

@@ -59,6 +59,9 @@ class FrontendEntry:
     affinity_timeout: int
     backends: tuple[Backend, ...]
     source_ranges: tuple[str, ...] = ()
+    # Serving but terminating endpoints no new flow may choose: their
+    # established connections go on (as kube-proxy's conntrack lets them).
+    draining: tuple[Backend, ...] = ()
 
     @property
     def group(self) -> str:
@@ -139,6 +142,7 @@ def _service_entries(cluster: Cluster, svc: Service, node: Node) -> list[Fronten
         local_usable = _usable(local_eps, svc.publish_not_ready)
         cluster_set = _backends(all_usable, proto, node)
         local_set = _backends(local_usable, proto, node)
+        serving = _backends([(e, p) for e, p in eps if e.serving and e.terminating], proto, node)
 
         affinity = const("LB_SVC_AFFINITY") if svc.session_affinity else 0
 
@@ -155,6 +159,7 @@ def _service_entries(cluster: Cluster, svc: Service, node: Node) -> list[Fronten
                 affinity_timeout=svc.affinity_timeout if svc.session_affinity else 0,
                 backends=backends,
                 source_ranges=ranges if flags & const("LB_SVC_SOURCE_RANGES") else (),
+                draining=tuple(b for b in serving if b not in backends),
             )
 
         itp, etp = svc.internal_traffic_local, svc.external_traffic_local

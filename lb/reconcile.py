@@ -244,7 +244,7 @@ class Reconciler:
             gid = self.groups.get(e.group)
             if gid is None:
                 continue
-            for b in e.backends:
+            for b in (*e.backends, *e.draining):
                 key = (gid, b.ip, b.port, b.proto)
                 flags = _backend_flags(b)
                 have = self.backends.get(key)
@@ -333,7 +333,8 @@ class Reconciler:
         live_groups = {self.groups[e.group] for e in entries.values() if e.group in self.groups}
         wanted = {
             (self.groups[e.group], b.ip, b.port, b.proto)
-            for e in entries.values() if e.group in self.groups for b in e.backends
+            for e in entries.values() if e.group in self.groups
+            for b in (*e.backends, *e.draining)
         }
         for key in sorted(set(self.backends) - wanted):
             bid, _ = self.backends.pop(key)

@@ -49,6 +49,16 @@ LB_INLINE struct lb_ct_val *lb_ct_lookup(const struct lb_pkt *p, __u8 dir,
 	return v;
 }
 
+/* A SYN on a flow that has closed starts a new connection on the same
+ * 5-tuple (a client may reuse its port at once: the server holds the
+ * TIME_WAIT); it must be balanced afresh, not sent to the old backend. */
+LB_INLINE int lb_ct_reopened(const struct lb_ct_val *v, const struct lb_pkt *p)
+{
+	return p->proto == IPPROTO_TCP &&
+	       (p->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN &&
+	       (v->flags & (LB_CT_SEEN_FIN | LB_CT_SEEN_RST));
+}
+
 /* Note what this packet says about the flow's state, without a map update. */
 LB_INLINE void lb_ct_touch(struct lb_ct_val *v, const struct lb_pkt *p,
 			   __u64 now)

@@ -1,20 +1,38 @@
 /* NetworkPolicy on the fast path. A connection is judged on its first
  * packet, after service DNAT, so the policy sees the real backend; an
- * allowed connection is remembered in lb_ct under LB_CT_POLICY in both
- * directions, so its later packets and its replies pass on one lookup.
- * Only pods that some policy isolates have an endpoint entry: traffic of
- * every other pod costs one hash miss.
+ * allowed connection is remembered in lb_ct, so its later packets and its
+ * replies pass on one lookup. Only pods that some policy isolates have an
+ * endpoint entry: traffic of every other pod costs one hash miss.
  *
  * The decision (lb/policy/lookup.py is its reference): the local pod's
  * endpoint entry; the remote address's identity from the ipcache (an LPM
  * trie of pod /32s and ipBlock prefixes); the rule of (pod, identity,
  * direction), falling back to identity 0 (rules open to every peer); the
- * chain of port sets it names, first matching range allows. */
+ * chain of port sets it names, first matching range allows.
+ *
+ * What is remembered, per check, in its own key space: an entry only ever
+ * stands for the check that wrote it (a sender's egress verdict must not
+ * let the packet past the receiver's ingress check on the same node).
+ *   LB_CT_POLICY          tuples the egress check of their SOURCE passes
+ *   LB_CT_POLICY_INGRESS  tuples the ingress check of their DESTINATION passes
+ * A check that allows s -> d writes s -> d in its own space and the reply
+ * d -> s in the other (the same pod's other check). An egress check of a
+ * service flow also writes the reply as it arrives after reverse NAT
+ * (frontend -> client), since that is what the client's ingress check sees. */
 #ifndef LB_POLICY_H
 #define LB_POLICY_H
 
 #include "common.h"
 #include "conntrack.h"
+
+#ifndef LB_CT_POLICY_INGRESS
+#define LB_CT_POLICY_INGRESS (LB_CT_POLICY + 1)
+#endif
+
+LB_INLINE __u8 lb_pol_ct_dir(__u8 dir)
+{
+	return dir == LB_POL_INGRESS ? LB_CT_POLICY_INGRESS : LB_CT_POLICY;
+}
 
 /* The 5-tuple of a packet after translation, as policy sees it. */
 struct lb_flow {
@@ -25,7 +43,7 @@ struct lb_flow {
 	__u8  proto;
 };
 
-LB_INLINE struct lb_ct_key lb_pol_ct_key(const struct lb_flow *f, int reverse)
+LB_INLINE struct lb_ct_key lb_pol_ct_key(const struct lb_flow *f, int reverse, __u8 ct_dir)
 {
 	struct lb_ct_key k = {
 		.saddr = reverse ? f->daddr : f->saddr,
@@ -33,15 +51,15 @@ LB_INLINE struct lb_ct_key lb_pol_ct_key(const struct lb_flow *f, int reverse)
 		.sport = reverse ? f->dport : f->sport,
 		.dport = reverse ? f->sport : f->dport,
 		.proto = f->proto,
-		.dir = LB_CT_POLICY,
+		.dir = ct_dir,
 	};
 	return k;
 }
 
-/* A packet of a connection policy already allowed (either direction). */
-LB_INLINE int lb_pol_known(const struct lb_flow *f, __u8 tcp_flags, __u64 now)
+/* A packet of a connection this check (dir) already passed, either way. */
+LB_INLINE int lb_pol_known(const struct lb_flow *f, __u8 dir, __u8 tcp_flags, __u64 now)
 {
-	struct lb_ct_key k = lb_pol_ct_key(f, 0);
+	struct lb_ct_key k = lb_pol_ct_key(f, 0, lb_pol_ct_dir(dir));
 	struct lb_ct_val *v = lb_ct.lookup(&k);
 	struct lb_pkt p = { .proto = f->proto, .tcp_flags = tcp_flags };
 
@@ -51,7 +69,10 @@ LB_INLINE int lb_pol_known(const struct lb_flow *f, __u8 tcp_flags, __u64 now)
 	return 1;
 }
 
-LB_INLINE void lb_pol_remember(const struct lb_flow *f, __u64 now)
+/* `f` passed the check `dir`; `front` is the flow as the pod sent it when
+ * service DNAT changed it (0 otherwise). */
+LB_INLINE void lb_pol_remember(const struct lb_flow *f, const struct lb_flow *front,
+			       __u8 dir, __u64 now)
 {
 	struct lb_ct_val v = {
 		.created_ns = now,
@@ -59,11 +80,16 @@ LB_INLINE void lb_pol_remember(const struct lb_flow *f, __u64 now)
 		/* Judged once: an allowed flow lives as long as it talks. */
 		.flags = LB_CT_SEEN_REPLY,
 	};
-	struct lb_ct_key k = lb_pol_ct_key(f, 0);
+	__u8 other = dir == LB_POL_INGRESS ? LB_POL_EGRESS : LB_POL_INGRESS;
+	struct lb_ct_key k = lb_pol_ct_key(f, 0, lb_pol_ct_dir(dir));
 
 	lb_ct.update(&k, &v);
-	k = lb_pol_ct_key(f, 1);
+	k = lb_pol_ct_key(f, 1, lb_pol_ct_dir(other));
 	lb_ct.update(&k, &v);
+	if (front && (front->daddr != f->daddr || front->dport != f->dport)) {
+		k = lb_pol_ct_key(front, 1, lb_pol_ct_dir(other));
+		lb_ct.update(&k, &v);
+	}
 }
 
 /* Does the port-set chain starting at `slot` allow (proto, port)? */
@@ -134,9 +160,10 @@ LB_INLINE void lb_pol_count_drop(__u32 policy, __u32 bytes)
 }
 
 /* Policy for a packet of local pod `local` (the sender for egress, the
- * receiver for ingress). Returns 0 to pass, LB_STAT_DROP_POLICY to drop. */
-LB_INLINE int lb_policy(const struct lb_flow *f, __u32 local, __u8 dir,
-			__u8 tcp_flags, __u32 len)
+ * receiver for ingress); `front`: see lb_pol_remember. Returns 0 to pass,
+ * LB_STAT_DROP_POLICY to drop. */
+LB_INLINE int lb_policy(const struct lb_flow *f, const struct lb_flow *front, __u32 local,
+			__u8 dir, __u8 tcp_flags, __u32 len)
 {
 	struct lb_pol_endpoint *ep = lb_pol_endpoints.lookup(&local);
 	__u64 now;
@@ -145,7 +172,7 @@ LB_INLINE int lb_policy(const struct lb_flow *f, __u32 local, __u8 dir,
 	if (!ep)
 		return 0;
 	now = bpf_ktime_get_ns();
-	if (lb_pol_known(f, tcp_flags, now))
+	if (lb_pol_known(f, dir, tcp_flags, now))
 		return 0;
 	blame = lb_pol_judge(local, dir == LB_POL_INGRESS ? f->saddr : f->daddr,
 			     f->proto, f->dport, dir, ep);
@@ -153,7 +180,7 @@ LB_INLINE int lb_policy(const struct lb_flow *f, __u32 local, __u8 dir,
 		lb_pol_count_drop(blame, len);
 		return LB_STAT_DROP_POLICY;
 	}
-	lb_pol_remember(f, now);
+	lb_pol_remember(f, front, dir, now);
 	return 0;
 }
 

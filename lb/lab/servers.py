@@ -28,13 +28,16 @@ import argparse
 import contextlib
 import os
 import selectors
+import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 BACKLOG = 1024
 MAX_HEAD = 64 * 1024
 RECV_SIZE = 65536
+DRAIN_S = 2.0
 
 
 def reply_line(name: str, client_ip: str) -> bytes:
@@ -79,6 +82,25 @@ class _Loop:
     def __init__(self, watch_parent: bool) -> None:
         self.sel = selectors.DefaultSelector()
         self.parent = os.getppid() if watch_parent else 0
+        # SIGTERM drains, as a pod being terminated does: answers carry
+        # "Connection: close", and the server leaves once no connection is
+        # left (or after DRAIN_S).
+        self.draining = False
+        self.drain_deadline = 0.0
+        signal.signal(signal.SIGTERM, self._drain)
+
+    def _drain(self, signum: int, frame: object) -> None:
+        self.draining = True
+        self.drain_deadline = time.monotonic() + DRAIN_S
+        # No new connections from here on: the ones open finish.
+        for key in list(self.sel.get_map().values()):
+            if key.data[0] == "listen":
+                self.sel.unregister(key.fileobj)
+                key.fileobj.close()  # type: ignore[union-attr]
+
+    def _drained(self) -> bool:
+        conns = [k for k in self.sel.get_map().values() if k.data[0] == "conn"]
+        return not conns or time.monotonic() > self.drain_deadline
 
     # -- registration -------------------------------------------------------------------
     def add_listener(self, sock: socket.socket, on_accept: _Handler, on_data: _Handler) -> None:
@@ -158,10 +180,13 @@ class _Loop:
 
     def run(self) -> None:
         while True:
-            # Workers forked by a parent leave when it is gone instead of lingering.
-            if self.parent and os.getppid() != self.parent:
+            # Workers forked by a parent leave when it is gone instead of
+            # lingering (a draining one finishes draining first).
+            if self.parent and os.getppid() != self.parent and not self.draining:
                 return
-            for key, mask in self.sel.select(timeout=1.0):
+            if self.draining and self._drained():
+                return
+            for key, mask in self.sel.select(timeout=0.1 if self.draining else 1.0):
                 data = key.data
                 if data[0] == "listen":
                     self._accept(key.fileobj, data[1], data[2])  # type: ignore[arg-type]
@@ -204,7 +229,7 @@ def _http_response(status: str, body: bytes, extra: Sequence[tuple[str, str]],
     return out if head_only else out + body
 
 
-def _http_handler(name: str) -> _Handler:
+def _http_handler(name: str, loop: _Loop) -> _Handler:
     def on_data(conn: _Conn) -> None:
         # Several requests may be pipelined in one read: answer them in order.
         while not conn.close_after_flush:
@@ -242,6 +267,7 @@ def _http_handler(name: str) -> _Handler:
                 keep_alive = "keep-alive" in connection
             else:
                 keep_alive = "close" not in connection
+            keep_alive = keep_alive and not loop.draining
             ip, port = conn.peer
             conn.outbuf += _http_response(
                 "200 OK", reply_line(name, ip),
@@ -311,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_accept: _Handler = _nothing
         on_data: _Handler = _echo
         if args.mode == "http":
-            on_data = _http_handler(name)
+            on_data = _http_handler(name, loop)
         elif args.greet:
             on_accept = _greeter(name, loop)
         for sock in listeners:
