@@ -148,7 +148,8 @@ def _service_entries(cluster: Cluster, svc: Service, node: Node) -> list[Fronten
 
         def entry(ip: str, port_no: int, scope: int, kind: int, local: bool,
                   backends: tuple[Backend, ...], port: ServicePort = port,
-                  proto: int = proto, affinity: int = affinity) -> FrontendEntry:
+                  proto: int = proto, affinity: int = affinity,
+                  serving: tuple[Backend, ...] = serving) -> FrontendEntry:
             flags = affinity | kind | (const("LB_SVC_LOCAL_ONLY") if local else 0)
             ranges = svc.load_balancer_source_ranges
             return FrontendEntry(
