@@ -2,7 +2,8 @@
 PY := .venv/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup demo test test-unit test-packet test-e2e lint fuzz bench bench-quick k8s clean
+.PHONY: setup demo test test-unit test-packet test-e2e test-cluster test-differential lint fuzz \
+	bench bench-quick k8s clean
 
 setup:
 	@bash tools/setup.sh
@@ -25,6 +26,21 @@ test-e2e: setup
 lint: setup
 	.venv/bin/ruff check lb loader tests
 	.venv/bin/mypy --strict lb loader
+
+test-cluster: setup k8s
+	$(PYTEST) -q tests/cluster
+
+# A million packets through both datapaths (Hypothesis profile "fuzz").
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(PYTEST) -q tests/differential
+
+# Every benchmark at full scale (about 25 minutes); writes bench/results and bench/RESULTS.md.
+bench: setup
+	$(PY) -m bench
+
+# Every row at the smallest scale, in under 5 minutes.
+bench-quick: setup
+	$(PY) -m bench --quick
 
 k8s: setup
 	@bash tools/k8s-build.sh >/dev/null
