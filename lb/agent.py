@@ -17,25 +17,40 @@ import argparse
 import logging
 import select
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lb import desired
-from lb.attach import Attachments, attach_tc, attach_xdp, detach_all
+from lb.attach import CLSACT_EGRESS, Attachments, attach_tc, attach_xdp, detach_all
 from lb.healthcheck import HealthServers, health_checks
-from lb.instance import DEFAULT_INSTANCE, Sizes, pin_dir_of, reconciler_for
+from lb.instance import (
+    DEFAULT_INSTANCE,
+    Sizes,
+    pin_dir_of,
+    policy_writer_for,
+    reconciler_for,
+)
+from lb.kube import DEFAULT_RESYNC_PERIOD, ConfigError, KubeSource, kubeconfig_path
 from lb.manifests import ManifestError, load
 from lb.model import Cluster
+from lb.netns import iproute, write_sysctl
 from loader.build import Datapath, remove_pins
+
+if TYPE_CHECKING:
+    from lb.metrics import Metrics
 
 log = logging.getLogger("lbctl.agent")
 
 POD_PROGRAM = "tc_lb_from_pod"
+TO_POD_PROGRAM = "tc_lb_to_pod"
 NODE_PROGRAM = "xdp_lb_external"
+# A sync that raised is retried with the same cluster after this long.
+SYNC_RETRY_DELAY = 1.0
 
 
 @dataclass
@@ -45,6 +60,7 @@ class FileSource:
     paths: list[Path]
     _stamp: tuple[tuple[int, int, int], ...] | None = None
     last_good: Cluster = field(default_factory=Cluster)
+    errors: tuple[ManifestError, ...] = ()
 
     def _current(self) -> tuple[tuple[int, int, int], ...]:
         # The inode too: an editor's or kubectl's atomic replace within one
@@ -72,16 +88,19 @@ class FileSource:
             return None
         for err in result.errors:
             log.error("skipped: %s", err)
+        self.errors = result.errors
         self.last_good = result.cluster
         return result.cluster
 
 
 class LinkWatcher(threading.Thread):
-    """Calls `on_veth(name)` for each veth that exists or appears."""
+    """Calls `on_veth(name)` for each veth that exists or appears in `netns`."""
 
-    def __init__(self, ignore: set[str], on_veth: Callable[[str], None]) -> None:
+    def __init__(self, ignore: set[str], on_veth: Callable[[str], None],
+                 netns: str | None = None) -> None:
         super().__init__(name="link-watcher", daemon=True)
         self.ignore = ignore
+        self.netns = netns
         self.on_veth = on_veth
         self.stop = threading.Event()
 
@@ -93,18 +112,14 @@ class LinkWatcher(threading.Thread):
         return name if kind == "veth" and isinstance(name, str) else None
 
     def existing(self) -> None:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
+        with iproute(self.netns) as ipr:
             for msg in ipr.get_links():
                 name = self._veth_name(msg)
                 if name and name not in self.ignore:
                     self.on_veth(name)
 
     def run(self) -> None:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
+        with iproute(self.netns) as ipr:
             ipr.bind()
             while not self.stop.is_set():
                 ready, _, _ = select.select([ipr], [], [], 0.5)
@@ -118,13 +133,13 @@ class LinkWatcher(threading.Thread):
                         self.on_veth(name)
 
 
-def allow_local_source() -> None:
+def allow_local_source(netns: str | None) -> None:
     """A NodePort reply is reverse-translated at tc ingress on the backend's
     veth, so it enters routing with the node's own address as its source;
     the kernel drops such packets as martians unless accept_local is set
     ("all" counts for every device, bridges included). kube-proxy likewise
     sets route_localnet for its NodePorts."""
-    Path("/proc/sys/net/ipv4/conf/all/accept_local").write_text("1")
+    write_sysctl(netns, "net/ipv4/conf/all/accept_local", "1")
 
 
 class Agent:
@@ -135,24 +150,33 @@ class Agent:
         self.node = node_from_args(args)
         self.ifaces: list[str] = list(args.iface or [])
         self.min_sync = float(args.min_sync_period)
-        self.source = FileSource([Path(f) for f in args.file])
+        self.source: FileSource | KubeSource = (
+            KubeSource.from_args(args) if args.kubernetes
+            else FileSource([Path(f) for f in args.file]))
+        from lb.metrics import Metrics  # prometheus_client: not for every lbctl command
+
+        self.metrics: Metrics = Metrics()
+        self.metrics_addr: str | None = args.metrics_addr
+        self._retry: Cluster | None = None
         self.netns: str | None = args.netns
         self.sizes = Sizes()
         self.stopping = threading.Event()
         self.attachments = Attachments(netns=self.netns)
-        self.health = HealthServers()
+        self.health = HealthServers(netns=self.netns)
         self._tc_lock = threading.Lock()
 
     def _attach_veth(self, dev: str) -> None:
-        from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
         with self._tc_lock:
             if dev in self.attachments.tc:
                 return
             try:
-                with IPRoute() as ipr:
+                with iproute(self.netns) as ipr:
                     attach_tc(ipr, dev, self.dp.prog_fd(POD_PROGRAM), POD_PROGRAM)
+                    # Egress of the host-side veth is what enters the pod.
+                    attach_tc(ipr, dev, self.dp.prog_fd(TO_POD_PROGRAM), TO_POD_PROGRAM,
+                              CLSACT_EGRESS)
             except (LookupError, NetlinkError) as e:
                 log.warning("pod device %s: not attached: %s", dev, e)
                 return
@@ -160,39 +184,63 @@ class Agent:
             self.attachments.save(self.instance)
             log.info("attached %s to pod device %s", POD_PROGRAM, dev)
 
-    def sync(self, cluster: Cluster) -> None:
+    def sync(self, cluster: Cluster) -> bool:
+        """Program the maps for `cluster`; False (counted, logged) if it raised."""
+        kube = self.source if isinstance(self.source, KubeSource) else None
         start = time.monotonic()
-        state = desired.compute(cluster, self.node)
-        res = self.reconciler.sync(state)
-        self.health.update(health_checks(cluster, state))
-        took = (time.monotonic() - start) * 1000
+        try:
+            node = kube.node(self.node) if kube else self.node
+            state = desired.compute(cluster, node)
+            res = self.reconciler.sync(state)
+            res.errors += self.policy.sync(cluster, node)
+            self.health.update(health_checks(cluster, state))
+        except Exception:
+            log.exception("sync failed; retrying in %.0f s", SYNC_RETRY_DELAY)
+            self.metrics.sync_failed(time.monotonic() - start)
+            return False
+        took = time.monotonic() - start
+        self.metrics.synced(took, res, state, self.reconciler)
+        self.metrics.refused(self.source.errors)
+        if kube:
+            self.metrics.programmed(kube.programmed())
         log.info("synced %d frontends in %.1f ms: %d added, %d updated, %d removed, "
-                 "%d backends added, %d removed, %d errors", len(state.entries), took,
+                 "%d backends added, %d removed, %d errors", len(state.entries), took * 1000,
                  res.added, res.updated, res.removed, res.backends_added,
                  res.backends_removed, len(res.errors))
+        return True
 
     def run(self) -> int:
-        if self.netns:
-            from pyroute2 import netns
+        # The process stays in its own namespace (its API and metrics sockets
+        # live there); only netlink, sysctls and node-facing listeners are
+        # made inside the node's namespace.
+        from lb.metrics import MetricsServer
 
-            netns.setns(self.netns)  # before any thread: they inherit it
-        allow_local_source()
+        server = MetricsServer(self.metrics, self.metrics_addr) if self.metrics_addr else None
+        if isinstance(self.source, KubeSource):
+            self.metrics.watch_source(self.source)
+            self.source.start()  # the first lists run while the programs compile
+        allow_local_source(self.netns)
         self.dp = Datapath(self.sizes.options(pin_dir_of(self.instance)))
         self.reconciler = reconciler_for(self.dp)
         found = self.reconciler.recover()
+        self.policy = policy_writer_for(self.dp)
+        self.policy.recover()
         log.info("loaded the datapath; pinned maps in %s held %d service entries",
                  self.dp.opts.pin_dir, found)
+        self.metrics.datapath_loaded(self.dp.opts.pin_dir)
         cluster = self.source.poll()
-        self.sync(cluster if cluster is not None else Cluster())
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
+        # The API source offers nothing before every kind is listed: syncing
+        # an empty cluster then would wipe the maps a previous agent left.
+        if cluster is not None or isinstance(self.source, FileSource):
+            cluster = cluster if cluster is not None else Cluster()
+            self._retry = None if self.sync(cluster) else cluster
+        with iproute(self.netns) as ipr:
             for dev in self.ifaces:
                 mode = attach_xdp(ipr, dev, self.dp.prog_fd(NODE_PROGRAM))
                 self.attachments.xdp[dev] = mode
                 log.info("attached %s to node device %s (%s)", NODE_PROGRAM, dev, mode)
         self.attachments.save(self.instance)
-        watcher = LinkWatcher(set(self.ifaces) | {"lo"}, self._attach_veth)
+        watcher = LinkWatcher(set(self.ifaces) | {"lo"}, self._attach_veth, self.netns)
         watcher.existing()
         watcher.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -200,23 +248,53 @@ class Agent:
         log.info("ready")
         last_sync = time.monotonic()
         while not self.stopping.wait(0.1):
+            self.metrics.tick()
             if time.monotonic() - last_sync < self.min_sync:
                 continue
             cluster = self.source.poll()
+            if cluster is None:
+                cluster = self._retry
             if cluster is not None:
-                self.sync(cluster)
-                last_sync = time.monotonic()
+                ok = self.sync(cluster)
+                self._retry = None if ok else cluster
+                last_sync = time.monotonic() + (0 if ok else SYNC_RETRY_DELAY)
         watcher.stop.set()
         self.health.close()
+        if isinstance(self.source, KubeSource):
+            self.source.stop()
+        if server:
+            server.close()
+        self.metrics.close()
         log.info("stopping; programs and pinned maps stay in place for the next start")
         return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if not args.file:
-        print("lbctl: run: --file is required (a Kubernetes source comes with --kubernetes)")
+    problem = None
+    if args.kubernetes and args.file:
+        problem = "--file and --kubernetes are alternatives: give one"
+    elif not args.kubernetes and not args.file:
+        problem = "give the objects with --file, or --kubernetes to watch the API server"
+    elif args.kubeconfig and not args.kubernetes:
+        problem = "--kubeconfig: only with --kubernetes"
+    elif args.resync_period < 0:
+        problem = "--resync-period: must be >= 0 (0: never)"
+    if args.metrics_addr and not problem:
+        from lb.metrics import parse_addr
+
+        try:
+            parse_addr(args.metrics_addr)
+        except ValueError as e:
+            problem = f"--metrics-addr: {e}"
+    if problem:
+        print(f"lbctl: run: {problem}", file=sys.stderr)
         return 2
-    return Agent(args).run()
+    try:
+        agent = Agent(args)
+    except ConfigError as e:
+        print(f"lbctl: run: --kubernetes: {e}", file=sys.stderr)
+        return 2
+    return agent.run()
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -240,6 +318,15 @@ def add_agent_commands(sub: Any, add_node_args: Callable[[argparse.ArgumentParse
     r.add_argument("--netns", help="network namespace of the node (for labs and tests)")
     r.add_argument("--instance", default=DEFAULT_INSTANCE)
     r.add_argument("--min-sync-period", default=0.2, type=float, metavar="SECONDS")
+    r.add_argument("--kubernetes", action="store_true",
+                   help="watch the API server (in-cluster, or --kubeconfig / $KUBECONFIG); "
+                        "--node-name defaults to the hostname, --node-ip to the Node's "
+                        "InternalIPs")
+    r.add_argument("--kubeconfig", type=kubeconfig_path, metavar="PATH")
+    r.add_argument("--resync-period", type=float, default=DEFAULT_RESYNC_PERIOD,
+                   metavar="SECONDS", help="list everything afresh this often (0: never)")
+    r.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve /metrics, /healthz and /readyz here")
     add_node_args(r)
     r.set_defaults(func=cmd_run)
 

@@ -14,11 +14,13 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from lb.desired import SCOPE_EXTERNAL, DesiredState
 from lb.model import Cluster
+from lb.netns import call_in
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,9 @@ def answer(hc: HealthCheck) -> tuple[int, bytes]:
 class HealthServers:
     """One listener per health-check port, kept in step with each sync."""
 
-    def __init__(self, bind: str = "0.0.0.0") -> None:
+    def __init__(self, bind: str = "0.0.0.0", netns: str | None = None) -> None:
         self.bind = bind
+        self.netns = netns  # where the node's addresses are: listen there
         self._servers: dict[int, ThreadingHTTPServer] = {}
         self._checks: dict[int, HealthCheck] = {}
         self._lock = threading.Lock()
@@ -91,7 +94,8 @@ class HealthServers:
             self._servers.pop(port).shutdown()
         for port in sorted(set(checks) - set(self._servers)):
             try:
-                srv = ThreadingHTTPServer((self.bind, port), self._handler(port))
+                srv = call_in(self.netns, partial(ThreadingHTTPServer, (self.bind, port),
+                                                  self._handler(port)))
             except OSError as e:
                 log.error("health-check port %d: cannot listen: %s", port, e)
                 continue
