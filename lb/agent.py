@@ -21,11 +21,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lb import desired
+from lb import desired, socklb
 from lb.attach import CLSACT_EGRESS, Attachments, attach_tc, attach_xdp, detach_all
 from lb.healthcheck import HealthServers, health_checks
 from lb.instance import (
@@ -142,6 +142,22 @@ def allow_local_source(netns: str | None) -> None:
     write_sysctl(netns, "net/ipv4/conf/all/accept_local", "1")
 
 
+# kube-proxy's flags for the same settings, mapped to the datapath's defines.
+CONNTRACK_FLAGS = {
+    "conntrack_tcp_timeout_established": "LB_CT_TCP_LIFETIME_S",
+    "conntrack_tcp_timeout_syn": "LB_CT_TCP_SYN_S",
+    "conntrack_tcp_timeout_close": "LB_CT_TCP_CLOSING_S",
+    "conntrack_udp_timeout": "LB_CT_OTHER_LIFETIME_S",
+}
+
+
+def conntrack_defines(args: argparse.Namespace) -> dict[str, str]:
+    """Compile-time conntrack lifetimes; changing one loads a changed program
+    over the same pinned maps."""
+    return {define: str(int(getattr(args, flag))) for flag, define in CONNTRACK_FLAGS.items()
+            if getattr(args, flag, None) is not None}
+
+
 class Agent:
     def __init__(self, args: argparse.Namespace) -> None:
         self.instance: str = args.instance
@@ -160,6 +176,8 @@ class Agent:
         self._retry: Cluster | None = None
         self.netns: str | None = args.netns
         self.sizes = Sizes()
+        self.defines = conntrack_defines(args)
+        self.cgroup: Path | None = Path(args.cgroup) if args.cgroup else None
         self.stopping = threading.Event()
         self.attachments = Attachments(netns=self.netns)
         self.health = HealthServers(netns=self.netns)
@@ -220,7 +238,10 @@ class Agent:
             self.metrics.watch_source(self.source)
             self.source.start()  # the first lists run while the programs compile
         allow_local_source(self.netns)
-        self.dp = Datapath(self.sizes.options(pin_dir_of(self.instance)))
+        self.dp = Datapath(self.sizes.options(pin_dir_of(self.instance), self.defines))
+        if self.cgroup:
+            # Socket hooks act only on sockets of the node's namespace.
+            self.node = replace(self.node, netns_cookie=socklb.netns_cookie(self.netns))
         self.reconciler = reconciler_for(self.dp)
         found = self.reconciler.recover()
         self.policy = policy_writer_for(self.dp)
@@ -239,6 +260,10 @@ class Agent:
                 mode = attach_xdp(ipr, dev, self.dp.prog_fd(NODE_PROGRAM))
                 self.attachments.xdp[dev] = mode
                 log.info("attached %s to node device %s (%s)", NODE_PROGRAM, dev, mode)
+        if self.cgroup:
+            socklb.attach(self.dp, self.cgroup)
+            self.attachments.cgroup = str(self.cgroup)
+            log.info("attached the socket hooks to cgroup %s", self.cgroup)
         self.attachments.save(self.instance)
         watcher = LinkWatcher(set(self.ifaces) | {"lo"}, self._attach_veth, self.netns)
         watcher.existing()
@@ -310,6 +335,12 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_seconds(value: str) -> int:
+    if not value.isdigit() or int(value) <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return int(value)
+
+
 def add_agent_commands(sub: Any, add_node_args: Callable[[argparse.ArgumentParser], None]) -> None:
     r = sub.add_parser("run", help="run the node agent")
     r.add_argument("-f", "--file", action="append", default=[], metavar="FILE")
@@ -318,6 +349,11 @@ def add_agent_commands(sub: Any, add_node_args: Callable[[argparse.ArgumentParse
     r.add_argument("--netns", help="network namespace of the node (for labs and tests)")
     r.add_argument("--instance", default=DEFAULT_INSTANCE)
     r.add_argument("--min-sync-period", default=0.2, type=float, metavar="SECONDS")
+    r.add_argument("--cgroup", metavar="PATH",
+                   help="cgroup v2 directory for the socket-level load balancer (the node's "
+                        "processes and hostNetwork pods; e.g. the cgroup2 mount)")
+    for flag in CONNTRACK_FLAGS:
+        r.add_argument("--" + flag.replace("_", "-"), type=positive_seconds, metavar="SECONDS")
     r.add_argument("--kubernetes", action="store_true",
                    help="watch the API server (in-cluster, or --kubeconfig / $KUBECONFIG); "
                         "--node-name defaults to the hostname, --node-ip to the Node's "

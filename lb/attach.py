@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ class Attachments:
     netns: str | None = None
     xdp: dict[str, str] = field(default_factory=dict)  # device -> "native" | "generic"
     tc: list[str] = field(default_factory=list)
+    cgroup: str | None = None  # socket hooks
 
     @staticmethod
     def path(instance: str) -> Path:
@@ -48,7 +50,7 @@ class Attachments:
         except FileNotFoundError:
             return None
         return cls(netns=data.get("netns"), xdp=dict(data.get("xdp", {})),
-                   tc=list(data.get("tc", [])))
+                   tc=list(data.get("tc", [])), cgroup=data.get("cgroup"))
 
 
 def _index(ipr: Any, dev: str) -> int:
@@ -107,4 +109,23 @@ def detach_all(state: Attachments) -> list[str]:
                 pass  # the pod and its veth are gone already
             except NetlinkError as e:
                 problems.append(f"tc on {dev}: {e}")
+    if state.cgroup:
+        problems += detach_cgroup(Path(state.cgroup))
+    return problems
+
+
+# bpftool's names for the socket hooks' attach types, by program.
+SOCK_ATTACH = {"sock_connect4": "connect4", "sock_sendmsg4": "sendmsg4",
+               "sock_recvmsg4": "recvmsg4"}
+
+
+def detach_cgroup(cgroup: Path) -> list[str]:
+    """Detach the socket hooks by name (the agent that held their fds is
+    gone; bpftool finds them through the cgroup)."""
+    problems = []
+    for prog, hook in SOCK_ATTACH.items():
+        out = subprocess.run(["bpftool", "cgroup", "detach", str(cgroup), hook, "name", prog],
+                             capture_output=True, text=True, check=False)
+        if out.returncode != 0 and "No such" not in out.stderr:
+            problems.append(f"{hook} on {cgroup}: {out.stderr.strip()}")
     return problems

@@ -82,7 +82,11 @@ def wrk_result(proc: subprocess.Popen[bytes]) -> tuple[int, int, str]:
 Lab = tuple[Topology, Path, dict[str, subprocess.Popen[bytes]]]
 
 
-def test_agent_restart_under_load_loses_nothing(lab: Lab) -> None:
+@pytest.mark.parametrize("upgrade", [(), ("--conntrack-tcp-timeout-syn", "30")],
+                         ids=["restart", "changed-program"])
+def test_agent_restart_under_load_loses_nothing(lab: Lab, upgrade: tuple[str, ...]) -> None:
+    """The second agent loads the same program, or (an upgrade) a changed
+    one, over the same pinned maps; the layout version is checked."""
     topo, manifest, _ = lab
     client = topo.pods[0]
     agent = LabAgent(topo, topo.node, [manifest]).start()
@@ -95,7 +99,8 @@ def test_agent_restart_under_load_loses_nothing(lab: Lab) -> None:
         time.sleep(2)
         assert agent.stop() == 0
         time.sleep(1)  # no agent at all: the programs keep forwarding
-        agent = LabAgent(topo, topo.node, [manifest], instance=agent.instance).start()
+        agent = LabAgent(topo, topo.node, [manifest], instance=agent.instance,
+                         extra=upgrade).start()
         assert any("held" in line and "held 0 " not in line for line in agent.lines), \
             "the new agent adopted the pinned maps"
         requests, failures, report = wrk_result(load)

@@ -97,3 +97,29 @@ def test_host_network_client_reaches_clusterip_through_socket_hooks(cgroup: Path
                 socklb.detach(dp, cgroup)
     finally:
         remove_pins(pin_dir)
+
+
+def test_agent_attaches_socket_hooks_and_down_removes_them(cgroup: Path, tmp_path: Path) -> None:
+    from lb.lab.agent import LabAgent
+
+    with Topology.build(TopologySpec.single(pods=2)) as topo:
+        for pod in topo.pods:
+            topo.start_http(pod, 8080)
+            topo.start_udp(pod, 5353)
+        manifest = tmp_path / "web.yaml"
+        objects.write(manifest, [objects.service("web", VIP, [HTTP, DNS]),
+                                 objects.endpoint_slice("web", [HTTP, DNS],
+                                                        [(p.ip, "node") for p in topo.pods])])
+        agent = LabAgent(topo, topo.node, [manifest], extra=("--cgroup", str(cgroup))).start()
+        try:
+            agent.wait_for("socket hooks")
+            argv = ["ip", "netns", "exec", topo.node.ns, sys.executable, "-c", CLIENT, VIP]
+            out = subprocess.run(in_cgroup(cgroup, argv), capture_output=True, text=True,
+                                 timeout=60)
+            assert out.returncode == 0, out.stderr
+            assert out.stdout.split()[-1] == f"{VIP}:53"
+        finally:
+            agent.down()
+        shown = subprocess.run(["bpftool", "cgroup", "show", str(cgroup)], capture_output=True,
+                               text=True, check=True).stdout
+        assert "sock_" not in shown, shown
