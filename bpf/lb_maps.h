@@ -35,7 +35,12 @@
 /* lb_ct_key.dir */
 #define LB_CT_FORWARD 0
 #define LB_CT_REPLY   1
-#define LB_CT_POLICY  2 /* a connection NetworkPolicy allowed; keyed both ways */
+/* Connections NetworkPolicy allowed, one key space per check: the egress
+ * check writes the flow under LB_CT_POLICY and its reply under
+ * LB_CT_POLICY_INGRESS, the ingress check the other way round, so one
+ * side's allow never stands in for the other side's check. */
+#define LB_CT_POLICY         2
+#define LB_CT_POLICY_INGRESS 3
 
 /* lb_ct_val.flags */
 #define LB_CT_MASQ      0x01 /* source rewritten too (masquerade or hairpin) */
@@ -111,7 +116,8 @@ struct lb_ct_key {
 };
 
 struct lb_ct_val {
-	__u64 created_ns;    /* bpf_ktime_get_ns() of the first packet */
+	__u64 created_ns;    /* bpf_ktime_get_ns() of the first packet (the coarse
+	                      * clock for policy entries) */
 	__u64 last_seen_ns;  /* refreshed at most once a second */
 	__u32 backend_id;    /* forward entries */
 	__u32 svc_id;        /* both directions */

@@ -54,7 +54,7 @@ def reconciler_for(dp: Datapath) -> Reconciler:
 
 
 def policy_writer_for(dp: Datapath) -> PolicyWriter:
-    return PolicyWriter({name: dp.map(name) for name in POLICY_MAPS})
+    return PolicyWriter({name: dp.map(name) for name in (*POLICY_MAPS, "lb_pol_drops")})
 
 
 def local_pod_ips(cluster: Cluster, node: Node) -> set[str]:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lb.desired import PROTO_NAMES
+from lb.policy import view as policy_view
 from lb.reconcile import ip_str, port_host
 from lb.verdicts import reason
 from loader import layout
@@ -27,7 +28,10 @@ SVC_FLAGS = {
 BACKEND_FLAGS = {"LB_BACKEND_LOCAL": "local", "LB_BACKEND_TERMINATING": "terminating"}
 CT_FLAGS = {"LB_CT_MASQ": "masq", "LB_CT_SEEN_FIN": "fin", "LB_CT_SEEN_RST": "rst",
             "LB_CT_SEEN_REPLY": "reply"}
-VIEWS = ("services", "backends", "maglev", "conntrack", "stats")
+CT_DIRECTIONS = {layout.const("LB_CT_FORWARD"): "forward", layout.const("LB_CT_REPLY"): "reply",
+                 layout.const("LB_CT_POLICY"): "policy-egress",
+                 layout.const("LB_CT_POLICY_INGRESS"): "policy-ingress"}
+VIEWS = ("services", "backends", "maglev", "conntrack", "stats", "policy")
 
 
 def _flags(value: int, names: Mapping[str, str]) -> str:
@@ -98,7 +102,7 @@ def conntrack(maps: Mapping[str, BpfMap]) -> list[dict[str, Any]]:
     rows = []
     for k, v in maps["lb_ct"].items():
         rows.append({
-            "direction": "reply" if k.dir == layout.const("LB_CT_REPLY") else "forward",
+            "direction": CT_DIRECTIONS.get(k.dir, str(k.dir)),
             "source": f"{ip_str(k.saddr)}:{port_host(k.sport)}",
             "destination": f"{ip_str(k.daddr)}:{port_host(k.dport)}",
             "protocol": _proto(k.proto),
@@ -139,4 +143,4 @@ def table(view: str, rows: list[dict[str, Any]]) -> tuple[list[str], list[list[A
 
 
 READERS = {"services": services, "backends": backends, "maglev": maglev,
-           "conntrack": conntrack, "stats": stats}
+           "conntrack": conntrack, "stats": stats, "policy": policy_view.rows}

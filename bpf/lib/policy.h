@@ -25,9 +25,6 @@
 #include "common.h"
 #include "conntrack.h"
 
-#ifndef LB_CT_POLICY_INGRESS
-#define LB_CT_POLICY_INGRESS (LB_CT_POLICY + 1)
-#endif
 
 LB_INLINE __u8 lb_pol_ct_dir(__u8 dir)
 {
@@ -64,6 +61,10 @@ LB_INLINE int lb_pol_known(const struct lb_flow *f, __u8 dir, __u8 tcp_flags, __
 	struct lb_pkt p = { .proto = f->proto, .tcp_flags = tcp_flags };
 
 	if (!v || now - v->last_seen_ns > lb_ct_lifetime_ns(v, f->proto))
+		return 0;
+	/* A SYN on a closed flow opens a new connection on the same 5-tuple:
+	 * the policy in force now judges it. */
+	if (lb_ct_reopened(v, &p))
 		return 0;
 	lb_ct_touch(v, &p, now);
 	return 1;
@@ -171,7 +172,10 @@ LB_INLINE int lb_policy(const struct lb_flow *f, const struct lb_flow *front, __
 
 	if (!ep)
 		return 0;
-	now = bpf_ktime_get_ns();
+	/* The coarse clock (the last tick): the fine one costs more than the
+	 * rest of an established flow's check, and lifetimes are seconds. Only
+	 * policy code reads or writes the times of policy entries. */
+	now = bpf_ktime_get_coarse_ns();
 	if (lb_pol_known(f, dir, tcp_flags, now))
 		return 0;
 	blame = lb_pol_judge(local, dir == LB_POL_INGRESS ? f->saddr : f->daddr,

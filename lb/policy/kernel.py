@@ -5,12 +5,14 @@ points to exists before the rule; removals last)."""
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 from lb.model import Cluster, Node
-from lb.policy.compiler import CompiledPolicy, PolicyMaps, compile_policy, diff
+from lb.policy.compiler import MAX_CHAIN, CompiledPolicy, PolicyMaps, compile_policy, diff
 from lb.policy.encode import (
+    MAP_DROPS,
     MAP_ENDPOINTS,
     MAP_IPCACHE,
     MAP_PORTSETS,
@@ -20,7 +22,7 @@ from lb.policy.encode import (
     encode_value,
 )
 from loader import layout
-from loader.maps import BpfMap
+from loader.maps import BpfMap, possible_cpus
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,40 @@ def _buffer(value: bytes) -> Any:
     return layout.ffi.from_buffer(bytearray(value))
 
 
+def _zero_stat() -> Any:
+    """A percpu struct lb_stat of zeros, every CPU's slot 8-byte aligned."""
+    size = (layout.sizeof("struct lb_stat") + 7) // 8 * 8
+    return _buffer(bytes(size * possible_cpus()))
+
+
+def read(maps: Mapping[str, BpfMap]) -> PolicyMaps:
+    """What the policy maps hold. The port-set array has a slot for every
+    set there could be, and walking all of them takes seconds: only the
+    slots the rules reach are read (a slot nothing reaches is never looked
+    at by the programs either)."""
+    entries = {name: dict(maps[name].raw_items())
+               for name in (MAP_ENDPOINTS, MAP_IPCACHE, MAP_RULES)}
+    portsets: dict[bytes, bytes] = {}
+    for raw in entries[MAP_RULES].values():
+        slot = int.from_bytes(raw, sys.byteorder)
+        for _ in range(MAX_CHAIN):
+            key = encode_key(MAP_PORTSETS, slot)
+            if not slot or key in portsets:
+                break
+            value = maps[MAP_PORTSETS].lookup(slot)
+            if value is None:
+                break
+            portsets[key] = layout.to_bytes(layout.ffi.addressof(value))
+            slot = value.next
+    entries[MAP_PORTSETS] = portsets
+    return decode(entries)
+
+
 class PolicyWriter:
+    """`maps`: the four of MAPS; with lb_pol_drops too, the drop counter of
+    a policy id is zeroed when the id comes to stand for another policy
+    (ids are reused), so a policy's count never starts with another's."""
+
     def __init__(self, maps: Mapping[str, BpfMap]) -> None:
         self.maps = maps
         self.current = PolicyMaps()
@@ -42,8 +77,7 @@ class PolicyWriter:
     def recover(self) -> int:
         """Adopt what the pinned maps hold, so the first sync after a restart
         removes what no longer applies instead of leaving it behind."""
-        entries = {name: dict(self.maps[name].raw_items()) for name in MAPS}
-        self.current = decode(entries)
+        self.current = read(self.maps)
         return len(self.current.endpoints)
 
     def sync(self, cluster: Cluster, node: Node) -> list[str]:
@@ -54,6 +88,12 @@ class PolicyWriter:
             for e in new.errors:
                 log.error("policy not applied: %s", e)
             return list(new.errors)
+        drops = self.maps.get(MAP_DROPS)
+        if drops is not None:
+            # Before anything can blame the id on its new policy.
+            for pid, name in new.maps.policies.items():
+                if self.current.policies.get(pid) != name:
+                    drops.update(pid, _zero_stat())
         zero_set = bytes(layout.sizeof("struct lb_pol_portset"))
         for name, op, key, value in diff(self.current, new.maps).steps():
             k = encode_key(name, key)

@@ -1,0 +1,97 @@
+"""`lbctl maps policy`: what the pinned policy maps of a running instance
+say, read back from the kernel (any process can; the agent need not be
+asked). One row per local pod, direction and rule: the pods listed are
+those some policy isolates (the others have no entry, everything passes);
+an isolated direction without a rule row drops everything.
+
+The maps carry numbers, not names: a peer is an identity with the ipcache
+prefixes that have it (pods as /32), a policy is its id (the index of its
+drop counter in lb_pol_drops). `lb/policy/describe.py` gives the same view
+with names, from a compile."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+from lb.policy.common import DIRECTION_NAMES, EGRESS, INGRESS, ip_text
+from lb.policy.compiler import (
+    IDENTITY_ANY,
+    ISOLATED,
+    MAX_CHAIN,
+    PEER_HOST,
+    PolicyMaps,
+    PortRange,
+    prefix_text,
+)
+from lb.policy.encode import MAP_DROPS
+from lb.policy.kernel import read
+from loader.maps import BpfMap
+
+MAX_PREFIXES = 4  # prefixes shown per identity before "+N more"
+
+
+def _drops(maps: Mapping[str, BpfMap], policy: int) -> int | None:
+    m = maps.get(MAP_DROPS)
+    if m is None or not policy:
+        return None
+    return int(sum(s.packets for s in m.lookup(policy) or []))
+
+
+def _peers(pm: PolicyMaps) -> dict[int, str]:
+    """Identity -> the prefixes that have it."""
+    members: dict[int, list[str]] = defaultdict(list)
+    for prefix, peer in sorted(pm.ipcache.items()):
+        text = prefix_text(prefix) + (" (node)" if peer.flags & PEER_HOST else "")
+        members[peer.identity].append(text)
+    out = {}
+    for ident, names in members.items():
+        shown = ", ".join(names[:MAX_PREFIXES])
+        if len(names) > MAX_PREFIXES:
+            shown += f" +{len(names) - MAX_PREFIXES} more"
+        out[ident] = shown
+    return out
+
+
+def _chain(pm: PolicyMaps, slot: int) -> list[PortRange]:
+    out: list[PortRange] = []
+    for _ in range(MAX_CHAIN):
+        ps = pm.portsets.get(slot) if slot else None
+        if ps is None:
+            break
+        out.extend(ps.ranges)
+        slot = ps.next
+    return out
+
+
+def rows(maps: Mapping[str, BpfMap]) -> list[dict[str, Any]]:
+    """pod (address), direction, isolated, drop_policy (the id blamed for a
+    drop) and its drops, then one rule per row: peer ("any", or #identity
+    with its prefixes: looked up first, "any" is the fallback), ports and
+    the policy credited. A direction that is not isolated, or isolated
+    without any rule, is one row with peer and ports "-"."""
+    pm = read(maps)
+    peers = _peers(pm)
+    by_ep: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+    for (local, ident, direction), slot in pm.rules.items():
+        by_ep[(local, direction)].append((ident, slot))
+    out: list[dict[str, Any]] = []
+    for addr, ep in sorted(pm.endpoints.items()):
+        for direction in (INGRESS, EGRESS):
+            isolated = bool(ep.flags & ISOLATED[direction])
+            blamed = ep.policy(direction) if isolated else 0
+            base = {"pod": ip_text(addr), "direction": DIRECTION_NAMES[direction],
+                    "isolated": isolated, "drop_policy": blamed or None,
+                    "drops": _drops(maps, blamed)}
+            rules: list[dict[str, Any]] = []
+            for ident, slot in sorted(by_ep.get((addr, direction), [])) if isolated else []:
+                per_policy: dict[int, list[str]] = defaultdict(list)
+                for r in _chain(pm, slot):
+                    per_policy[r.policy].append(str(r))
+                peer = ("any" if ident == IDENTITY_ANY
+                        else f"#{ident} {peers.get(ident, '(no prefix)')}")
+                rules += [{**base, "peer": peer, "ports": ", ".join(ports), "policy": pid}
+                          for pid, ports in sorted(per_policy.items())]
+            out += rules or [{**base, "peer": "-", "ports": "-", "policy": None}]
+    return out
