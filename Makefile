@@ -12,7 +12,7 @@ demo: setup
 	@$(PY) -m lb.demo
 
 test: setup k8s lint
-	$(PYTEST) -q -p no:cacheprovider --ignore=tests/differential tests
+	$(PYTEST) -q -p no:cacheprovider tests
 
 test-unit: setup
 	$(PYTEST) -q tests/unit

@@ -98,8 +98,11 @@ LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
 	if (!svc)
 		return lb_no_service(p, scope);
 	v = lb_ct_lookup(p, LB_CT_FORWARD, now);
-	if (v && v->svc_id == svc->svc_id)
-		b = lb_backend(v->backend_id);
+	/* The flow's backend, while it is still one of this service's (an id
+	 * freed by one service may since serve another) and the flow has not
+	 * closed and started over on the same 5-tuple. */
+	if (v && v->svc_id == svc->svc_id && !lb_ct_reopened(v, p))
+		b = lb_backend_of(v->backend_id, svc);
 	if (b) {
 		lb_ct_touch(v, p, now);
 		if (v->flags & LB_CT_MASQ) {

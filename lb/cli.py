@@ -133,7 +133,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.datapath == "userspace":
         from lb.trace_userspace import run_userspace
 
-        results = run_userspace(state, probes)
+        results = run_userspace(state, probes, cluster, _node(args))
     else:
         from lb.trace import tracer
 

@@ -133,11 +133,15 @@ class Tracer:
         return {i: sum(s.packets for s in self.drops.lookup(i) or [])
                 for i in self.policy_names}
 
+    def _exec(self, prog: str, frame: bytes) -> libbpf.TestRun:
+        """One program on one frame: BPF_PROG_TEST_RUN."""
+        return libbpf.prog_test_run(self.dp.prog_fd(prog), frame)
+
     def _hop(self, prog: str, frame: bytes) -> tuple[libbpf.TestRun, int | None, str | None]:
         """Run one program: its result, the stat reason that moved, and the
         policy blamed when it dropped for policy."""
         before, pol_before = self._counts(), self._drop_counts()
-        run = libbpf.prog_test_run(self.dp.prog_fd(prog), frame)
+        run = self._exec(prog, frame)
         after, pol_after = self._counts(), self._drop_counts()
         moved = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if b > a]
         blamed = [self.policy_names[i] for i in pol_after if pol_after[i] > pol_before[i]]

@@ -1,6 +1,6 @@
 """`lbctl trace --datapath userspace`: the same probes, programmed by the
-same reconciler, through the Python model of the programs instead of the
-kernel. Needs neither root nor BPF."""
+same reconciler and policy writer, through the Python model of the programs
+instead of the kernel. Needs neither root nor BPF."""
 
 from __future__ import annotations
 
@@ -8,21 +8,22 @@ from collections.abc import Callable, Mapping
 from time import monotonic_ns
 
 from lb.desired import DesiredState
-from lb.instance import SMALL, Sizes
+from lb.instance import SMALL, Sizes, local_pod_ips
+from lb.model import Cluster, Node
+from lb.policy.kernel import MAPS as POLICY_MAPS
+from lb.policy.kernel import PolicyWriter
 from lb.reconcile import Reconciler
-from lb.trace import ENTRIES, Probe, TraceResult, probe_frame, trace_result
+from lb.trace import Probe, Tracer, TraceResult
 from lb.userspace.datapath import UserspaceDatapath
 from lb.userspace.maps import DictMap, new_userspace_maps
+from loader.libbpf import TestRun
 from loader.maps import BpfMap
-
-# The maps the control plane writes (as lb.instance.reconciler_for).
-RECONCILED = ("lb_services", "lb_backends", "lb_maglev", "lb_rev_nat")
 
 
 def reconciler_over(maps: Mapping[str, BpfMap], sizes: Sizes) -> Reconciler:
-    """A reconciler for the maps of an instance of `sizes`."""
-    return Reconciler({name: maps[name] for name in RECONCILED},
-                      max_services=sizes.max_services, max_backends=sizes.max_backends,
+    """A reconciler for the maps of an instance of `sizes` (it writes the
+    ones it needs)."""
+    return Reconciler(maps, max_services=sizes.max_services, max_backends=sizes.max_backends,
                       maglev_slots=sizes.maglev_slots)
 
 
@@ -38,12 +39,40 @@ def userspace_datapath(state: DesiredState, sizes: Sizes = SMALL,
     return UserspaceDatapath(maps, clock), maps
 
 
-def run_userspace(state: DesiredState, probes: list[Probe]) -> list[TraceResult]:
+class UserspaceTracer(Tracer):
+    """lb.trace.Tracer with the programs run in Python: the same hops, the
+    same counters read, the same results."""
+
+    def __init__(self, dp: UserspaceDatapath, maps: Mapping[str, DictMap],
+                 local_pods: set[str] | None = None,
+                 policy_names: dict[int, str] | None = None) -> None:
+        # No kernel Datapath behind it; the counters are the DictMaps'.
+        self.udp = dp
+        self.stats = maps["lb_stats"]
+        self.drops = maps["lb_pol_drops"]
+        self.local_pods = local_pods or set()
+        self.policy_names = policy_names or {}
+
+    def _exec(self, prog: str, frame: bytes) -> TestRun:
+        v = self.udp.run(prog, frame)
+        return TestRun(retval=v.retval, data=v.data, duration_ns=0)
+
+
+def run_userspace(state: DesiredState, probes: list[Probe], cluster: Cluster | None = None,
+                  node: Node | None = None) -> list[TraceResult]:
     """Each probe through one datapath in turn (later probes see the
-    connections earlier ones opened), as the kernel tracer does."""
-    dp, _ = userspace_datapath(state)
-    results = []
-    for probe in probes:
-        v = dp.run(ENTRIES[probe.entry], probe_frame(probe))
-        results.append(trace_result(probe, v.reason, v.data))
-    return results
+    connections earlier ones opened), as the kernel tracer does. With the
+    cluster and node, NetworkPolicy is programmed and a packet bound for a
+    local pod crosses that pod's hook too."""
+    dp, maps = userspace_datapath(state)
+    local_pods: set[str] = set()
+    names: dict[int, str] = {}
+    if cluster is not None and node is not None:
+        # As lb.instance.policy_writer_for: with the drop counters.
+        policy = PolicyWriter({name: maps[name] for name in (*POLICY_MAPS, "lb_pol_drops")})
+        errors = policy.sync(cluster, node)
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        local_pods, names = local_pod_ips(cluster, node), dict(policy.current.policies)
+    tracer = UserspaceTracer(dp, maps, local_pods, names)
+    return [tracer.run(p) for p in probes]

@@ -1,6 +1,6 @@
 /* Bob Jenkins' lookup3 final mix over three words (the kernel's
- * jhash_3words). lb/hashing.py computes the same function so that the
- * control plane and the userspace datapath agree with the kernel on which
+ * jhash_3words). lb/userspace/datapath.py computes the same function so
+ * the userspace datapath agrees with the kernel on which
  * Maglev slot a flow lands in. */
 #ifndef LB_HASH_H
 #define LB_HASH_H

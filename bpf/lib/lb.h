@@ -63,6 +63,14 @@ LB_INLINE int lb_source_allowed(const struct lb_pkt *p, const struct lb_svc_val 
 	return lb_source_ranges.lookup(&k) != 0;
 }
 
+/* A backend of this service's port (ids are reused once freed). */
+LB_INLINE struct lb_backend *lb_backend_of(__u32 id, const struct lb_svc_val *svc)
+{
+	struct lb_backend *b = lb_backend(id);
+
+	return b && b->group_id == svc->group_id ? b : 0;
+}
+
 LB_INLINE __u32 lb_flow_hash(const struct lb_pkt *p, int client_only)
 {
 	if (client_only)
@@ -94,7 +102,7 @@ LB_INLINE __u32 lb_affinity_pick(const struct lb_pkt *p,
 	__u32 id;
 
 	a = lb_affinity.lookup(&k);
-	if (a && now - a->last_used_ns <= timeout && lb_backend(a->backend_id)) {
+	if (a && now - a->last_used_ns <= timeout && lb_backend_of(a->backend_id, svc)) {
 		a->last_used_ns = now;
 		return a->backend_id;
 	}

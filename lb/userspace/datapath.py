@@ -1,7 +1,8 @@
-"""bpf/lb.c in Python: the same parse, decisions, map accesses, rewrite and
-counters, step by step, so that a frame comes out bit for bit as the kernel
-programs leave it. Each function names the C function it follows; keep the
-two in step.
+"""bpf/lb.c in Python: the same parse, decisions, map accesses, rewrite,
+REJECT replies, NetworkPolicy checks and counters, step by step, so that a frame comes out bit for
+bit as the kernel programs leave it. Each function names the C function it
+follows; keep the two in step (tests/differential checks it). The packet
+programs only: the cgroup socket hooks (sock_*4) have no frames to model.
 
 Values read from a frame are native-endian integers of its bytes, as a BPF
 program loads them, which is also how the maps store them; the checksum
@@ -11,6 +12,7 @@ arithmetic runs on those same integers, as the C and the kernel helpers do.
 from __future__ import annotations
 
 import re
+import socket
 import struct
 import time
 from collections.abc import Callable, Mapping
@@ -20,18 +22,18 @@ from typing import Any, NamedTuple
 from lb.userspace.maps import DictMap
 from loader import layout
 
-XDP_DROP, XDP_PASS = 1, 2
-TC_ACT_OK, TC_ACT_SHOT = 0, 2
-PROGRAMS = ("xdp_lb_external", "tc_lb_from_pod")
+XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+PROGRAMS = ("xdp_lb_external", "tc_lb_from_pod", "tc_lb_to_pod")
 
 _ffi = layout.ffi
 _C = layout.CONSTS
 
-IPPROTO_TCP, IPPROTO_UDP = 6, 17
+IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP = 6, 17, 132
 _ETH_LEN = 14
 _ETH_P_IP = b"\x08\x00"
 _IP_MF_OFFSET = 0x3FFF
-_TCP_FIN, _TCP_RST = 0x01, 0x04
+_TCP_FIN, _TCP_SYN, _TCP_RST, _TCP_ACK = 0x01, 0x02, 0x04, 0x10
 _MAX_L4_OFF = _ETH_LEN + 60
 _IP_CSUM_OFF, _IP_SRC_OFF, _IP_DST_OFF = _ETH_LEN + 10, _ETH_LEN + 12, _ETH_LEN + 16
 _NSEC_PER_SEC = 1_000_000_000
@@ -47,6 +49,13 @@ _DROPS = frozenset(_STAT[k] for k in (
     "DROP_MALFORMED", "REJECT_NO_ENDPOINTS", "DROP_BACKEND_GONE", "DROP_SOURCE_RANGE",
     "DROP_NO_LOCAL", "REJECT_NO_PORT", "DROP_UNKNOWN_VIP", "DROP_POLICY", "ERROR"))
 _REWRITES = frozenset(_STAT[k] for k in ("DNAT_NEW", "DNAT_ESTABLISHED", "REVNAT"))
+_REJECTS = frozenset(_STAT[k] for k in ("REJECT_NO_ENDPOINTS", "REJECT_NO_PORT"))
+# lb_policed: what the egress policy of the sending pod looks at.
+_POLICED = frozenset(_STAT[k] for k in ("DNAT_NEW", "DNAT_ESTABLISHED", "PASS_NOT_SERVICE",
+                                        "PASS_OTHER_PROTO"))
+_POL_INGRESS, _POL_EGRESS = _C["LB_POL_INGRESS"], _C["LB_POL_EGRESS"]
+# Each policy check's own conntrack key space.
+_CT_POLICY, _CT_POLICY_INGRESS = _C["LB_CT_POLICY"], _C["LB_CT_POLICY_INGRESS"]
 
 
 def c_defaults(overrides: Mapping[str, str] | None = None) -> dict[str, int]:
@@ -135,11 +144,18 @@ def parse(frame: bytes | bytearray, p: Pkt) -> int:
     p.proto = frame[_ETH_LEN + 9]
     p.sport = p.dport = p.tcp_flags = 0
 
-    if p.proto not in (IPPROTO_TCP, IPPROTO_UDP):
-        return _STAT["PASS_OTHER_PROTO"]
     if _BE16.unpack_from(frame, _ETH_LEN + 6)[0] & _IP_MF_OFFSET:
         return _STAT["PASS_FRAGMENT"]
+    if p.proto not in (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP):
+        return _STAT["PASS_OTHER_PROTO"]
 
+    # The ports open all three headers; the C reads them behind one bound.
+    if l4 + 8 > end:
+        return _STAT["DROP_MALFORMED"]
+    p.sport = _U16N.unpack_from(frame, l4)[0]
+    p.dport = _U16N.unpack_from(frame, l4 + 2)[0]
+    if p.proto == IPPROTO_SCTP:
+        return _STAT["PASS_OTHER_PROTO"]  # not balanced; policy reads its ports
     if p.proto == IPPROTO_TCP:
         if l4 + 20 > end:
             return _STAT["DROP_MALFORMED"]
@@ -148,13 +164,9 @@ def parse(frame: bytes | bytearray, p: Pkt) -> int:
             return _STAT["DROP_MALFORMED"]
         p.tcp_flags = frame[l4 + 13]
     else:
-        if l4 + 8 > end:
-            return _STAT["DROP_MALFORMED"]
         ulen = _BE16.unpack_from(frame, l4 + 4)[0]
         if ulen < 8 or ulen > tot_len - ihl_len:
             return _STAT["DROP_MALFORMED"]
-    p.sport = _U16N.unpack_from(frame, l4)[0]
-    p.dport = _U16N.unpack_from(frame, l4 + 2)[0]
     return -1
 
 
@@ -293,13 +305,59 @@ def nat_skb(buf: bytearray, p: Pkt, n: Nat) -> int:
     return 0
 
 
+# --- bpf/lib/reject.h ----------------------------------------------------------------
+
+_ICMP_HDRS = 28
+_QUOTE_UDP, _QUOTE_TCP = 28, 40
+
+
+def _csum_buf(data: bytes | bytearray) -> int:
+    """lb_csum_buf: the Internet checksum of `data`, as stored (native)."""
+    s = sum(struct.unpack(f"={len(data) // 2}H", data))
+    return ~_fold16(s) & _U16
+
+
+def _icmp_reply(frame: bytes | bytearray, p: Pkt, qlen: int) -> bytes:
+    """lb_icmp_fill: the IPv4 and ICMP port-unreachable headers and quote."""
+    ip = bytearray(struct.pack("!BBHHHBBH", 0x45, 0, _ICMP_HDRS + qlen, 0, 0, 64, 1, 0))
+    ip += _U32N.pack(p.daddr) + _U32N.pack(p.saddr)
+    icmp = bytearray(struct.pack("!BBHI", 3, 3, 0, 0)) + frame[_ETH_LEN:_ETH_LEN + qlen]
+    _U16N.pack_into(ip, 10, _csum_buf(ip))
+    _U16N.pack_into(icmp, 2, _csum_buf(icmp))
+    return bytes(ip + icmp)
+
+
+def reject(buf: bytearray, p: Pkt) -> int:
+    """lb_reject_xdp and lb_reject_skb, which leave the same frame: the
+    client's frame turned into an ICMP port unreachable back to it, with
+    the MAC addresses swapped. -1 (frame untouched) for IP options or a
+    frame too short to quote."""
+    qlen = _QUOTE_TCP if p.proto == IPPROTO_TCP else _QUOTE_UDP
+    if p.l4_off != _ETH_LEN + 20 or _ETH_LEN + qlen > len(buf):
+        return -1
+    eth = buf[6:12] + buf[0:6] + b"\x08\x00"
+    buf[:] = eth + _icmp_reply(buf, p, qlen)
+    return 0
+
+
 # --- the programs ------------------------------------------------------------------
 
 
 class Verdict(NamedTuple):
-    retval: int  # XDP_DROP/XDP_PASS, or TC_ACT_OK/TC_ACT_SHOT
+    retval: int  # XDP_* or TC_ACT_*
     data: bytes  # the frame as the program leaves it
-    reason: int  # the LB_STAT_* counter that moved
+    reason: int | None  # the LB_STAT_* counter that moved (tc_lb_to_pod: drops only)
+
+
+@dataclass(frozen=True)
+class Flow:
+    """struct lb_flow: a 5-tuple as policy sees it (after translation)."""
+
+    saddr: int
+    daddr: int
+    sport: int
+    dport: int
+    proto: int
 
 
 def _pack(ctype: str, **fields: int) -> bytes:
@@ -310,14 +368,24 @@ def _u32key(i: int) -> bytes:
     return _U32N.pack(i & _U32)
 
 
+def _ct_reopened(v: Any, p: Pkt) -> bool:
+    """lb_ct_reopened: a SYN (without ACK) on a flow that saw FIN or RST."""
+    return bool(p.proto == IPPROTO_TCP and p.tcp_flags & (_TCP_SYN | _TCP_ACK) == _TCP_SYN
+                and v.flags & (_C["LB_CT_SEEN_FIN"] | _C["LB_CT_SEEN_RST"]))
+
+
 class UserspaceDatapath:
     """The programs of bpf/lb.c over DictMaps. `clock` stands for
-    bpf_ktime_get_ns (monotonic nanoseconds); tests drive it."""
+    bpf_ktime_get_ns (monotonic nanoseconds), `coarse_clock` for
+    bpf_ktime_get_coarse_ns, which policy uses (the same clock by default);
+    tests drive them."""
 
     def __init__(self, maps: Mapping[str, DictMap], clock: Callable[[], int] = time.monotonic_ns,
-                 defines: Mapping[str, str] | None = None) -> None:
+                 defines: Mapping[str, str] | None = None,
+                 coarse_clock: Callable[[], int] | None = None) -> None:
         self.maps = maps
         self.clock = clock
+        self.coarse_clock = coarse_clock or clock
         self._services = maps["lb_services"]
         self._backends = maps["lb_backends"]
         self._maglev = maps["lb_maglev"]
@@ -325,9 +393,19 @@ class UserspaceDatapath:
         self._ct = maps["lb_ct"]
         self._affinity = maps["lb_affinity"]
         self._stats = maps["lb_stats"]
+        self._config = maps["lb_config"]
+        self._vips = maps["lb_vips"]
+        self._svc_cidrs = maps["lb_svc_cidrs"]
+        self._source_ranges = maps["lb_source_ranges"]
+        self._pol_endpoints = maps["lb_pol_endpoints"]
+        self._pol_ipcache = maps["lb_pol_ipcache"]
+        self._pol_rules = maps["lb_pol_rules"]
+        self._pol_portsets = maps["lb_pol_portsets"]
+        self._pol_drops = maps["lb_pol_drops"]
         d = c_defaults(defines)
         self._tcp_life = d["LB_CT_TCP_LIFETIME_S"] * _NSEC_PER_SEC
         self._tcp_closing = d["LB_CT_TCP_CLOSING_S"] * _NSEC_PER_SEC
+        self._tcp_syn = d["LB_CT_TCP_SYN_S"] * _NSEC_PER_SEC
         self._other_life = d["LB_CT_OTHER_LIFETIME_S"] * _NSEC_PER_SEC
         self._scope_ext = _C["LB_SCOPE_EXTERNAL"]
         self._scope_int = _C["LB_SCOPE_INTERNAL"]
@@ -339,6 +417,8 @@ class UserspaceDatapath:
             return self.xdp_lb_external(frame)
         if program == "tc_lb_from_pod":
             return self.tc_lb_from_pod(frame)
+        if program == "tc_lb_to_pod":
+            return self.tc_lb_to_pod(frame)
         raise ValueError(f"no program {program!r}")
 
     def xdp_lb_external(self, frame: bytes) -> Verdict:
@@ -348,6 +428,8 @@ class UserspaceDatapath:
         if reason in _REWRITES and n is not None and nat_xdp(buf, p, n):
             reason = _STAT["ERROR"]
         self._count(reason, p.len)
+        if reason in _REJECTS and reject(buf, p) == 0:
+            return Verdict(XDP_TX, bytes(buf), reason)
         return Verdict(XDP_DROP if reason in _DROPS else XDP_PASS, bytes(buf), reason)
 
     def tc_lb_from_pod(self, frame: bytes) -> Verdict:
@@ -356,8 +438,33 @@ class UserspaceDatapath:
         reason, n = self._decide(p, buf, self._scope_int)
         if reason in _REWRITES and n is not None and nat_skb(buf, p, n):
             reason = _STAT["ERROR"]
+        # Egress policy of the sending pod, on the translated flow; replies
+        # (reverse NAT) belong to a connection judged already.
+        if reason in _POLICED:
+            front = Flow(p.saddr, p.daddr, p.sport, p.dport, p.proto)
+            dnat = reason in _REWRITES and n is not None
+            f = Flow(n.saddr, n.daddr, n.sport, n.dport, p.proto) if dnat and n else front
+            if self._policy(f, front if dnat else None, p.saddr, _POL_EGRESS, p.tcp_flags,
+                            p.len):
+                reason = _STAT["DROP_POLICY"]
         self._count(reason, p.len)
+        if reason in _REJECTS and reject(buf, p) == 0:
+            # bpf_redirect back out of the device it came in on.
+            return Verdict(TC_ACT_REDIRECT, bytes(buf), reason)
         return Verdict(TC_ACT_SHOT if reason in _DROPS else TC_ACT_OK, bytes(buf), reason)
+
+    def tc_lb_to_pod(self, frame: bytes) -> Verdict:
+        """Ingress policy of the local pod a packet is about to enter; only
+        a drop is counted."""
+        p = Pkt()
+        reason = parse(frame, p)
+        if reason not in (-1, _STAT["PASS_OTHER_PROTO"]):
+            return Verdict(TC_ACT_OK, bytes(frame), None)
+        f = Flow(p.saddr, p.daddr, p.sport, p.dport, p.proto)
+        if self._policy(f, None, p.daddr, _POL_INGRESS, p.tcp_flags, p.len):
+            self._count(_STAT["DROP_POLICY"], p.len)
+            return Verdict(TC_ACT_SHOT, bytes(frame), _STAT["DROP_POLICY"])
+        return Verdict(TC_ACT_OK, bytes(frame), None)
 
     # --- lb.c ----------------------------------------------------------------------
 
@@ -384,25 +491,46 @@ class UserspaceDatapath:
         if rn.addr == 0:
             return None
         self._ct_touch(v, p, now)
+        if not v.flags & _C["LB_CT_SEEN_REPLY"]:
+            self._ct_answered(v, rn.addr, rn.port, p.proto)
         daddr, dport = p.daddr, p.dport
         if v.flags & _C["LB_CT_MASQ"]:
             daddr, dport = v.nat_addr, v.nat_port
         return _STAT["REVNAT"], Nat(rn.addr, daddr, rn.port, dport)
 
+    def _masq_addr(self, p: Pkt, svc: Any, b: Any) -> int:
+        """lb_masq_addr: the node's address for external traffic that
+        kube-proxy masquerades, the hairpin address for a pod reaching
+        itself, else 0 (the client's own source)."""
+        raw = self._config.ref(_u32key(0))
+        if raw is None:
+            return 0
+        cfg = _ffi.from_buffer("struct lb_config *", raw)
+        if svc.flags & _C["LB_SVC_MASQUERADE"]:
+            return int(cfg.node_ip)
+        if b.addr == p.saddr:
+            return int(cfg.hairpin_ip)
+        return 0
+
     def _forward(self, p: Pkt, scope: int, now: int) -> tuple[int, Nat | None]:
         """lb_forward."""
         svc = self._service(p, scope)
         if svc is None:
-            return _STAT["PASS_NOT_SERVICE"], None
+            return self._no_service(p, scope), None
         reason = _STAT["DNAT_ESTABLISHED"]
         b = None
+        masq_addr = masq_port = 0
         v = self._ct_lookup(p, _C["LB_CT_FORWARD"], now)
-        if v is not None and v.svc_id == svc.svc_id:
-            b = self._backend(v.backend_id)
+        if v is not None and v.svc_id == svc.svc_id and not _ct_reopened(v, p):
+            b = self._backend_of(v.backend_id, svc)
         if b is not None and v is not None:
             self._ct_touch(v, p, now)
+            if v.flags & _C["LB_CT_MASQ"]:
+                masq_addr, masq_port = v.nat_addr, v.nat_port
         else:
             # A new flow, or its backend is gone: choose again.
+            if not self._source_allowed(p, svc):
+                return _STAT["DROP_SOURCE_RANGE"], None
             if svc.maglev_size == 0:
                 if svc.flags & _C["LB_SVC_LOCAL_ONLY"]:
                     return _STAT["DROP_NO_LOCAL"], None
@@ -411,9 +539,14 @@ class UserspaceDatapath:
             b = self._backend(bid)
             if b is None:
                 return _STAT["DROP_BACKEND_GONE"], None
-            if self._ct_create(p, svc.svc_id, bid, b, now):
+            masq_addr = self._masq_addr(p, svc, b)
+            if masq_addr:
+                masq_port = self._masq_port(p, b, masq_addr, self.flow_hash(p, False), now)
+            if self._ct_create(p, svc.svc_id, bid, b, masq_addr, masq_port, now):
                 return _STAT["ERROR"], None
             reason = _STAT["DNAT_NEW"]
+        if masq_addr:
+            return reason, Nat(masq_addr, b.addr, masq_port, b.port)
         return reason, Nat(p.saddr, b.addr, p.sport, b.port)
 
     # --- conntrack.h ----------------------------------------------------------------
@@ -429,6 +562,8 @@ class UserspaceDatapath:
             return self._other_life
         if v.flags & (_C["LB_CT_SEEN_FIN"] | _C["LB_CT_SEEN_RST"]):
             return self._tcp_closing
+        if not v.flags & _C["LB_CT_SEEN_REPLY"]:
+            return self._tcp_syn
         return self._tcp_life
 
     def _ct_lookup(self, p: Pkt, direction: int, now: int) -> Any | None:
@@ -450,23 +585,82 @@ class UserspaceDatapath:
         if (now - v.last_seen_ns) & _U64 > _NSEC_PER_SEC:
             v.last_seen_ns = now
 
-    def _ct_create(self, p: Pkt, svc_id: int, backend_id: int, b: Any, now: int) -> int:
-        """lb_ct_create: the forward entry, then the reply entry."""
+    def _ct_answered(self, reply: Any, frontend_addr: int, frontend_port: int,
+                     proto: int) -> None:
+        """lb_ct_answered: the first reply marks both entries of the flow."""
+        reply.flags |= _C["LB_CT_SEEN_REPLY"]
+        raw = self._ct.ref(self._ct_key(reply.nat_addr, frontend_addr, reply.nat_port,
+                                        frontend_port, proto, _C["LB_CT_FORWARD"]))
+        if raw is not None:
+            _ffi.from_buffer("struct lb_ct_val *", raw).flags |= _C["LB_CT_SEEN_REPLY"]
+
+    def _ct_create(self, p: Pkt, svc_id: int, backend_id: int, b: Any, masq_addr: int,
+                   masq_port: int, now: int) -> int:
+        """lb_ct_create: the forward entry, then the reply entry, which also
+        remembers the client (for a masqueraded flow's replies)."""
         v = layout.new("struct lb_ct_val", created_ns=now, last_seen_ns=now, svc_id=svc_id,
                        backend_id=backend_id)
+        if masq_addr:
+            v.flags = _C["LB_CT_MASQ"]
+            v.nat_addr = masq_addr
+            v.nat_port = masq_port
         k = self._ct_key(p.saddr, p.daddr, p.sport, p.dport, p.proto, _C["LB_CT_FORWARD"])
         if self._ct.put(k, layout.to_bytes(v)):
             return -1
+        k = self._ct_key(b.addr, masq_addr or p.saddr, b.port,
+                         masq_port if masq_addr else p.sport, p.proto, _C["LB_CT_REPLY"])
         v.backend_id = 0
-        k = self._ct_key(b.addr, p.saddr, b.port, p.sport, p.proto, _C["LB_CT_REPLY"])
+        v.nat_addr = p.saddr
+        v.nat_port = p.sport
         return self._ct.put(k, layout.to_bytes(v))
 
+    def _masq_port(self, p: Pkt, b: Any, masq_addr: int, h: int, now: int) -> int:
+        """lb_masq_port: the client's port unless another live flow holds it
+        towards b, else up to three ports derived from the flow hash."""
+        port = p.sport
+        for i in range(4):
+            raw = self._ct.ref(self._ct_key(b.addr, masq_addr, b.port, port, p.proto,
+                                            _C["LB_CT_REPLY"]))
+            if raw is None:
+                return port
+            v = _ffi.from_buffer("struct lb_ct_val *", raw)
+            if ((now - v.last_seen_ns) & _U64 > self._lifetime(v, p.proto)
+                    or (v.nat_addr == p.saddr and v.nat_port == p.sport)):
+                return port
+            port = socket.htons(32768 + (h >> (i * 8)) % 28232)
+        return port
+
     # --- lb.h --------------------------------------------------------------------------
+
+    def _no_service(self, p: Pkt, scope: int) -> int:
+        """lb_no_service: REJECT at a ClusterIP on a port it lacks, DROP
+        elsewhere in the service CIDRs; only pods reach ClusterIPs."""
+        if scope != self._scope_int:
+            return _STAT["PASS_NOT_SERVICE"]
+        if self._vips.ref(_u32key(p.daddr)) is not None:
+            return _STAT["REJECT_NO_PORT"]
+        if self._svc_cidrs.ref(_pack("struct lb_lpm4_key", prefixlen=32,
+                                     addr=p.daddr)) is not None:
+            return _STAT["DROP_UNKNOWN_VIP"]
+        return _STAT["PASS_NOT_SERVICE"]
+
+    def _source_allowed(self, p: Pkt, svc: Any) -> bool:
+        """lb_source_allowed: loadBalancerSourceRanges."""
+        if not svc.flags & _C["LB_SVC_SOURCE_RANGES"]:
+            return True
+        k = _pack("struct lb_src_range_key", prefixlen=64, svc_id=socket.htonl(svc.svc_id),
+                  addr=p.saddr)
+        return self._source_ranges.ref(k) is not None
 
     def _service(self, p: Pkt, scope: int) -> Any | None:
         raw = self._services.ref(_pack("struct lb_svc_key", addr=p.daddr, port=p.dport,
                                        proto=p.proto, scope=scope))
         return None if raw is None else _ffi.from_buffer("struct lb_svc_val *", raw)
+
+    def _backend_of(self, bid: int, svc: Any) -> Any | None:
+        """lb_backend_of: a backend of this service's port."""
+        b = self._backend(bid)
+        return b if b is not None and b.group_id == svc.group_id else None
 
     def _backend(self, bid: int) -> Any | None:
         """lb_backend: id 0 and ids without an address are no backend."""
@@ -498,7 +692,7 @@ class UserspaceDatapath:
         raw = self._affinity.ref(k)
         if raw is not None:
             a = _ffi.from_buffer("struct lb_affinity_val *", raw)
-            if (now - a.last_used_ns) & _U64 <= timeout and self._backend(a.backend_id):
+            if (now - a.last_used_ns) & _U64 <= timeout and self._backend_of(a.backend_id, svc):
                 a.last_used_ns = now
                 return int(a.backend_id)
         bid = self._maglev_pick(svc, self.flow_hash(p, True))
@@ -512,6 +706,105 @@ class UserspaceDatapath:
         if svc.flags & _C["LB_SVC_AFFINITY"]:
             return self._affinity_pick(p, svc, now)
         return self._maglev_pick(svc, self.flow_hash(p, False))
+
+    # --- policy.h ---------------------------------------------------------------------------
+
+    def _pol_ct_key(self, f: Flow, reverse: bool, direction: int) -> bytes:
+        ct_dir = _CT_POLICY_INGRESS if direction == _POL_INGRESS else _CT_POLICY
+        if reverse:
+            return self._ct_key(f.daddr, f.saddr, f.dport, f.sport, f.proto, ct_dir)
+        return self._ct_key(f.saddr, f.daddr, f.sport, f.dport, f.proto, ct_dir)
+
+    def _pol_known(self, f: Flow, direction: int, tcp_flags: int, now: int) -> bool:
+        """lb_pol_known: a connection this check passed already, either way."""
+        raw = self._ct.ref(self._pol_ct_key(f, False, direction))
+        if raw is None:
+            return False
+        v = _ffi.from_buffer("struct lb_ct_val *", raw)
+        if (now - v.last_seen_ns) & _U64 > self._lifetime(v, f.proto):
+            return False
+        p = Pkt(proto=f.proto, tcp_flags=tcp_flags)
+        # A SYN on a closed flow opens a new connection: judged afresh.
+        if _ct_reopened(v, p):
+            return False
+        self._ct_touch(v, p, now)
+        return True
+
+    def _pol_remember(self, f: Flow, front: Flow | None, direction: int, now: int) -> None:
+        """lb_pol_remember: the flow in this check's key space, its reply in
+        the other's (and, after DNAT, the reply as reverse NAT leaves it)."""
+        v = layout.to_bytes(layout.new("struct lb_ct_val", created_ns=now, last_seen_ns=now,
+                                       flags=_C["LB_CT_SEEN_REPLY"]))
+        other = _POL_EGRESS if direction == _POL_INGRESS else _POL_INGRESS
+        self._ct.put(self._pol_ct_key(f, False, direction), v)
+        self._ct.put(self._pol_ct_key(f, True, other), v)
+        if front is not None and (front.daddr != f.daddr or front.dport != f.dport):
+            self._ct.put(self._pol_ct_key(front, True, other), v)
+
+    def _pol_ports_allow(self, slot: int, proto: int, port: int) -> bool:
+        """lb_pol_ports_allow: the chain of port sets from `slot`."""
+        for _ in range(_C["LB_POL_MAX_CHAIN"]):
+            if not slot:
+                return False
+            raw = self._pol_portsets.ref(_u32key(slot))
+            if raw is None:
+                return False
+            ps = _ffi.from_buffer("struct lb_pol_portset *", raw)
+            for i in range(_C["LB_POL_PORTS_PER_SET"]):
+                if i >= ps.count:
+                    break
+                r = ps.ranges[i]
+                if (r.proto in (_C["LB_POL_PROTO_ANY"], proto)
+                        and r.port_lo <= port <= r.port_hi):
+                    return True
+            slot = int(ps.next)
+        return False
+
+    def _pol_judge(self, local: int, remote: int, proto: int, dport: int, direction: int,
+                   ep: Any) -> int:
+        """lb_pol_judge: 0 allows, else the id of the policy to blame."""
+        ingress = direction == _POL_INGRESS
+        isolated = _C["LB_POL_ISOLATED_INGRESS"] if ingress else _C["LB_POL_ISOLATED_EGRESS"]
+        blame = int(ep.ingress_policy if ingress else ep.egress_policy)
+        if not ep.flags & isolated or remote == local:
+            return 0
+        raw = self._pol_ipcache.ref(_pack("struct lb_lpm4_key", prefixlen=32, addr=remote))
+        peer = None if raw is None else _ffi.from_buffer("struct lb_pol_peer *", raw)
+        identity = int(peer.identity) if peer is not None else _C["LB_POL_IDENTITY_ANY"]
+        if ingress and peer is not None and peer.flags & _C["LB_POL_PEER_HOST"]:
+            return 0
+        slot = self._pol_rules.ref(_pack("struct lb_pol_rule_key", ep_addr=local,
+                                         identity=identity, dir=direction))
+        if slot is None and identity != _C["LB_POL_IDENTITY_ANY"]:
+            slot = self._pol_rules.ref(_pack("struct lb_pol_rule_key", ep_addr=local,
+                                             identity=_C["LB_POL_IDENTITY_ANY"],
+                                             dir=direction))
+        port = socket.ntohs(dport) if proto in (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP) else 0
+        if slot is not None and self._pol_ports_allow(_U32N.unpack_from(slot)[0], proto, port):
+            return 0
+        return blame or 1
+
+    def _policy(self, f: Flow, front: Flow | None, local: int, direction: int,
+                tcp_flags: int, size: int) -> bool:
+        """lb_policy: True to drop. Pods no policy isolates cost one miss."""
+        raw = self._pol_endpoints.ref(_u32key(local))
+        if raw is None:
+            return False
+        ep = _ffi.from_buffer("struct lb_pol_endpoint *", raw)
+        now = self.coarse_clock() & _U64
+        if self._pol_known(f, direction, tcp_flags, now):
+            return False
+        blame = self._pol_judge(local, f.saddr if direction == _POL_INGRESS else f.daddr,
+                                f.proto, f.dport, direction, ep)
+        if blame:
+            drops = self._pol_drops.ref(_u32key(blame))
+            if drops is not None:
+                s = _ffi.from_buffer("struct lb_stat *", drops)
+                s.packets += 1
+                s.bytes += size
+            return True
+        self._pol_remember(f, front, direction, now)
+        return False
 
     # --- stats.h -------------------------------------------------------------------------
 

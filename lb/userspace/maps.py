@@ -166,6 +166,11 @@ class DictMap(BpfMap):
             self._data.move_to_end(kb)
         return 0
 
+    def written_keys(self) -> list[bytes]:
+        """Raw keys of the entries held; for an array, of the slots ever
+        written (the others are zero)."""
+        return list(self._lpm_keys.get(kb, kb) for kb in self._data)
+
     def clear(self) -> None:
         """Every hash entry deleted, every array slot zero."""
         self._data.clear()
@@ -226,6 +231,17 @@ class DictMap(BpfMap):
             return
         for kb, raw in list(self._data.items()):
             yield self._key_of(kb), self._decode(raw)
+
+    def raw_items(self) -> Iterator[tuple[bytes, bytes]]:
+        pad = bytes(self._vsize - self._size)
+        if self._array:
+            zero = bytes(self._size)
+            for i in range(self.max_entries):
+                kb = i.to_bytes(self._ksize, sys.byteorder)
+                yield kb, bytes(self._data.get(kb, zero)) + pad
+            return
+        for kb, raw in list(self._data.items()):
+            yield self._lpm_keys.get(kb, kb), bytes(raw) + pad
 
     def update_batch(self, keys: bytes, values: bytes, count: int) -> None:
         if len(keys) < count * self._ksize or len(values) < count * self._vsize:
