@@ -24,7 +24,7 @@ test-e2e: setup
 	$(PYTEST) -q tests/e2e
 
 lint: setup
-	.venv/bin/ruff check lb loader tests
+	.venv/bin/ruff check lb loader tests bench
 	.venv/bin/mypy --strict lb loader
 
 test-cluster: setup k8s

@@ -1,0 +1,330 @@
+"""Programming cost: services with 10 endpoints each, from empty and one change at a time.
+
+This project: desired.compute over the cluster model, then Reconciler.sync into the real
+pinned maps of a freshly loaded datapath, exactly what the agent does on every change. Each
+size runs in its own process (`python -m bench.control_plane worker ...`), so time and peak
+RSS belong to that size alone. The peak is read twice: for the whole process (ru_maxrss,
+BCC's compiler included) and for the programming step alone (VmHWM after resetting it
+through /proc/self/clear_refs once the programs are loaded).
+
+`desired.compute` is timed twice: with the model as it is (`lb.model.Cluster`, whose
+`slices_of` scans every slice, so the cost grows with the square of the service count) and
+with the slices indexed by service (bench.workload.IndexedCluster). A stock run that is
+projected past COMPUTE_CAP is not run; the projection (from the previous size, quadratic)
+is reported instead. One change (one endpoint of one service replaced) is timed as the
+agent runs it: compute over the whole model plus a sync that writes the difference; the
+sync alone is reported too.
+
+Baselines, in a throwaway network namespace: kube-proxy's rule sets for the same services
+(bench.kuberules) loaded with `iptables-restore --noflush` (the Debian default `iptables`,
+nf_tables based, and `iptables-legacy`) and with `nft -f`. One change for iptables is what
+kube-proxy >= 1.28 sends (a partial restore: every top-level chain, KUBE-SERVICES with one
+rule per service, rewritten in full plus the changed service's chains) and, for reference,
+the full restore it sends on a full resync (and for every change before 1.28); for nftables
+the small transaction its nftables mode sends. The rule generation (Python here, Go in
+kube-proxy) is not timed. Loads projected past LOAD_CAP are not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import kuberules, workload
+from bench.common import (
+    REPO,
+    BenchError,
+    Mode,
+    datapath,
+    in_netns,
+    log,
+    median,
+    throwaway_netns,
+    write_result,
+)
+
+SIZES_FULL = (1_000, 10_000, 30_000)
+ENDPOINTS = 10
+CHANGES = 5
+COMPUTE_CAP = 120.0
+LOAD_CAP = 150.0
+NODE_IP = "192.0.2.1"
+TOOLS = ("iptables", "iptables-legacy", "nftables")
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> None:
+    # "5" resets VmHWM to the current RSS (Linux >= 4.0).
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    def fire(signum: int, frame: FrameType | None) -> None:
+        raise _Timeout
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _changed_specs(specs: list[workload.SvcSpec], k: int) -> tuple[int, workload.SvcSpec]:
+    """Which service the k-th change touches, and its new form."""
+    idx = (k + 1) * len(specs) // (CHANGES + 2)
+    return idx, workload.with_endpoint_replaced(specs[idx], 0, k + 1)
+
+
+# -- this project (worker side) --------------------------------------------------------------
+
+def ours_worker(services: int, stock: bool) -> dict[str, Any]:
+    from lb import desired
+    from lb.instance import Sizes, reconciler_for
+    from lb.maglev import table_size
+
+    needed = (services + CHANGES + 1) * table_size(ENDPOINTS)
+    sizes = Sizes(max_services=1 << max(12, math.ceil(math.log2(services * 1.2))),
+                  max_backends=1 << max(14, math.ceil(math.log2(services * ENDPOINTS * 1.2))),
+                  maglev_slots=1 << max(20, math.ceil(math.log2(needed))), ct_size=1 << 16)
+    out: dict[str, Any] = {"services": services, "endpoints": services * ENDPOINTS,
+                           "rss_start_kib": _status_kb("VmRSS")}
+    started = time.perf_counter()
+    with datapath(sizes, "cp") as dp:
+        out["compile_seconds"] = time.perf_counter() - started
+        out["rss_loaded_kib"] = _status_kb("VmRSS")
+        rec = reconciler_for(dp)
+        node = workload.node_model("node", [NODE_IP])
+        _reset_peak()
+        specs = workload.fillers(services, ENDPOINTS)
+        plain = workload.cluster_of(specs, indexed=False)
+        indexed = workload.cluster_of(specs)
+        out["compute_stock_seconds"] = None
+        if stock:
+            try:
+                with _deadline(COMPUTE_CAP):
+                    t = time.perf_counter()
+                    desired.compute(plain, node)
+                    out["compute_stock_seconds"] = time.perf_counter() - t
+            except _Timeout:
+                out["compute_stock_timeout"] = COMPUTE_CAP
+        del plain
+        t = time.perf_counter()
+        state = desired.compute(indexed, node)
+        out["compute_indexed_seconds"] = time.perf_counter() - t
+        t = time.perf_counter()
+        res = rec.sync(state)
+        out["sync_seconds"] = time.perf_counter() - t
+        if res.errors or res.added != services:
+            raise BenchError(f"sync of {services} services: {res.added} added, "
+                             f"{res.errors[:3]}")
+        out["peak_rss_programming_kib"] = _status_kb("VmHWM")
+        changes_sync, changes_total = [], []
+        for k in range(CHANGES):
+            idx, new = _changed_specs(specs, k)
+            specs[idx] = new
+            cluster = workload.cluster_of(specs)
+            t = time.perf_counter()
+            state = desired.compute(cluster, node)
+            t_compute = time.perf_counter() - t
+            t = time.perf_counter()
+            res = rec.sync(state)
+            t_sync = time.perf_counter() - t
+            if res.errors or res.updated != 1:
+                raise BenchError(f"change {k}: {res.updated} updated, {res.errors[:3]}")
+            changes_sync.append(t_sync)
+            changes_total.append(t_compute + t_sync)
+        out["change_sync_seconds"] = median(changes_sync)
+        out["change_indexed_seconds"] = median(changes_total)
+    out["peak_rss_process_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return out
+
+
+# -- baselines (worker side) -----------------------------------------------------------------
+
+def _restore(tool: str) -> list[str]:
+    name = "iptables-restore" if tool == "iptables" else "iptables-legacy-restore"
+    return [name, "-w", "5", "--noflush", "--counters"]
+
+
+def rules_worker(tool: str, services: int) -> dict[str, Any]:
+    specs = workload.fillers(services, ENDPOINTS)
+    out: dict[str, Any] = {"tool": tool, "services": services}
+    with throwaway_netns("cp") as ns:
+        if tool == "nftables":
+            text = kuberules.nft_ruleset(specs, [NODE_IP])
+            out["rules"] = kuberules.count_nft_rules(text)
+            out["load_seconds"], _ = in_netns(ns, ["nft", "-f", "-"], input=text,
+                                              timeout=LOAD_CAP * 4)
+            times = []
+            for k in range(CHANGES):
+                idx, new = _changed_specs(specs, k)
+                change = kuberules.nft_endpoint_change(specs[idx], new)
+                specs[idx] = new
+                took, _ = in_netns(ns, ["nft", "-f", "-"], input=change)
+                times.append(took)
+            out["change_seconds"] = median(times)
+        else:
+            in_netns(ns, _restore(tool)[:-1], input=kuberules.iptables_base())
+            text = kuberules.iptables_rules(specs)
+            out["rules"] = kuberules.count_iptables_rules(text)
+            out["load_seconds"], _ = in_netns(ns, _restore(tool), input=text,
+                                              timeout=LOAD_CAP * 4)
+            times = []
+            for k in range(CHANGES):
+                idx, new = _changed_specs(specs, k)
+                gone = kuberules.sep_chain(specs[idx], specs[idx].endpoints[0])
+                specs[idx] = new
+                partial = kuberules.iptables_rules(specs, changed=[new], deleted_chains=[gone])
+                took, _ = in_netns(ns, _restore(tool), input=partial)
+                times.append(took)
+            out["change_seconds"] = median(times)
+            if out["load_seconds"] <= LOAD_CAP / 2:
+                out["full_resync_seconds"], _ = in_netns(
+                    ns, _restore(tool), input=kuberules.iptables_rules(specs),
+                    timeout=LOAD_CAP * 4)
+        # Children: `ip netns exec` execs the tool, so this is the largest tool process.
+        out["peak_rss_tool_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return out
+
+
+# -- orchestration ---------------------------------------------------------------------------
+
+def _worker(args: Sequence[str], timeout: float) -> dict[str, Any]:
+    """Run one measurement in its own process. On a timeout (or our own interruption) it
+    gets SIGTERM first, so that it removes its namespace and pins itself."""
+    cmd = [sys.executable, "-m", "bench.control_plane", "worker", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException as e:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise BenchError(f"{' '.join(args)}: no result within {timeout:.0f} s") from e
+        raise
+    if proc.returncode != 0:
+        raise BenchError(f"worker {' '.join(args)} failed: {stderr.strip()[-1500:]}")
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    return result
+
+
+def _project(points: list[tuple[int, float]], size: int) -> float | None:
+    """Time at `size` from earlier (size, seconds) points: the fitted power law of the last
+    two points, or quadratic growth from a single point."""
+    if not points:
+        return None
+    (n1, t1) = points[-1]
+    exponent = 2.0
+    if len(points) >= 2:
+        (n0, t0) = points[-2]
+        if t0 > 0 and t1 > 0 and n1 != n0:
+            exponent = max(1.0, math.log(t1 / t0) / math.log(n1 / n0))
+    return float(t1 * (size / n1) ** exponent)
+
+
+def run(mode: Mode, sizes: Sequence[int] | None = None,
+        tools: Sequence[str] = TOOLS) -> dict[str, Any]:
+    sizes = sizes or ((1_000,) if mode.quick else SIZES_FULL)
+    ours: list[dict[str, Any]] = []
+    stock_points: list[tuple[int, float]] = []
+    for n in sizes:
+        projected = _project(stock_points, n)
+        stock = projected is None or projected <= COMPUTE_CAP
+        row = _worker(["ours", str(n), "--stock" if stock else "--no-stock"], timeout=3600)
+        if not stock:
+            row["compute_stock_projected_seconds"] = projected
+        elif row.get("compute_stock_seconds") is not None:
+            stock_points.append((n, row["compute_stock_seconds"]))
+        ours.append(row)
+        log(f"control_plane: xdplb {n} services: compute {row['compute_indexed_seconds']:.2f} s "
+            f"(stock {row.get('compute_stock_seconds') or projected or 0:.1f} s), sync "
+            f"{row['sync_seconds']:.2f} s, change {row['change_indexed_seconds'] * 1000:.0f} ms "
+            f"(sync alone {row['change_sync_seconds'] * 1000:.1f} ms), peak RSS "
+            f"{row['peak_rss_programming_kib'] / 1024:.0f} MiB")
+    baselines: list[dict[str, Any]] = []
+    for tool in tools:
+        points: list[tuple[int, float]] = []
+        for n in sizes:
+            projected = _project(points, n)
+            if projected is not None and projected > LOAD_CAP:
+                baselines.append({"tool": tool, "services": n, "skipped": True,
+                                  "load_projected_seconds": projected})
+                log(f"control_plane: {tool} {n} services: not run, projected "
+                    f"{projected:.0f} s")
+                continue
+            row = _worker(["rules", tool, str(n)], timeout=LOAD_CAP * 10)
+            points.append((n, row["load_seconds"]))
+            baselines.append(row)
+            log(f"control_plane: {tool} {n} services: {row['rules']} rules loaded in "
+                f"{row['load_seconds']:.2f} s, change {row['change_seconds'] * 1000:.0f} ms")
+    return {
+        "method": {"endpoints_per_service": ENDPOINTS, "changes": CHANGES,
+                   "compute_cap_seconds": COMPUTE_CAP, "load_cap_seconds": LOAD_CAP},
+        "xdplb": ours,
+        "baselines": baselines,
+    }
+
+
+def main(mode: Mode) -> dict[str, Any]:
+    started, load = time.time(), os.getloadavg()[0]
+    data = run(mode)
+    path = write_result("control_plane", mode, data, started, load)
+    log(f"control_plane: wrote {path}")
+    return data
+
+
+def _worker_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.control_plane worker")
+    sub = p.add_subparsers(dest="what", required=True)
+    o = sub.add_parser("ours")
+    o.add_argument("services", type=int)
+    o.add_argument("--stock", action=argparse.BooleanOptionalAction, default=True)
+    r = sub.add_parser("rules")
+    r.add_argument("tool", choices=TOOLS)
+    r.add_argument("services", type=int)
+    args = p.parse_args(argv)
+    if args.what == "ours":
+        out = ours_worker(args.services, args.stock)
+    else:
+        out = rules_worker(args.tool, args.services)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    # SIGTERM unwinds like an exception, so namespaces and pins are removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if sys.argv[1:2] == ["worker"]:
+        sys.exit(_worker_main(sys.argv[2:]))
+    sys.exit("usage: python -m bench.control_plane worker {ours|rules} ...")

@@ -1,0 +1,501 @@
+"""bench/RESULTS.md and its plots, rebuilt from the newest result of each benchmark.
+
+A full run's results are preferred; a benchmark with only quick results is shown from those
+and labelled so.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import BENCH_DIR, RESULTS_DIR, RESULTS_MD
+
+PLOTS = BENCH_DIR / "plots"
+KIND_LABEL = {"direct": "direct (no service)", "xdplb": "xdplb (this project)",
+              "iptables": "kube-proxy iptables", "nftables": "kube-proxy nftables"}
+KIND_COLOR = {"direct": "#888888", "xdplb": "#1f77b4", "iptables": "#d62728",
+              "nftables": "#ff7f0e"}
+
+
+def newest(name: str) -> dict[str, Any] | None:
+    """The newest full result of `name`, else the newest quick one."""
+    for pattern in (f"*-{name}.json", f"*-{name}-quick.json"):
+        found = sorted(RESULTS_DIR.glob(pattern), key=lambda p: (p.name[:10], p.stat().st_mtime))
+        if found:
+            doc: dict[str, Any] = json.loads(found[-1].read_text())
+            doc["_file"] = str(found[-1].relative_to(BENCH_DIR))
+            return doc
+    return None
+
+
+# -- formatting ------------------------------------------------------------------------------
+
+def _n(value: float | None, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _secs(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value < 1:
+        return f"{value * 1000:.0f} ms" if value >= 0.01 else f"{value * 1000:.1f} ms"
+    return f"{value:.1f} s"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return [*out, ""]
+
+
+def _yes(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("yes" if ok else "**no**")
+
+
+# -- plots -----------------------------------------------------------------------------------
+
+def _plot(name: str, draw: Callable[[Any], None]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    fig = plt.figure(figsize=(10, 6.5))
+    draw(fig)
+    fig.tight_layout()
+    path = PLOTS / f"{name}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return f"plots/{path.name}"
+
+
+def _requests_plot(summary: list[dict[str, Any]]) -> str:
+    def draw(fig: Any) -> None:
+        panels = [(p, load) for load in ("keepalive", "connections")
+                  for p in ("clusterip", "nodeport")]
+        scales = sorted({r["services"] for r in summary})
+        kinds = [k for k in KIND_LABEL if any(r["kind"] == k for r in summary)]
+        for i, (path, load) in enumerate(panels):
+            ax = fig.add_subplot(2, 2, i + 1)
+            width = 0.8 / max(1, len(kinds))
+            for j, kind in enumerate(kinds):
+                vals = [next((r["requests_per_s"] for r in summary if r["services"] == n
+                              and r["path"] == path and r["load"] == load
+                              and r["kind"] == kind), 0.0) for n in scales]
+                xs = [x + (j - (len(kinds) - 1) / 2) * width for x in range(len(scales))]
+                ax.bar(xs, vals, width, label=KIND_LABEL[kind], color=KIND_COLOR[kind])
+            ax.set_xticks(range(len(scales)), [f"{n:,}" for n in scales])
+            ax.set_xlabel("services installed")
+            ax.set_ylabel("requests/s" if load == "keepalive" else "connections/s")
+            ax.set_title(f"{'ClusterIP' if path == 'clusterip' else 'NodePort'}, "
+                         f"{'keep-alive' if load == 'keepalive' else 'new connection each'}")
+            if i == 0:
+                ax.legend(fontsize=8)
+    return _plot("requests", draw)
+
+
+def _packet_plot(rows: list[dict[str, Any]]) -> str:
+    def draw(fig: Any) -> None:
+        backends = sorted({r["backends"] for r in rows})
+        for i, key in enumerate(("established", "new")):
+            ax = fig.add_subplot(1, 2, i + 1)
+            for prog, style in (("tc", "-"), ("xdp", "--")):
+                for b in backends:
+                    pts = sorted((r["services"], r[f"{prog}_{key}"]) for r in rows
+                                 if r["backends"] == b)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
+                            label=f"{prog}, {b} backend{'s' if b > 1 else ''}")
+            ax.set_xscale("log")
+            ax.set_ylim(bottom=0)
+            ax.set_xlabel("services installed")
+            ax.set_ylabel("ns per packet")
+            ax.set_title("established flow (DNAT_ESTABLISHED)" if key == "established"
+                         else "new flow (DNAT_NEW, conntrack insert)")
+            ax.legend(fontsize=7)
+    return _plot("packet_cost", draw)
+
+
+def _control_plot(doc: dict[str, Any]) -> str:
+    def draw(fig: Any) -> None:
+        ours = doc["xdplb"]
+        base = [b for b in doc["baselines"] if not b.get("skipped")]
+        for i, key in enumerate(("program", "change")):
+            ax = fig.add_subplot(1, 2, i + 1)
+            if key == "program":
+                series = {"xdplb (compute stock + sync)": [
+                    (r["services"], _ours_total(r)) for r in ours if _ours_total(r)],
+                    "xdplb (compute indexed + sync)": [
+                    (r["services"], r["compute_indexed_seconds"] + r["sync_seconds"])
+                    for r in ours]}
+            else:
+                series = {"xdplb (compute stock + sync)": [
+                    (r["services"], _ours_change(r)) for r in ours if _ours_change(r)],
+                    "xdplb (compute indexed + sync)": [
+                    (r["services"], r["change_indexed_seconds"]) for r in ours],
+                    "xdplb (sync alone)": [
+                    (r["services"], r["change_sync_seconds"]) for r in ours]}
+            for tool in sorted({b["tool"] for b in base}):
+                field = "load_seconds" if key == "program" else "change_seconds"
+                series[f"kube-proxy {tool}"] = [(b["services"], b[field]) for b in base
+                                                if b["tool"] == tool]
+            for label, pts in series.items():
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("services (10 endpoints each)")
+            ax.set_ylabel("seconds")
+            ax.set_title("program from empty" if key == "program" else "apply one change")
+            ax.legend(fontsize=7)
+    return _plot("control_plane", draw)
+
+
+# -- sections --------------------------------------------------------------------------------
+
+def _ours_total(r: dict[str, Any]) -> float | None:
+    stock = r.get("compute_stock_seconds")
+    return None if stock is None else stock + r["sync_seconds"]
+
+
+def _ours_change(r: dict[str, Any]) -> float | None:
+    stock = r.get("compute_stock_seconds")
+    return None if stock is None else stock + r["change_sync_seconds"]
+
+
+def _machine(docs: Sequence[dict[str, Any]]) -> list[str]:
+    m = docs[0]["machine"]
+    out = ["## Machine", "",
+           f"- {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, kernel {m['kernel']}, "
+           f"Python {m['python']}",
+           f"- `iptables` is {m['iptables']}; also {m['iptables_legacy']}; {m['nft']}; "
+           f"{m['wrk']}"]
+    for d in docs:
+        loads = d.get("load_average")
+        extra = f", load average {loads[0]:.1f} -> {loads[1]:.1f}" if loads else ""
+        out.append(f"- `{d['_file']}`: {d['mode']} run started {d['started']}, took "
+                   f"{d['seconds'] / 60:.1f} min{extra}")
+    return [*out, ""]
+
+
+def _requests_section(doc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    summary = doc["summary"]
+    by = {(r["services"], r["path"], r["load"], r["kind"]): r for r in summary}
+    scales = sorted({r["services"] for r in summary})
+    method = doc["method"]
+    out = ["## 1. Requests through a service (wrk)", "",
+           f"wrk `{method['wrk']}` from a client pod to the ClusterIP (and from the outside "
+           "namespace to the NodePort) of a service with two backend pods running "
+           f"`lb.lab.servers http` ({method['backend_workers']} workers each, TCP_NODELAY, "
+           f"backlog 1024). Median of {method['repetitions']} repetition(s); within a "
+           "repetition the kinds take turns on every row (in an order rotating per "
+           "repetition), so a change in background load hits all of them alike. Each kind "
+           "lives in its own lab topology; `direct` sends to the pod IPs themselves, one wrk "
+           "thread per pod. Services installed: the measured one plus fillers (ClusterIPs with "
+           f"{method['filler_endpoints']} endpoints each); in iptables' KUBE-SERVICES the "
+           "measured service is the last rule.", "",
+           "Clean state (TIME_WAIT and PAWS): " + method["clean_state"] + ". So no run "
+           "inherits TIME_WAIT sockets or conntrack entries from an earlier one. Within a "
+           "repetition keep-alive runs come first (wrk closes those connections, so the "
+           "backends keep no TIME_WAIT from them); the new-connection runs (`Connection: "
+           "close`, one request per connection, the backend closes first) via ClusterIP and "
+           "via NodePort never share a 4-tuple at the backends (pod source vs node or "
+           "outside source). Inside one new-connection run the client's ports (1024-65535, "
+           "even ones first for connect()) do come round again after about 30k connections; "
+           "a SYN meeting its own TIME_WAIT socket is accepted (timestamps increase), and the "
+           "counters below show whether any was refused.", ""]
+    loads = doc.get("rule_load_seconds") or {}
+    if loads:
+        out += ["Rule sets loaded into the node namespace before the runs: " + "; ".join(
+            f"{n} services: " + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(t.items()))
+            for n, t in loads.items()) + ".", ""]
+    verdicts: dict[str, Any] = {"direct": [], "beats": []}
+    for path in ("clusterip", "nodeport"):
+        title = "ClusterIP from a pod" if path == "clusterip" else \
+            "NodePort from outside (XDP on the node device for xdplb)"
+        rows = []
+        for load in ("keepalive", "connections"):
+            for n in scales:
+                get: dict[str, Any] = {k: by.get((n, path, load, k)) for k in KIND_LABEL}
+                ours = get["xdplb"]
+                if ours is None:
+                    continue
+
+                def rate(k: str, get: dict[str, Any] = get) -> str:
+                    r = get[k]
+                    return "n/a" if r is None else \
+                        f"{r['requests_per_s']:,.0f} ({r['p50_ms']:.2f} / {r['p99_ms']:.2f})"
+
+                ratios = {k: (ours["requests_per_s"] / get[k]["requests_per_s"]
+                              if get[k] else None) for k in ("direct", "iptables", "nftables")}
+                if ratios["direct"] is not None:
+                    verdicts["direct"].append((path, load, n, ratios["direct"]))
+                for k in ("iptables", "nftables"):
+                    if ratios[k] is not None:
+                        verdicts["beats"].append((path, load, n, k, ratios[k]))
+                rows.append([load.replace("keepalive", "keep-alive")
+                             .replace("connections", "new conn."), f"{n:,}",
+                             rate("direct"), rate("xdplb"), rate("iptables"), rate("nftables"),
+                             _ratio(ratios["direct"]), _ratio(ratios["iptables"]),
+                             _ratio(ratios["nftables"])])
+        out += [f"### {title}", "", "requests/s (p50 / p99 latency in ms); ratios are "
+                "xdplb's requests/s over the other's.", ""]
+        out += _table(["load", "services", "direct", "xdplb", "iptables", "nftables",
+                       "vs direct", "vs iptables", "vs nftables"], rows)
+    def total(key: str) -> int:
+        return sum(int(r.get(key, 0)) for r in summary)
+
+    out += [f"Over all runs: wrk socket errors {total('socket_errors')}, client SYN "
+            f"retransmits {total('syn_retrans')}, backend listen drops "
+            f"{total('listen_drops')}, SYNs refused by PAWS at a TIME_WAIT socket "
+            f"{total('paws_timewait')}.", ""]
+    lossy = [r for r in summary if r.get("syn_retrans") or r.get("paws_timewait")]
+    if lossy:
+        out += ["Rows whose SYNs were retransmitted (each costs the client a 1 s timeout), "
+                f"summed over the {method['repetitions']} repetition(s):", ""]
+        out += _table(["path", "load", "services", "kind", "client SYN retransmits",
+                       "refused by PAWS at a backend TIME_WAIT socket"],
+                      [[r["path"], r["load"], f"{r['services']:,}", r["kind"],
+                        str(r["syn_retrans"]), str(r["paws_timewait"])] for r in lossy])
+    out += [
+            f"![requests]({_requests_plot(summary)})", ""]
+    return out, verdicts
+
+
+def _packet_section(doc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    rows = doc["rows"]
+    m = doc["method"]
+    out = ["## 2. Cost per packet (BPF_PROG_TEST_RUN)", "",
+           "Nanoseconds per packet as the kernel reports them for the real programs. "
+           f"Established: `repeat={m['repeat']:,}` on a mirror pair of services (service A's "
+           "backend is service B's VIP, B's backend is A's VIP), so that every repetition is "
+           "a conntrack hit plus a full DNAT even though each run sees the frame the previous "
+           f"one rewrote; the best of {m['trials']} trials (other work on the machine only "
+           "adds time; the medians are in the JSON). The whole sweep runs "
+           f"{m.get('sweeps', 1)} time(s), each on a freshly loaded datapath; a "
+           "configuration whose established cost came out more than 15% above the lowest "
+           "seen so far was measured again after a pause (the machine's other work comes "
+           "in bursts and only adds time; a cost that really grew with the service count "
+           "would show every time), and each row shows the lowest figure over all "
+           "measurements of its configuration (`measured` column). New flows: `repeat=1` on "
+           f"{m['single_runs']:,} frames with distinct source ports (each misses conntrack and "
+           "inserts two entries; XDP's NodePort also picks a masquerade port), median, minus "
+           "the fixed cost of a single timed run, measured on the established path as "
+           "median(repeat=1) - mean(repeat=N). Pass: a frame that is no service. Every row is "
+           "checked against the datapath's per-reason counters (lb_stats): each run must "
+           "have counted as the path it is reported under. Fillers are ClusterIP services "
+           "with one endpoint, programmed through desired.compute and the Reconciler (the "
+           "same path as the agent). The frame repeats, so caches are warm: this is the cost "
+           "of instructions and helpers, not of cache misses.", ""]
+    table = []
+    for r in sorted(rows, key=lambda r: (r["backends"], r["services"])):
+        table.append([f"{r['services']:,}", f"{r['backends']:,}", _n(r["tc_pass"]),
+                      _n(r["tc_established"]), _n(r["tc_new"]), _n(r["xdp_pass"]),
+                      _n(r["xdp_established"]), _n(r["xdp_new"]),
+                      str(r.get("measurements", 1)),
+                      "yes" if r["verified"] else "**no**"])
+    out += _table(["services", "backends", "tc pass", "tc established", "tc new",
+                   "XDP pass", "XDP established", "XDP new", "measured", "verified"], table)
+    flat: dict[str, Any] = {}
+    for key in ("tc_established", "xdp_established", "tc_new", "xdp_new"):
+        worst = 0.0
+        for b in {r["backends"] for r in rows}:
+            pts = [r[key] for r in rows if r["backends"] == b]
+            if len(pts) > 1 and min(pts) > 0:
+                worst = max(worst, max(pts) / min(pts))
+        flat[key] = worst or None
+    out += ["Spread over the service counts (largest / smallest, worst backend count): " +
+            ", ".join(f"{k.replace('_', ' ')} {_ratio(v)}" for k, v in flat.items()) + ".", "",
+            f"![packet cost]({_packet_plot(rows)})", ""]
+    return out, flat
+
+
+def _control_section(doc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    ours = doc["xdplb"]
+    base = doc["baselines"]
+    out = ["## 3. Control plane: programming services (10 endpoints each)", "",
+           "xdplb: `desired.compute` over the cluster model, then `Reconciler.sync` into the "
+           "pinned maps of a loaded datapath, in a fresh process per size. `compute (stock)` "
+           "uses the model as it is; `compute (indexed)` the same code with the model's "
+           "slices indexed by service (see the findings). One change = one endpoint of one "
+           "service replaced, applied as the agent does (compute over everything, then a sync "
+           "that writes the difference); median of "
+           f"{doc['method']['changes']}. Peak RSS is the agent process's high-water mark "
+           "while programming (after the programs were loaded) and for the whole process "
+           "(BCC's compiler included).", "",
+           "Baselines: kube-proxy's rule sets for the same services loaded into a throwaway "
+           "namespace. iptables: `iptables-restore --noflush --counters`; one change is the "
+           "partial restore kube-proxy >= 1.28 sends (KUBE-SERVICES and the other top-level "
+           "chains in full, plus the changed service's chains), `full resync` the complete "
+           "restore (its periodic resync, and every change before 1.28). nftables: `nft -f`; "
+           "one change is the transaction kube-proxy's nftables mode sends (new endpoint "
+           "chain, service chain flushed and rewritten, old endpoint chain removed). Peak RSS "
+           "is the tool's. Sizes projected to take longer than "
+           f"{doc['method']['load_cap_seconds']:.0f} s were not run.", ""]
+    rows = []
+    for r in ours:
+        stock = r.get("compute_stock_seconds")
+        stock_s = _secs(stock) if stock is not None else (
+            f"> {_secs(r['compute_stock_timeout'])}" if r.get("compute_stock_timeout") else
+            f"~{_secs(r.get('compute_stock_projected_seconds'))} (projected, not run)")
+        total = _ours_total(r)
+        rows.append([f"{r['services']:,}", stock_s, _secs(r["compute_indexed_seconds"]),
+                     _secs(r["sync_seconds"]),
+                     _secs(total) if total else "n/a",
+                     _secs(r["compute_indexed_seconds"] + r["sync_seconds"]),
+                     _secs(_ours_change(r)), _secs(r["change_indexed_seconds"]),
+                     _secs(r["change_sync_seconds"]),
+                     f"{(r['peak_rss_programming_kib'] - r['rss_loaded_kib']) / 1024:.0f} MiB "
+                     f"(+{r['rss_loaded_kib'] / 1024:.0f})",
+                     f"{r['peak_rss_process_kib'] / 1024:.0f} MiB"])
+    out += ["### xdplb", ""]
+    out += _table(["services", "compute (stock)", "compute (indexed)", "sync",
+                   "program: stock + sync", "program: indexed + sync", "change (stock)",
+                   "change (indexed)", "change: sync alone", "RSS programming (+loaded)",
+                   "RSS peak"], rows)
+    rows = []
+    for b in base:
+        if b.get("skipped"):
+            rows.append([b["tool"], f"{b['services']:,}", "n/a",
+                         f"~{_secs(b['load_projected_seconds'])} (projected, not run)",
+                         "n/a", "n/a", "n/a"])
+            continue
+        rows.append([b["tool"], f"{b['services']:,}", f"{b['rules']:,}",
+                     _secs(b["load_seconds"]), _secs(b["change_seconds"]),
+                     _secs(b.get("full_resync_seconds")),
+                     f"{b['peak_rss_tool_kib'] / 1024:.0f} MiB"])
+    out += ["### kube-proxy's rule sets", ""]
+    out += _table(["tool", "services", "rules", "load from empty", "one change",
+                   "full resync", "tool peak RSS"], rows)
+    out += [f"![control plane]({_control_plot(doc)})", ""]
+    return out, {"ours": ours, "base": base}
+
+
+def _targets(req: dict[str, Any] | None, flat: dict[str, Any] | None,
+             cp: dict[str, Any] | None) -> list[str]:
+    rows: list[list[str]] = []
+    if req is not None:
+        ka = [v for v in req["direct"] if v[1] == "keepalive"]
+        worst = min(ka, key=lambda v: v[3]) if ka else None
+        rows.append(["keep-alive requests/s within 3% of direct",
+                     ", ".join(f"{p} {n:,}: {_ratio(r)}" for p, _, n, r in ka) or "n/a",
+                     _yes(None if worst is None else worst[3] >= 0.97)])
+        conn = [v for v in req["direct"] if v[1] == "connections"]
+        rows.append(["(new connections/s vs direct, for reference)",
+                     ", ".join(f"{p} {n:,}: {_ratio(r)}" for p, _, n, r in conn) or "n/a",
+                     ""])
+        beats = req["beats"]
+        lost = [f"{p} {load} {n:,} vs {k} {_ratio(r)}" for p, load, n, k, r in beats if r < 1]
+        rows.append(["requests/s above both rule-based baselines on every row",
+                     f"{len(beats) - len(lost)} of {len(beats)} rows"
+                     + (f"; behind: {'; '.join(lost)}" if lost else ""),
+                     _yes(not lost if beats else None)])
+    if flat is not None:
+        est = [v for k, v in flat.items() if k.endswith("established") and v]
+        rows.append(["packet cost flat from 1 to 100k services (<= 1.1x)",
+                     ", ".join(f"{k.replace('_', ' ')} {_ratio(v)}" for k, v in flat.items()),
+                     _yes(max(est) <= 1.1 if est else None)])
+    if cp is not None:
+        at = {r["services"]: r for r in cp["ours"]}
+        r10 = at.get(10_000)
+        if r10:
+            stock = _ours_total(r10)
+            indexed = r10["compute_indexed_seconds"] + r10["sync_seconds"]
+            rows.append(["10k services programmed in under 2 s",
+                         f"{_secs(stock)} (stock), {_secs(indexed)} (indexed model)",
+                         _yes(stock is not None and stock < 2)])
+        r30 = at.get(30_000)
+        if r30:
+            rows.append(["one change applied in under 50 ms at 30k services",
+                         f"{_secs(_ours_change(r30))} (stock), "
+                         f"{_secs(r30['change_indexed_seconds'])} (indexed model), "
+                         f"{_secs(r30['change_sync_seconds'])} (sync alone)",
+                         _yes(r30["change_indexed_seconds"] < 0.05)])
+        lost_cp = []
+        total_cp = 0
+        for b in cp["base"]:
+            if b.get("skipped"):
+                continue
+            r = at.get(b["services"])
+            if not r:
+                continue
+            total_cp += 2
+            prog = _ours_total(r) or r["compute_indexed_seconds"] + r["sync_seconds"]
+            change = _ours_change(r) or r["change_indexed_seconds"]
+            if prog >= b["load_seconds"]:
+                lost_cp.append(f"load {b['tool']} {b['services']:,}")
+            if change >= b["change_seconds"]:
+                lost_cp.append(f"change {b['tool']} {b['services']:,}")
+        rows.append(["control plane faster than both baselines on every row",
+                     f"{total_cp - len(lost_cp)} of {total_cp} rows"
+                     + (f"; behind: {', '.join(lost_cp)}" if lost_cp else ""),
+                     _yes(not lost_cp if total_cp else None)])
+    return ["## Targets", "", "Reported, not asserted. Ratios are this project over the "
+            "other (higher is better for requests/s).", "",
+            *_table(["target", "measured", "met"], rows)]
+
+
+def _others() -> list[tuple[dict[str, Any], list[str]]]:
+    """Results of other benchmark modules in bench/ that render themselves: a module
+    `bench.<name>` with `markdown(doc) -> list[str]`."""
+    names = {p.name[11:-5].removesuffix("-quick") for p in RESULTS_DIR.glob("*.json")}
+    out = []
+    for name in sorted(names - {"requests", "packet_cost", "control_plane"}):
+        try:
+            module = importlib.import_module(f"bench.{name}")
+        except ImportError:
+            continue
+        render = getattr(module, "markdown", None)
+        doc = newest(name)
+        if callable(render) and doc is not None:
+            out.append((doc, list(render(doc))))
+    return out
+
+
+def write() -> Path:
+    req = newest("requests")
+    pkt = newest("packet_cost")
+    cp = newest("control_plane")
+    others = _others()
+    docs = [d for d in (req, pkt, cp) if d is not None] + [d for d, _ in others]
+    out = ["# Benchmarks", "",
+           "Generated by `python -m bench` (`make bench`; `make bench-quick` runs every row at "
+           "the smallest scale) from the newest files in `bench/results/`. Every comparison "
+           "was measured in the same run; nothing here is asserted by a test.", ""]
+    if not docs:
+        out += ["No results yet: run `python -m bench`.", ""]
+        RESULTS_MD.write_text("\n".join(out))
+        return RESULTS_MD
+    sections: list[str] = []
+    req_v = flat = cp_v = None
+    if req is not None:
+        lines, req_v = _requests_section(req)
+        sections += lines
+    if pkt is not None:
+        lines, flat = _packet_section(pkt)
+        sections += lines
+    if cp is not None:
+        lines, cp_v = _control_section(cp)
+        sections += lines
+    for _, lines in others:
+        sections += [*lines, ""]
+    out += _machine(docs)
+    out += _targets(req_v, flat, cp_v)
+    out += sections
+    notes = BENCH_DIR / "NOTES.md"
+    if notes.exists():
+        out += [notes.read_text().rstrip(), ""]
+    RESULTS_MD.write_text("\n".join(out))
+    return RESULTS_MD
