@@ -11,7 +11,10 @@ pods running lb.lab.servers http), so no kind ever sees another's rules or progr
   namespace with iptables-restore / nft -f.
 
 Scales: the measured service plus N-1 filler ClusterIPs (2 endpoints each); in iptables'
-KUBE-SERVICES the measured service's rule comes last. Per repetition every kind gets fresh
+KUBE-SERVICES the measured service's rule comes last. A second service with one endpoint
+(web1) is measured with keep-alive against wrk straight to web1: the cost of the translation
+without the spread of connections over two backends, which direct's one-thread-per-pod
+split does not have. Per repetition every kind gets fresh
 pod namespaces (client and backends: no TIME_WAIT or PAWS state left from earlier runs) and
 an empty conntrack table (netfilter's in the node namespace, or the BPF one); the node
 namespace and its rules or maps stay. A repetition runs keep-alive via ClusterIP, keep-alive
@@ -24,7 +27,6 @@ source), and keep-alive runs leave no TIME_WAIT at the backends (the client clos
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import subprocess
 import sys
@@ -50,9 +52,14 @@ from lb.lab.clients import curl
 from lb.lab.topology import Node, Pod, Topology, TopologySpec
 
 KINDS = ("direct", "xdplb", "iptables", "nftables")
-PATHS = ("clusterip", "nodeport")
+# clusterip-one: a second service whose only endpoint is web1, against wrk straight to web1:
+# the translation alone, without the service spreading connections over two backends.
+PATHS = ("clusterip", "nodeport", "clusterip-one")
 LOADS = ("keepalive", "connections")
+ROWS = [(load, path) for load in LOADS for path in PATHS
+        if (load, path) != ("connections", "clusterip-one")]
 VIP, PORT, TARGET, NODE_PORT = "10.96.0.10", 80, 8080, 30080
+ONE_VIP = "10.96.0.11"
 POD_IPS = {"client": "10.244.1.2", "web1": "10.244.1.3", "web2": "10.244.1.4"}
 FILLER_ENDPOINTS = 2
 SCALES_FULL = (1, 1_000, 10_000)
@@ -65,6 +72,10 @@ _FLUSH_CT = "from pyroute2 import Conntrack; Conntrack().flush()"
 def web_spec() -> SvcSpec:
     return SvcSpec("web", VIP, PORT, TARGET, (POD_IPS["web1"], POD_IPS["web2"]),
                    node_port=NODE_PORT)
+
+
+def web_one_spec() -> SvcSpec:
+    return SvcSpec("web-one", ONE_VIP, PORT, TARGET, (POD_IPS["web1"],))
 
 
 @dataclass
@@ -177,9 +188,11 @@ def _targets(lab: Lab) -> dict[str, tuple[Any, str, tuple[str, ...]]]:
     backends = (POD_IPS["web1"], POD_IPS["web2"])
     if lab.kind == "direct":
         url = f"http://{backends[0]}:{TARGET}/"
-        return {"clusterip": (client, url, backends), "nodeport": (topo.external, url, backends)}
+        return {"clusterip": (client, url, backends), "nodeport": (topo.external, url, backends),
+                "clusterip-one": (client, url, ())}
     return {"clusterip": (client, f"http://{VIP}:{PORT}/", ()),
-            "nodeport": (topo.external, f"http://{lab.node.ip}:{NODE_PORT}/", ())}
+            "nodeport": (topo.external, f"http://{lab.node.ip}:{NODE_PORT}/", ()),
+            "clusterip-one": (client, f"http://{ONE_VIP}:{PORT}/", ())}
 
 
 def _tcp_counters(lab: Lab, where: Any) -> dict[str, int]:
@@ -207,8 +220,9 @@ def _check_reachable(lab: Lab) -> None:
             for target in split or (url,):
                 u = f"http://{target}:{TARGET}/" if split else target
                 seen.add(curl(lab.topo, where, u, timeout=3).split()[0])
-        if seen != {"web1", "web2"}:
-            raise BenchError(f"{lab.kind} {path}: only {sorted(seen)} answered")
+        want = {"web1"} if path == "clusterip-one" else {"web1", "web2"}
+        if seen != want:
+            raise BenchError(f"{lab.kind} {path}: {sorted(seen)} answered, not {sorted(want)}")
 
 
 def _one_run(lab: Lab, n: int, path: str, load: str, rep: int,
@@ -218,7 +232,7 @@ def _one_run(lab: Lab, n: int, path: str, load: str, rep: int,
     result = wrk.run(lab.topo, where, url, seconds=seconds, close=load == "connections",
                      split=split)
     tcp1 = _tcp_state(lab, where)
-    log(f"requests: {n:>6} services {lab.kind:>9} {path:>9} {load:>11}: "
+    log(f"requests: {n:>6} services {lab.kind:>9} {path:>13} {load:>11}: "
         f"{result.requests_per_s:9.0f}/s p50 {result.p50_ms:.2f} ms "
         f"p99 {result.p99_ms:.2f} ms errors {result.socket_errors}")
     return {"services": n, "kind": lab.kind, "path": path, "load": load, "rep": rep,
@@ -253,7 +267,7 @@ def run(mode: Mode, scales: Sequence[int] | None = None, kinds: Sequence[str] = 
         rec = reconciler_for(dp)
         node_model = workload.node_model("node", [TopologySpec().nodes[0].ip])
         for n in scales:
-            specs = [*workload.fillers(n - 1, FILLER_ENDPOINTS), web_spec()]
+            specs = [*workload.fillers(n - 1, FILLER_ENDPOINTS), web_one_spec(), web_spec()]
             started = time.perf_counter()
             res = rec.sync(workload.desired_of(specs, node_model))
             if res.errors:
@@ -272,7 +286,7 @@ def run(mode: Mode, scales: Sequence[int] | None = None, kinds: Sequence[str] = 
                         _check_reachable(labs[kind])
                     # Kinds take turns run by run, so a change in background load hits
                     # every kind of a row alike.
-                    for load, path in itertools.product(LOADS, PATHS):
+                    for load, path in ROWS:
                         for kind in rotated:
                             runs.append(_one_run(labs[kind], n, path, load, rep, seconds))
     return {
