@@ -292,7 +292,7 @@ class Node0:
     def program(self, c: Cluster) -> float:
         started = time.perf_counter()
         res = self.reconciler.sync(desired.compute(c, NODE))
-        errors = res.errors + self.writer.sync(c, NODE)
+        errors = res.refusals + self.writer.sync(c, NODE)
         if errors:
             raise RuntimeError(f"programming failed: {errors[:3]}")
         return time.perf_counter() - started

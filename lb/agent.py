@@ -210,7 +210,7 @@ class Agent:
             node = kube.node(self.node) if kube else self.node
             state = desired.compute(cluster, node)
             res = self.reconciler.sync(state)
-            res.errors += self.policy.sync(cluster, node)
+            res.refusals += self.policy.sync(cluster, node)
             self.health.update(health_checks(cluster, state))
         except Exception:
             log.exception("sync failed; retrying in %.0f s", SYNC_RETRY_DELAY)

@@ -8,14 +8,21 @@ from collections import defaultdict
 
 
 class Exhausted(RuntimeError):
-    """No id or slab range is left; the object is refused, others stay."""
+    """No id or slab range is left; the object is refused, others stay.
+    `map_name` names the map that has no room, for the refusal metric."""
+
+    def __init__(self, message: str, map_name: str = "") -> None:
+        super().__init__(message)
+        self.map_name = map_name
 
 
 class IdAllocator:
     """Small integers in [1, limit); 0 means "none" in every map."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, what: str = "ids", map_name: str = "") -> None:
         self.limit = limit
+        self.what = what
+        self.map_name = map_name
         self._next = 1
         self._free: list[int] = []
         self._used: set[int] = set()
@@ -27,7 +34,7 @@ class IdAllocator:
             ident = self._next
             self._next += 1
         else:
-            raise Exhausted(f"all {self.limit - 1} ids are in use")
+            raise Exhausted(f"all {self.limit - 1} {self.what} are in use", self.map_name)
         self._used.add(ident)
         return ident
 
@@ -61,8 +68,9 @@ class SlabAllocator:
     are; fresh space comes from a bump pointer; as a last resort a larger
     free range is split."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, map_name: str = "") -> None:
         self.capacity = capacity
+        self.map_name = map_name
         self._top = 0
         self._free: dict[int, list[int]] = defaultdict(list)
         self.in_use = 0
@@ -87,7 +95,7 @@ class SlabAllocator:
             return off
         raise Exhausted(
             f"Maglev slab full: {size} slots wanted, {self.capacity - self.in_use} free "
-            f"of {self.capacity} but not in one piece"
+            f"of {self.capacity} but not in one piece", self.map_name
         )
 
     def free(self, off: int, size: int) -> None:

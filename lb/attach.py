@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from lb.netns import iproute
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +61,8 @@ def _index(ipr: Any, dev: str) -> int:
 
 def attach_xdp(ipr: Any, dev: str, fd: int) -> str:
     """Native mode where the driver has it, generic (with a warning) where not."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     idx = _index(ipr, dev)
     try:
         ipr.link("set", index=idx, xdp_fd=fd, xdp_flags=XDP_FLAGS_DRV_MODE)
@@ -79,6 +80,8 @@ def detach_xdp(ipr: Any, dev: str, mode: str) -> None:
 
 def attach_tc(ipr: Any, dev: str, fd: int, name: str, parent: str = CLSACT_INGRESS) -> None:
     """A direct-action filter; replaces ours if one is there already."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     idx = _index(ipr, dev)
     try:
         ipr.tc("add", "clsact", idx)
@@ -95,8 +98,10 @@ def detach_tc(ipr: Any, dev: str) -> None:
 
 def detach_all(state: Attachments) -> list[str]:
     """Remove everything `state` lists; returns what could not be removed."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     problems = []
-    with IPRoute(netns=state.netns) if state.netns else IPRoute() as ipr:
+    with iproute(state.netns) as ipr:
         for dev, mode in state.xdp.items():
             try:
                 detach_xdp(ipr, dev, mode)

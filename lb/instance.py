@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lb.model import Cluster, Node
+from lb.policy.compiler import Limits
 from lb.policy.kernel import MAPS as POLICY_MAPS
 from lb.policy.kernel import PolicyWriter
 from lb.reconcile import Reconciler
@@ -29,6 +30,10 @@ class Sizes:
     max_backends: int = 65536
     maglev_slots: int = 1 << 22
     ct_size: int = 262144
+    pol_endpoints: int = 4096
+    pol_ipcache: int = 262144
+    pol_rules: int = 1 << 20
+    pol_portsets: int = 65536
 
     def options(self, pin_dir: Path, defines: dict[str, str] | None = None) -> BuildOptions:
         return BuildOptions(
@@ -37,6 +42,10 @@ class Sizes:
             max_backends=self.max_backends,
             maglev_slots=self.maglev_slots,
             ct_size=self.ct_size,
+            pol_endpoints=self.pol_endpoints,
+            pol_ipcache=self.pol_ipcache,
+            pol_rules=self.pol_rules,
+            pol_portsets=self.pol_portsets,
             defines=dict(defines or {}),
         )
 
@@ -54,7 +63,12 @@ def reconciler_for(dp: Datapath) -> Reconciler:
 
 
 def policy_writer_for(dp: Datapath) -> PolicyWriter:
-    return PolicyWriter({name: dp.map(name) for name in (*POLICY_MAPS, "lb_pol_drops")})
+    o = dp.opts
+    # The compiler refuses what these maps could not hold.
+    limits = Limits(endpoints=o.pol_endpoints, ipcache=o.pol_ipcache, rules=o.pol_rules,
+                    portsets=o.pol_portsets, policies=o.pol_portsets)
+    return PolicyWriter({name: dp.map(name) for name in (*POLICY_MAPS, "lb_pol_drops")},
+                        limits)
 
 
 def local_pod_ips(cluster: Cluster, node: Node) -> set[str]:

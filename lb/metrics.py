@@ -14,6 +14,7 @@ credential: labels are verdicts, reasons and resource kinds only."""
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import logging
@@ -40,6 +41,7 @@ from prometheus_client.registry import Collector
 
 from lb.desired import DesiredState
 from lb.reconcile import Reconciler, SyncResult
+from lb.refusal import BOUNDED_MAPS
 from lb.verdicts import REASONS, reason
 from loader import layout, libbpf
 from loader.maps import BpfMap
@@ -277,6 +279,12 @@ class Metrics:
         self.refused_total = Counter(
             "xdplb_objects_refused", "Objects refused as malformed (each version of an "
             "object counted once); they are logged and skipped.", registry=r)
+        self.map_refusals = Gauge(
+            "xdplb_map_refusals", "Objects the last sync refused because a map (or its id "
+            "space) had no room; each is logged, and what the map held before stays "
+            "programmed.", ["map"], registry=r)
+        for name in BOUNDED_MAPS:
+            self.map_refusals.labels(name)
         self.invalid = Gauge("xdplb_objects_invalid", "Objects skipped as malformed in the "
                              "current state of the source.", registry=r)
         self.programming = Histogram(
@@ -309,8 +317,11 @@ class Metrics:
     def synced(self, seconds: float, res: SyncResult, state: DesiredState,
                reconciler: Reconciler) -> None:
         self.sync_duration.observe(seconds)
-        if res.errors:
-            self.sync_errors.labels("frontend").inc(len(res.errors))
+        if res.refusals:
+            self.sync_errors.labels("frontend").inc(len(res.refusals))
+        full = collections.Counter(r.map_name for r in res.refusals if r.map_name)
+        for name in {*BOUNDED_MAPS, *full}:
+            self.map_refusals.labels(name).set(full.get(name, 0))
         applied = reconciler.applied
         self.frontends.set(len(applied))
         self.services.set(len({e.service for f, e in state.entries.items() if f in applied}))

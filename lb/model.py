@@ -5,6 +5,7 @@ sources produce these frozen dataclasses."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 # Service types that are programmed; ExternalName is a DNS alias only.
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
@@ -84,7 +85,8 @@ class EndpointSlice:
 
 @dataclass(frozen=True)
 class Cluster:
-    """Everything read from a source, keyed by namespace/name."""
+    """Everything read from a source, keyed by namespace/name: a snapshot,
+    never changed once built (sources build a new one per change)."""
 
     services: dict[str, Service] = field(default_factory=dict)
     slices: dict[str, EndpointSlice] = field(default_factory=dict)
@@ -92,8 +94,17 @@ class Cluster:
     namespaces: dict[str, Namespace] = field(default_factory=dict)
     policies: dict[str, NetworkPolicy] = field(default_factory=dict)
 
+    @cached_property
+    def _slices_by_service(self) -> dict[str, list[EndpointSlice]]:
+        # Built once per snapshot: scanning every slice per service would
+        # make the desired state quadratic in the number of services.
+        index: dict[str, list[EndpointSlice]] = {}
+        for s in self.slices.values():
+            index.setdefault(s.service_key, []).append(s)
+        return index
+
     def slices_of(self, service_key: str) -> list[EndpointSlice]:
-        return [s for s in self.slices.values() if s.service_key == service_key]
+        return list(self._slices_by_service.get(service_key, ()))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,12 @@ update (so a packet sees the old table or the new one, never a mix);
 deletions come last. Ranges and ids given up in one sync are reused only
 from the next sync on, once no packet can still be reading them.
 
+When a map or an id space is full, the frontends that do not fit are
+refused (logged, reported per map) and the maps keep what they held for
+them: a frontend already programmed keeps its previous backends rather than
+losing them, a new one waits. Frontends already programmed are written
+first, so a new service never takes the room an existing one needs.
+
 The reconciler can rebuild its bookkeeping from the pinned maps, so an
 agent restarted over live maps keeps every id and range and disturbs no
 established flow."""
@@ -25,8 +31,9 @@ from dataclasses import dataclass, field
 from lb import maglev
 from lb.allocators import Exhausted, IdAllocator, SlabAllocator
 from lb.desired import Backend, DesiredState, Frontend, FrontendEntry
+from lb.refusal import Refusal
 from loader import layout
-from loader.libbpf import BpfError
+from loader.libbpf import BpfError, MapFull
 from loader.maps import BpfMap
 
 log = logging.getLogger(__name__)
@@ -78,7 +85,11 @@ class SyncResult:
     removed: int = 0
     backends_added: int = 0
     backends_removed: int = 0
-    errors: list[str] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[str]:
+        return [str(r) for r in self.refusals]
 
     @property
     def changed(self) -> bool:
@@ -92,10 +103,10 @@ class Reconciler:
         maglev_slots: int,
     ) -> None:
         self.maps = maps
-        self.slab = SlabAllocator(maglev_slots)
-        self.svc_ids = IdAllocator(max_services)
-        self.group_ids = IdAllocator(max_services)
-        self.backend_ids = IdAllocator(max_backends)
+        self.slab = SlabAllocator(maglev_slots, "lb_maglev")
+        self.svc_ids = IdAllocator(max_services, "frontend ids", "lb_services")
+        self.group_ids = IdAllocator(max_services, "service-port ids", "lb_services")
+        self.backend_ids = IdAllocator(max_backends, "backend ids", "lb_backends")
         self.applied: dict[Frontend, Applied] = {}
         self.frontend_ids: dict[FrontendAddr, int] = {}
         self.groups: dict[str, int] = {}
@@ -150,29 +161,40 @@ class Reconciler:
     def sync(self, desired: DesiredState) -> SyncResult:
         res = SyncResult()
         self._release_quarantine()
-        entries = dict(desired.entries)
+        # Programmed frontends first: they keep the room they have.
+        entries = dict(sorted(desired.entries.items(),
+                              key=lambda item: (item[0] not in self.applied, item[0])))
+        kept: set[Frontend] = set()
         self._ensure_groups(entries)
         self._write_backends(entries, res)
-        for f, e in sorted(entries.items()):
+        for f, e in list(entries.items()):
             try:
                 self._write_entry(f, e, res)
             except (Exhausted, BpfError, ValueError) as err:
-                msg = f"{e.service}: frontend {f} not programmed: {err}"
-                log.error("%s", msg)
-                res.errors.append(msg)
                 entries.pop(f)
-        for f in sorted(set(self.applied) - set(entries)):
+                if f in self.applied:
+                    kept.add(f)
+                stays = "keeps its previous entry" if f in kept else "not programmed"
+                self._refuse(res, f"{e.service}: frontend {f} {stays}", err)
+        for f in sorted(set(self.applied) - set(entries) - kept):
             self._remove_entry(f, res)
-        self._drop_unused(entries, res)
+        self._drop_unused(entries, kept, res)
         self._recovered_groups.clear()
-        self._write_node(desired, entries, res)
-        self._write_source_ranges(entries, res)
+        self._write_node(desired, entries, kept, res)
+        self._write_source_ranges(entries, kept, res)
         return res
+
+    @staticmethod
+    def _refuse(res: SyncResult, subject: str, err: Exception) -> None:
+        full = err.map_name if isinstance(err, (Exhausted, MapFull)) else ""
+        refusal = Refusal(subject, str(err), full)
+        log.error("refused %s", refusal)
+        res.refusals.append(refusal)
 
     # --- node-wide entries: config, ClusterIP set, service CIDRs ---------
 
     def _write_node(self, desired: DesiredState, entries: dict[Frontend, FrontendEntry],
-                    res: SyncResult) -> None:
+                    kept: set[Frontend], res: SyncResult) -> None:
         config = (desired.node_ip, desired.hairpin_ip, desired.netns_cookie)
         if config != self.config:
             self.maps["lb_config"].update(0, layout.new(
@@ -183,7 +205,8 @@ class Reconciler:
             self.config = config
         # Only ClusterIPs actually programmed: a refused service must not
         # turn into REJECTs for its clients.
-        want_vips = {f.ip for f in entries if f.ip in desired.vips}
+        want_vips = ({f.ip for f in entries if f.ip in desired.vips}
+                     | {f.ip for f in kept if f.ip in self.vips})
         vips = self.maps["lb_vips"]
         for ip in sorted(self.vips - want_vips):
             vips.delete(ip_be(ip))
@@ -193,7 +216,7 @@ class Reconciler:
                 vips.update(ip_be(ip), 1)
                 self.vips.add(ip)
             except BpfError as err:
-                res.errors.append(f"ClusterIP {ip}: {err}")
+                self._refuse(res, f"ClusterIP {ip}", err)
         cidrs = self.maps["lb_svc_cidrs"]
         want = {c for c in desired.service_cidrs if ipaddress.ip_network(c).version == 4}
         for c in sorted(want - self.cidrs):
@@ -203,8 +226,11 @@ class Reconciler:
         self.cidrs = want
 
     def _write_source_ranges(self, entries: dict[Frontend, FrontendEntry],
-                             res: SyncResult) -> None:
+                             kept: set[Frontend], res: SyncResult) -> None:
         want: dict[int, set[str]] = {}
+        for f in kept:
+            sid = self.applied[f].svc_id
+            want.setdefault(sid, set()).update(self.ranges.get(sid, set()))
         for f, e in entries.items():
             if e.source_ranges and (f.ip, f.port, f.proto) in self.frontend_ids:
                 sid = self.frontend_ids[(f.ip, f.port, f.proto)]
@@ -217,7 +243,7 @@ class Reconciler:
                 try:
                     rmap.update(_range_key(sid, c), 1)
                 except BpfError as err:
-                    res.errors.append(f"source range {c}: {err}")
+                    self._refuse(res, f"source range {c}", err)
                     need = need - {c}
             for c in sorted(have - need):
                 rmap.delete(_range_key(sid, c))
@@ -252,8 +278,8 @@ class Reconciler:
                     continue
                 try:
                     bid = have[0] if have else self.backend_ids.alloc()
-                except Exhausted as err:
-                    res.errors.append(f"{e.service}: backend {b.name}: {err}")
+                except Exhausted:
+                    # Its frontends are refused, and reported, in _write_entry.
                     continue
                 bmap.update(bid, layout.new(
                     "struct lb_backend", addr=ip_be(b.ip), port=port_be(b.port), proto=b.proto,
@@ -264,7 +290,8 @@ class Reconciler:
     def _write_entry(self, f: Frontend, e: FrontendEntry, res: SyncResult) -> None:
         gid = self.groups.get(e.group)
         if gid is None:
-            raise Exhausted(f"all {self.group_ids.limit - 1} service-port ids are in use")
+            raise Exhausted(f"all {self.group_ids.limit - 1} service-port ids are in use",
+                            "lb_services")
         fa = (f.ip, f.port, f.proto)
         if fa not in self.frontend_ids:
             sid = self.svc_ids.alloc()
@@ -274,6 +301,11 @@ class Reconciler:
         sid = self.frontend_ids[fa]
         named = [(b, self.backends.get((gid, b.ip, b.port, b.proto))) for b in e.backends]
         usable = [(b, have[0]) for b, have in named if have]
+        if len(usable) < len(named):
+            # Half a backend set would overload the half that got in.
+            raise Exhausted(f"{len(named) - len(usable)} of {len(named)} backends got no id: "
+                            f"all {self.backend_ids.limit - 1} backend ids are in use",
+                            "lb_backends")
         bids = tuple(sorted(bid for _, bid in usable))
         old = self.applied.get(f)
         same_backends = old is not None and old.backend_ids == bids and old.group_id == gid
@@ -324,18 +356,22 @@ class Reconciler:
             self._quarantine.append(("slab", old.off, old.size))
         res.removed += 1
 
-    def _drop_unused(self, entries: dict[Frontend, FrontendEntry], res: SyncResult) -> None:
+    def _drop_unused(self, entries: dict[Frontend, FrontendEntry], kept: set[Frontend],
+                     res: SyncResult) -> None:
         live_frontends = {(f.ip, f.port, f.proto) for f in self.applied}
         for fa in sorted(set(self.frontend_ids) - live_frontends):
             sid = self.frontend_ids.pop(fa)
             self.maps["lb_rev_nat"].update(sid, layout.new("struct lb_rev_nat")[0])
             self._quarantine.append(("svc", sid, 0))
         live_groups = {self.groups[e.group] for e in entries.values() if e.group in self.groups}
+        live_groups |= {self.applied[f].group_id for f in kept}
+        kept_ids = {bid for f in kept for bid in self.applied[f].backend_ids}
         wanted = {
             (self.groups[e.group], b.ip, b.port, b.proto)
             for e in entries.values() if e.group in self.groups
             for b in (*e.backends, *e.draining)
         }
+        wanted |= {key for key, (bid, _) in self.backends.items() if bid in kept_ids}
         for key in sorted(set(self.backends) - wanted):
             bid, _ = self.backends.pop(key)
             self.maps["lb_backends"].update(bid, layout.new("struct lb_backend")[0])

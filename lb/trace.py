@@ -198,7 +198,7 @@ def tracer(cluster: Cluster, node: Node) -> Iterator[Tracer]:
         with Datapath(SMALL.options(pin_dir)) as dp:
             res = reconciler_for(dp).sync(desired.compute(cluster, node))
             policy = policy_writer_for(dp)
-            errors = res.errors + policy.sync(cluster, node)
+            errors = res.errors + [str(r) for r in policy.sync(cluster, node)]
             if errors:
                 raise RuntimeError("; ".join(errors))
             yield Tracer(dp, local_pod_ips(cluster, node), dict(policy.current.policies))

@@ -72,7 +72,7 @@ def run_userspace(state: DesiredState, probes: list[Probe], cluster: Cluster | N
         policy = PolicyWriter({name: maps[name] for name in (*POLICY_MAPS, "lb_pol_drops")})
         errors = policy.sync(cluster, node)
         if errors:
-            raise RuntimeError("; ".join(errors))
+            raise RuntimeError("; ".join(map(str, errors)))
         local_pods, names = local_pod_ips(cluster, node), dict(policy.current.policies)
     tracer = UserspaceTracer(dp, maps, local_pods, names)
     return [tracer.run(p) for p in probes]

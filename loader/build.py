@@ -48,6 +48,10 @@ class BuildOptions:
     maglev_slots: int = 1 << 22
     ct_size: int = 262144
     affinity_size: int = 65536
+    pol_endpoints: int = 4096
+    pol_ipcache: int = 262144
+    pol_rules: int = 1 << 20
+    pol_portsets: int = 65536  # also the policy ids (the drop counters)
     defines: dict[str, str] = field(default_factory=dict)
 
     def max_entries(self) -> dict[str, int]:
@@ -62,11 +66,11 @@ class BuildOptions:
             "lb_stats": layout.const("LB_STAT_MAX"),
             "lb_config": 1,
             "lb_sock_rev": self.affinity_size,
-            "lb_pol_endpoints": 4096,
-            "lb_pol_ipcache": 262144,
-            "lb_pol_rules": 1 << 20,
-            "lb_pol_portsets": 65536,
-            "lb_pol_drops": 65536,
+            "lb_pol_endpoints": self.pol_endpoints,
+            "lb_pol_ipcache": self.pol_ipcache,
+            "lb_pol_rules": self.pol_rules,
+            "lb_pol_portsets": self.pol_portsets,
+            "lb_pol_drops": self.pol_portsets,
             "lb_vips": self.max_services,
             "lb_svc_cidrs": 16,
             "lb_source_ranges": 16384,
@@ -80,6 +84,10 @@ class BuildOptions:
             "LB_MAGLEV_SLOTS": str(self.maglev_slots),
             "LB_CT_SIZE": str(self.ct_size),
             "LB_AFFINITY_SIZE": str(self.affinity_size),
+            "LB_POL_MAX_ENDPOINTS": str(self.pol_endpoints),
+            "LB_POL_IPCACHE_SIZE": str(self.pol_ipcache),
+            "LB_POL_RULES_SIZE": str(self.pol_rules),
+            "LB_POL_PORTSETS": str(self.pol_portsets),
             **self.defines,
         }
         return [f"-D{k}={v}" for k, v in flags.items()] + ["-Wno-macro-redefined"]

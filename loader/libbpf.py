@@ -53,6 +53,15 @@ class BpfError(OSError):
     """A libbpf call failed; errno and the call are in the message."""
 
 
+class MapFull(BpfError):
+    """An update found a map at max_entries: no room for a new key,
+    whatever else the map holds."""
+
+    def __init__(self, map_name: str, err: int, what: str) -> None:
+        super().__init__(err, f"{what}: map {map_name} is full ({os.strerror(err)})")
+        self.map_name = map_name
+
+
 @cache
 def _lib() -> tuple[cffi.FFI, Any]:
     ffi = cffi.FFI()

@@ -6,6 +6,7 @@ from bpf/lb_maps.h through loader.layout."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Iterator
@@ -19,7 +20,19 @@ from loader import layout, libbpf
 MAPS_H = layout.BPF_DIR / "lib" / "maps.h"
 
 # BPF_MAP_TYPE_* numbers of the kinds the datapath declares.
+# What an update of a full map of each kind returns (hash tables and LPM
+# tries refuse a new key at max_entries; LRU maps evict instead).
+_FULL_ERRNO = {"hash": errno.E2BIG, "lpm_trie": errno.ENOSPC}
+
 _KERNEL_TYPE = {"hash": 1, "array": 2, "percpu_array": 6, "lru_hash": 9, "lpm_trie": 11}
+
+
+def update_error(spec: MapSpec, err: int) -> libbpf.BpfError:
+    """What a failed update raises: MapFull when the map had no room."""
+    what = f"update of {spec.name}"
+    if err == _FULL_ERRNO.get(spec.kind):
+        return libbpf.MapFull(spec.name, err, what)
+    return libbpf.BpfError(err, f"{what}: {os.strerror(err)}")
 
 
 @dataclass(frozen=True)
@@ -122,8 +135,9 @@ class BpfMap:
             v = self._ffi.new(f"{self.spec.value_type} *", value)
         else:
             v = value
-        libbpf.check(libbpf.lib().bpf_map_update_elem(self.fd, k, v, flags),
-                     f"update of {self.spec.name}")
+        ret = libbpf.lib().bpf_map_update_elem(self.fd, k, v, flags)
+        if ret < 0:
+            raise update_error(self.spec, -ret)
 
     def delete(self, key: Any) -> bool:
         ret = libbpf.lib().bpf_map_delete_elem(self.fd, self.key(key))

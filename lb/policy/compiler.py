@@ -69,6 +69,7 @@ from lb.policy.common import (
     pods_by_ip,
     proto_number,
 )
+from lb.refusal import Refusal
 from loader.layout import const
 
 PORTS_PER_SET = const("LB_POL_PORTS_PER_SET")
@@ -186,7 +187,7 @@ class CompiledPolicy:
     identities: dict[PeerClass, int] = field(default_factory=dict)
     portset_slots: dict[tuple[PortRange, ...], tuple[int, ...]] = field(default_factory=dict)
     policy_ids: dict[str, int] = field(default_factory=dict)
-    errors: tuple[str, ...] = ()
+    errors: tuple[Refusal, ...] = ()
 
     @cached_property
     def identity_classes(self) -> dict[int, PeerClass]:
@@ -570,7 +571,7 @@ def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None
     slots = _Ids({}, reserved=(0, *prev.maps.portsets))
     portsets: dict[int, PortSet] = {}
     portset_slots: dict[tuple[PortRange, ...], tuple[int, ...]] = {}
-    errors: list[str] = []
+    errors: list[Refusal] = []
 
     def intern(ranges: tuple[PortRange, ...], where: str) -> int:
         """The first slot of a port set, stored once however many rules use it."""
@@ -579,7 +580,7 @@ def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None
             limit = PORTS_PER_SET * MAX_CHAIN
             if len(ranges) > limit:
                 # Fail closed: the ranges past the limit are not allowed.
-                errors.append(f"{where}: {len(ranges)} port ranges, only {limit} kept")
+                errors.append(Refusal(where, f"{len(ranges)} port ranges, only {limit} kept"))
                 ranges_kept = ranges[:limit]
             else:
                 ranges_kept = ranges
@@ -629,15 +630,19 @@ def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None
         portsets=portsets,
         policies={pid: ranked[rank].key for rank, pid in pids.items()},
     )
-    for what, count, limit in (("endpoints", len(endpoints), limits.endpoints),
-                               ("ipcache entries", len(ipcache), limits.ipcache),
-                               ("rules", len(rules_out), limits.rules)):
+    subject = "NetworkPolicy for this node"
+    for name, what, count, limit in (
+            ("lb_pol_endpoints", "isolated pods", len(endpoints), limits.endpoints),
+            ("lb_pol_ipcache", "ipcache entries", len(ipcache), limits.ipcache),
+            ("lb_pol_rules", "rules", len(rules_out), limits.rules)):
         if count > limit:
-            errors.append(f"{count} {what}, the map holds {limit}")
+            errors.append(Refusal(subject, f"{count} {what}, the map holds {limit}", name))
     if portsets and max(portsets) >= limits.portsets:
-        errors.append(f"port-set slot {max(portsets)} beyond the {limits.portsets} slots")
+        errors.append(Refusal(subject, f"port-set slot {max(portsets)} beyond the "
+                              f"{limits.portsets} slots", "lb_pol_portsets"))
     if pids and max(pids.values()) >= limits.policies:
-        errors.append(f"policy id {max(pids.values())} beyond the {limits.policies} ids")
+        errors.append(Refusal(subject, f"policy id {max(pids.values())} beyond the "
+                              f"{limits.policies} ids", "lb_pol_drops"))
     return CompiledPolicy(
         maps=maps,
         node_name=node.name,

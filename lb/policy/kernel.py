@@ -10,7 +10,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from lb.model import Cluster, Node
-from lb.policy.compiler import MAX_CHAIN, CompiledPolicy, PolicyMaps, compile_policy, diff
+from lb.policy.compiler import (
+    MAX_CHAIN,
+    CompiledPolicy,
+    Limits,
+    PolicyMaps,
+    compile_policy,
+    diff,
+)
 from lb.policy.encode import (
     MAP_DROPS,
     MAP_ENDPOINTS,
@@ -21,6 +28,7 @@ from lb.policy.encode import (
     encode_key,
     encode_value,
 )
+from lb.refusal import Refusal
 from loader import layout
 from loader.maps import BpfMap, possible_cpus
 
@@ -69,8 +77,9 @@ class PolicyWriter:
     a policy id is zeroed when the id comes to stand for another policy
     (ids are reused), so a policy's count never starts with another's."""
 
-    def __init__(self, maps: Mapping[str, BpfMap]) -> None:
+    def __init__(self, maps: Mapping[str, BpfMap], limits: Limits | None = None) -> None:
         self.maps = maps
+        self.limits = limits or Limits()
         self.current = PolicyMaps()
         self.compiled: CompiledPolicy | None = None
 
@@ -80,13 +89,15 @@ class PolicyWriter:
         self.current = read(self.maps)
         return len(self.current.endpoints)
 
-    def sync(self, cluster: Cluster, node: Node) -> list[str]:
+    def sync(self, cluster: Cluster, node: Node) -> list[Refusal]:
         """Compile and apply; a compile that does not fit the maps is refused
-        whole and the maps keep the last good policy."""
-        new = compile_policy(cluster, node, previous=self.compiled)
+        whole and the maps keep the last good policy (half a policy could
+        open what it means to close). Cilium likewise keeps an endpoint's
+        last policy when its new one overflows the policy map."""
+        new = compile_policy(cluster, node, previous=self.compiled, limits=self.limits)
         if new.errors:
             for e in new.errors:
-                log.error("policy not applied: %s", e)
+                log.error("refused %s; the maps keep the previous policy", e)
             return list(new.errors)
         drops = self.maps.get(MAP_DROPS)
         if drops is not None:

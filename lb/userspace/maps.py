@@ -23,7 +23,7 @@ from typing import Any
 from lb.instance import Sizes
 from loader import layout
 from loader.libbpf import BPF_ANY, BPF_EXIST, BPF_NOEXIST, BpfError
-from loader.maps import BpfMap, MapSpec, specs
+from loader.maps import BpfMap, MapSpec, specs, update_error
 
 
 def _error(code: int, what: str) -> BpfError:
@@ -198,7 +198,7 @@ class DictMap(BpfMap):
     def update(self, key: Any, value: Any, flags: int = BPF_ANY) -> None:
         ret = self.put(self.key_bytes(key), self._value_bytes(value), flags)
         if ret < 0:
-            raise _error(-ret, f"update of {self.spec.name}")
+            raise update_error(self.spec, -ret)
 
     def delete(self, key: Any) -> bool:
         if self._array:

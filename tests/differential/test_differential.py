@@ -1264,10 +1264,12 @@ def test_reconciler_reports_a_full_service_map() -> None:
     res = reconciler_over(maps, sizes).sync(desired_of(services, (NODE_IPS[0],)))
     # Ids run out first (ids are 1..limit-1): the third frontend is refused.
     assert len(res.errors) == 1 and res.added == 2, res
+    assert res.refusals[0].map_name == "lb_services", res
     hash_full = new_userspace_maps(sizes)
     hash_full["lb_services"].max_entries = 1
     res = reconciler_over(hash_full, sizes).sync(desired_of(services[:2], (NODE_IPS[0],)))
     assert len(res.errors) == 1 and "Argument list too long" in res.errors[0], res
+    assert "map lb_services is full" in res.errors[0], res
 
 
 # --- lbctl trace --datapath userspace -------------------------------------------------------

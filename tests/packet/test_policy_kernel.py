@@ -106,7 +106,7 @@ class KernelNode:
 
     def program(self, cluster: Cluster, *, forget_flows: bool = True) -> Tracer:
         res = self.reconciler.sync(desired.compute(cluster, NODE))
-        errors = res.errors + self.policy.sync(cluster, NODE)
+        errors = res.refusals + self.policy.sync(cluster, NODE)
         assert not errors, errors
         if forget_flows:
             self.forget_flows()

@@ -18,6 +18,7 @@ from lb.desired import FrontendEntry
 from lb.manifests import ManifestError
 from lb.metrics import Metrics, MetricsServer, parse_addr
 from lb.reconcile import SyncResult
+from lb.refusal import Refusal
 
 
 def get(url: str) -> tuple[int, str]:
@@ -74,7 +75,10 @@ def test_sync_metrics(served: tuple[Metrics, str]) -> None:
     state: Any = SimpleNamespace(entries={f1: SimpleNamespace(service="ns/a"),
                                           f2: SimpleNamespace(service="ns/a")})
     rec: Any = SimpleNamespace(applied={f1: 1, f2: 2}, backends={1: 1, 2: 2, 3: 3})
-    m.synced(0.003, SyncResult(added=2, errors=["x"]), state, rec)
+    full = [Refusal("ns/b: frontend", "no room", "lb_backends"),
+            Refusal("ns/c: frontend", "no room", "lb_backends"),
+            Refusal("ns/d: ClusterIP", "bad", "")]
+    m.synced(0.003, SyncResult(added=2, refusals=full), state, rec)
     m.sync_failed(0.5)
     m.programmed([time.time() - 0.2, time.time() + 5])  # a clock ahead counts as 0
     m.refused([ManifestError("f", "spec", "bad"), ManifestError("g", "spec", "bad")])
@@ -83,7 +87,9 @@ def test_sync_metrics(served: tuple[Metrics, str]) -> None:
     assert code == 200
     s = samples(text)
     assert s["xdplb_sync_duration_seconds_count"] == 2
-    assert s["xdplb_sync_errors_total,type=frontend"] == 1
+    assert s["xdplb_sync_errors_total,type=frontend"] == 3
+    assert s["xdplb_map_refusals,map=lb_backends"] == 2
+    assert s["xdplb_map_refusals,map=lb_pol_rules"] == 0, "every bounded map is exported"
     assert s["xdplb_sync_errors_total,type=exception"] == 1
     assert s["xdplb_services_programmed"] == 1
     assert s["xdplb_frontends_programmed"] == 2
@@ -94,6 +100,8 @@ def test_sync_metrics(served: tuple[Metrics, str]) -> None:
     assert s["xdplb_objects_refused_total"] == 2
     assert s["xdplb_objects_invalid"] == 1
     assert s["xdplb_sync_last_timestamp_seconds"] > 0
+    m.synced(0.001, SyncResult(), state, rec)  # the room was found: back to 0
+    assert samples(get(url + "/metrics")[1])["xdplb_map_refusals,map=lb_backends"] == 0
 
 
 def test_source_collector(served: tuple[Metrics, str]) -> None:

@@ -675,7 +675,7 @@ def test_port_sets_chain_and_overflow_fails_closed() -> None:
     ports = [{"port": 1000 + 2 * i} for i in range(limit + 1)]
     cluster = matrix_cluster(netpol("x", "many", podSelector=POD_A, ingress=[{"ports": ports}]))
     c = compile_policy(cluster, NODE1)
-    assert c.errors and "only" in c.errors[0]
+    assert c.errors and "only" in str(c.errors[0])
     assert not lookup(c, MATRIX_IP["y/a"], MATRIX_IP["x/a"], "TCP", 1000 + 2 * limit).allowed
 
 
