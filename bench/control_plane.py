@@ -7,11 +7,8 @@ RSS belong to that size alone. The peak is read twice: for the whole process (ru
 BCC's compiler included) and for the programming step alone (VmHWM after resetting it
 through /proc/self/clear_refs once the programs are loaded).
 
-`desired.compute` is timed twice: with the model as it is (`lb.model.Cluster`, whose
-`slices_of` scans every slice, so the cost grows with the square of the service count) and
-with the slices indexed by service (bench.workload.IndexedCluster). A stock run that is
-projected past COMPUTE_CAP is not run; the projection (from the previous size, quadratic)
-is reported instead. One change (one endpoint of one service replaced) is timed as the
+`desired.compute` (over `lb.model.Cluster`, which indexes its slices by service) and the
+sync are timed separately. One change (one endpoint of one service replaced) is timed as the
 agent runs it: compute over the whole model plus a sync that writes the difference; the
 sync alone is reported too.
 
@@ -37,9 +34,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from bench import kuberules, workload
@@ -58,7 +54,6 @@ from bench.common import (
 SIZES_FULL = (1_000, 10_000, 30_000)
 ENDPOINTS = 10
 CHANGES = 5
-COMPUTE_CAP = 120.0
 LOAD_CAP = 150.0
 NODE_IP = "192.0.2.1"
 TOOLS = ("iptables", "iptables-legacy", "nftables")
@@ -77,24 +72,6 @@ def _reset_peak() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-class _Timeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _deadline(seconds: float) -> Iterator[None]:
-    def fire(signum: int, frame: FrameType | None) -> None:
-        raise _Timeout
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def _changed_specs(specs: list[workload.SvcSpec], k: int) -> tuple[int, workload.SvcSpec]:
     """Which service the k-th change touches, and its new form."""
     idx = (k + 1) * len(specs) // (CHANGES + 2)
@@ -103,7 +80,7 @@ def _changed_specs(specs: list[workload.SvcSpec], k: int) -> tuple[int, workload
 
 # -- this project (worker side) --------------------------------------------------------------
 
-def ours_worker(services: int, stock: bool) -> dict[str, Any]:
+def ours_worker(services: int) -> dict[str, Any]:
     from lb import desired
     from lb.instance import Sizes, reconciler_for
     from lb.maglev import table_size
@@ -122,21 +99,10 @@ def ours_worker(services: int, stock: bool) -> dict[str, Any]:
         node = workload.node_model("node", [NODE_IP])
         _reset_peak()
         specs = workload.fillers(services, ENDPOINTS)
-        plain = workload.cluster_of(specs, indexed=False)
-        indexed = workload.cluster_of(specs)
-        out["compute_stock_seconds"] = None
-        if stock:
-            try:
-                with _deadline(COMPUTE_CAP):
-                    t = time.perf_counter()
-                    desired.compute(plain, node)
-                    out["compute_stock_seconds"] = time.perf_counter() - t
-            except _Timeout:
-                out["compute_stock_timeout"] = COMPUTE_CAP
-        del plain
+        cluster = workload.cluster_of(specs)
         t = time.perf_counter()
-        state = desired.compute(indexed, node)
-        out["compute_indexed_seconds"] = time.perf_counter() - t
+        state = desired.compute(cluster, node)
+        out["compute_seconds"] = time.perf_counter() - t
         t = time.perf_counter()
         res = rec.sync(state)
         out["sync_seconds"] = time.perf_counter() - t
@@ -160,7 +126,7 @@ def ours_worker(services: int, stock: bool) -> dict[str, Any]:
             changes_sync.append(t_sync)
             changes_total.append(t_compute + t_sync)
         out["change_sync_seconds"] = median(changes_sync)
-        out["change_indexed_seconds"] = median(changes_total)
+        out["change_seconds"] = median(changes_total)
     out["peak_rss_process_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return out
 
@@ -257,19 +223,11 @@ def run(mode: Mode, sizes: Sequence[int] | None = None,
         tools: Sequence[str] = TOOLS) -> dict[str, Any]:
     sizes = sizes or ((1_000,) if mode.quick else SIZES_FULL)
     ours: list[dict[str, Any]] = []
-    stock_points: list[tuple[int, float]] = []
     for n in sizes:
-        projected = _project(stock_points, n)
-        stock = projected is None or projected <= COMPUTE_CAP
-        row = _worker(["ours", str(n), "--stock" if stock else "--no-stock"], timeout=3600)
-        if not stock:
-            row["compute_stock_projected_seconds"] = projected
-        elif row.get("compute_stock_seconds") is not None:
-            stock_points.append((n, row["compute_stock_seconds"]))
+        row = _worker(["ours", str(n)], timeout=3600)
         ours.append(row)
-        log(f"control_plane: xdplb {n} services: compute {row['compute_indexed_seconds']:.2f} s "
-            f"(stock {row.get('compute_stock_seconds') or projected or 0:.1f} s), sync "
-            f"{row['sync_seconds']:.2f} s, change {row['change_indexed_seconds'] * 1000:.0f} ms "
+        log(f"control_plane: xdplb {n} services: compute {row['compute_seconds']:.2f} s, sync "
+            f"{row['sync_seconds']:.2f} s, change {row['change_seconds'] * 1000:.0f} ms "
             f"(sync alone {row['change_sync_seconds'] * 1000:.1f} ms), peak RSS "
             f"{row['peak_rss_programming_kib'] / 1024:.0f} MiB")
     baselines: list[dict[str, Any]] = []
@@ -290,7 +248,7 @@ def run(mode: Mode, sizes: Sequence[int] | None = None,
                 f"{row['load_seconds']:.2f} s, change {row['change_seconds'] * 1000:.0f} ms")
     return {
         "method": {"endpoints_per_service": ENDPOINTS, "changes": CHANGES,
-                   "compute_cap_seconds": COMPUTE_CAP, "load_cap_seconds": LOAD_CAP},
+                   "load_cap_seconds": LOAD_CAP},
         "xdplb": ours,
         "baselines": baselines,
     }
@@ -309,13 +267,12 @@ def _worker_main(argv: Sequence[str]) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     o = sub.add_parser("ours")
     o.add_argument("services", type=int)
-    o.add_argument("--stock", action=argparse.BooleanOptionalAction, default=True)
     r = sub.add_parser("rules")
     r.add_argument("tool", choices=TOOLS)
     r.add_argument("services", type=int)
     args = p.parse_args(argv)
     if args.what == "ours":
-        out = ours_worker(args.services, args.stock)
+        out = ours_worker(args.services)
     else:
         out = rules_worker(args.tool, args.services)
     print(json.dumps(out))

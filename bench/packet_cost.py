@@ -26,13 +26,13 @@ Paths and how each is made to repeat itself:
 
 Services: the measured ones (a NodePort "web" service with B backends and the mirror pairs)
 plus fillers up to N, each a ClusterIP with one endpoint, all programmed through
-desired.compute and the Reconciler (the slices of the model are indexed by service, see
-bench.workload.IndexedCluster). The same maps are reused as N grows. The whole sweep runs
-several times (full mode: 2), each on a freshly loaded datapath; a configuration whose
-established cost comes out more than SUSPECT times the lowest seen so far is measured again
-after a pause; every row reports the lowest figure of each path over all measurements of
-its configuration: other work on the machine comes in bursts and only ever adds time, while
-a cost that really grew with the service count would show in every measurement.
+desired.compute and the Reconciler (lb.model.Cluster indexes its slices by service). The
+same maps are reused as N grows. The whole sweep runs several times (full mode: 2), each on
+a freshly loaded datapath; a configuration whose established cost comes out more than
+SUSPECT times the lowest seen so far is measured again after a pause; every row reports the
+lowest figure of each path over all measurements of its configuration: other work on the
+machine comes in bursts and only ever adds time, while a cost that really grew with the
+service count would show in every measurement.
 
 BPF_PROG_TEST_RUN repeats one frame, so map lookups hit warm caches: these are the costs of
 the instructions and helpers, not of cache misses under many concurrent flows.

@@ -139,16 +139,11 @@ def _control_plot(doc: dict[str, Any]) -> str:
         for i, key in enumerate(("program", "change")):
             ax = fig.add_subplot(1, 2, i + 1)
             if key == "program":
-                series = {"xdplb (compute stock + sync)": [
-                    (r["services"], _ours_total(r)) for r in ours if _ours_total(r)],
-                    "xdplb (compute indexed + sync)": [
-                    (r["services"], r["compute_indexed_seconds"] + r["sync_seconds"])
-                    for r in ours]}
+                series = {"xdplb (compute + sync)": [
+                    (r["services"], _ours_program(r)) for r in ours]}
             else:
-                series = {"xdplb (compute stock + sync)": [
-                    (r["services"], _ours_change(r)) for r in ours if _ours_change(r)],
-                    "xdplb (compute indexed + sync)": [
-                    (r["services"], r["change_indexed_seconds"]) for r in ours],
+                series = {"xdplb (compute + sync)": [
+                    (r["services"], _ours_change(r)) for r in ours],
                     "xdplb (sync alone)": [
                     (r["services"], r["change_sync_seconds"]) for r in ours]}
             for tool in sorted({b["tool"] for b in base}):
@@ -169,14 +164,20 @@ def _control_plot(doc: dict[str, Any]) -> str:
 
 # -- sections --------------------------------------------------------------------------------
 
-def _ours_total(r: dict[str, Any]) -> float | None:
-    stock = r.get("compute_stock_seconds")
-    return None if stock is None else stock + r["sync_seconds"]
+def _ours(r: dict[str, Any], key: str) -> float:
+    """`compute_seconds` or `change_seconds` of one xdplb row; results written before the
+    model indexed its slices have them as `..._indexed_seconds`."""
+    return float(r[f"{key}_seconds"] if f"{key}_seconds" in r else r[f"{key}_indexed_seconds"])
 
 
-def _ours_change(r: dict[str, Any]) -> float | None:
-    stock = r.get("compute_stock_seconds")
-    return None if stock is None else stock + r["change_sync_seconds"]
+def _ours_program(r: dict[str, Any]) -> float:
+    """Programming from empty: compute plus sync."""
+    return _ours(r, "compute") + float(r["sync_seconds"])
+
+
+def _ours_change(r: dict[str, Any]) -> float:
+    """One change: compute plus sync (median over the changes)."""
+    return _ours(r, "change")
 
 
 def _machine(docs: Sequence[dict[str, Any]]) -> list[str]:
@@ -337,11 +338,9 @@ def _control_section(doc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     base = doc["baselines"]
     out = ["## 3. Control plane: programming services (10 endpoints each)", "",
            "xdplb: `desired.compute` over the cluster model, then `Reconciler.sync` into the "
-           "pinned maps of a loaded datapath, in a fresh process per size. `compute (stock)` "
-           "uses the model as it is; `compute (indexed)` the same code with the model's "
-           "slices indexed by service (see the findings). One change = one endpoint of one "
-           "service replaced, applied as the agent does (compute over everything, then a sync "
-           "that writes the difference); median of "
+           "pinned maps of a loaded datapath, in a fresh process per size. One change = one "
+           "endpoint of one service replaced, applied as the agent does (compute over "
+           "everything, then a sync that writes the difference); median of "
            f"{doc['method']['changes']}. Peak RSS is the agent process's high-water mark "
            "while programming (after the programs were loaded) and for the whole process "
            "(BCC's compiler included).", "",
@@ -356,25 +355,16 @@ def _control_section(doc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
            f"{doc['method']['load_cap_seconds']:.0f} s were not run.", ""]
     rows = []
     for r in ours:
-        stock = r.get("compute_stock_seconds")
-        stock_s = _secs(stock) if stock is not None else (
-            f"> {_secs(r['compute_stock_timeout'])}" if r.get("compute_stock_timeout") else
-            f"~{_secs(r.get('compute_stock_projected_seconds'))} (projected, not run)")
-        total = _ours_total(r)
-        rows.append([f"{r['services']:,}", stock_s, _secs(r["compute_indexed_seconds"]),
-                     _secs(r["sync_seconds"]),
-                     _secs(total) if total else "n/a",
-                     _secs(r["compute_indexed_seconds"] + r["sync_seconds"]),
-                     _secs(_ours_change(r)), _secs(r["change_indexed_seconds"]),
-                     _secs(r["change_sync_seconds"]),
+        rows.append([f"{r['services']:,}", _secs(_ours(r, "compute")),
+                     _secs(r["sync_seconds"]), _secs(_ours_program(r)),
+                     _secs(_ours_change(r)), _secs(r["change_sync_seconds"]),
                      f"{(r['peak_rss_programming_kib'] - r['rss_loaded_kib']) / 1024:.0f} MiB "
                      f"(+{r['rss_loaded_kib'] / 1024:.0f})",
                      f"{r['peak_rss_process_kib'] / 1024:.0f} MiB"])
     out += ["### xdplb", ""]
-    out += _table(["services", "compute (stock)", "compute (indexed)", "sync",
-                   "program: stock + sync", "program: indexed + sync", "change (stock)",
-                   "change (indexed)", "change: sync alone", "RSS programming (+loaded)",
-                   "RSS peak"], rows)
+    out += _table(["services", "compute", "sync", "program (compute + sync)",
+                   "change (compute + sync)", "change: sync alone",
+                   "RSS programming (+loaded)", "RSS peak"], rows)
     rows = []
     for b in base:
         if b.get("skipped"):
@@ -425,18 +415,15 @@ def _targets(req: dict[str, Any] | None, flat: dict[str, Any] | None,
         at = {r["services"]: r for r in cp["ours"]}
         r10 = at.get(10_000)
         if r10:
-            stock = _ours_total(r10)
-            indexed = r10["compute_indexed_seconds"] + r10["sync_seconds"]
+            program = _ours_program(r10)
             rows.append(["10k services programmed in under 2 s",
-                         f"{_secs(stock)} (stock), {_secs(indexed)} (indexed model)",
-                         _yes(stock is not None and stock < 2)])
+                         f"{_secs(program)} (compute + sync)", _yes(program < 2)])
         r30 = at.get(30_000)
         if r30:
             rows.append(["one change applied in under 50 ms at 30k services",
-                         f"{_secs(_ours_change(r30))} (stock), "
-                         f"{_secs(r30['change_indexed_seconds'])} (indexed model), "
+                         f"{_secs(_ours_change(r30))} (compute + sync), "
                          f"{_secs(r30['change_sync_seconds'])} (sync alone)",
-                         _yes(r30["change_indexed_seconds"] < 0.05)])
+                         _yes(_ours_change(r30) < 0.05)])
         lost_cp = []
         total_cp = 0
         for b in cp["base"]:
@@ -446,8 +433,8 @@ def _targets(req: dict[str, Any] | None, flat: dict[str, Any] | None,
             if not r:
                 continue
             total_cp += 2
-            prog = _ours_total(r) or r["compute_indexed_seconds"] + r["sync_seconds"]
-            change = _ours_change(r) or r["change_indexed_seconds"]
+            prog = _ours_program(r)
+            change = _ours_change(r)
             if prog >= b["load_seconds"]:
                 lost_cp.append(f"load {b['tool']} {b['services']:,}")
             if change >= b["change_seconds"]:

@@ -8,7 +8,6 @@ control plane computes this project's maps from, and the kube-proxy rule generat
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -80,25 +79,6 @@ def with_endpoint_replaced(spec: SvcSpec, index: int, generation: int) -> SvcSpe
 
 # -- model ----------------------------------------------------------------------------------
 
-class IndexedCluster(Cluster):
-    """A Cluster whose slices are looked up through an index by service.
-
-    `Cluster.slices_of` scans every slice, which makes `desired.compute` quadratic in the
-    number of services; the benchmarks that only need the maps filled use this to get there
-    in linear time. `bench.control_plane` times the stock class too.
-    """
-
-    @functools.cached_property
-    def _by_service(self) -> dict[str, list[EndpointSlice]]:
-        index: dict[str, list[EndpointSlice]] = {}
-        for s in self.slices.values():
-            index.setdefault(s.service_key, []).append(s)
-        return index
-
-    def slices_of(self, service_key: str) -> list[EndpointSlice]:
-        return list(self._by_service.get(service_key, ()))
-
-
 def service_of(spec: SvcSpec) -> Service:
     svc_type = "NodePort" if spec.node_port else "ClusterIP"
     return Service(
@@ -117,15 +97,14 @@ def slice_of(spec: SvcSpec) -> EndpointSlice:
                         for ip in spec.endpoints))
 
 
-def cluster_of(specs: Iterable[SvcSpec], *, indexed: bool = True) -> Cluster:
+def cluster_of(specs: Iterable[SvcSpec]) -> Cluster:
     services: dict[str, Service] = {}
     slices: dict[str, EndpointSlice] = {}
     for spec in specs:
         svc, es = service_of(spec), slice_of(spec)
         services[svc.key] = svc
         slices[es.key] = es
-    cls = IndexedCluster if indexed else Cluster
-    return cls(services=services, slices=slices)
+    return Cluster(services=services, slices=slices)
 
 
 def node_model(name: str, ips: Sequence[str]) -> Node:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 from lb.model import SERVICE_PROXY_NAME_LABEL, Cluster, Endpoint, Node, Service, ServicePort
 from loader.layout import const
@@ -63,7 +64,7 @@ class FrontendEntry:
     # established connections go on (as kube-proxy's conntrack lets them).
     draining: tuple[Backend, ...] = ()
 
-    @property
+    @cached_property
     def group(self) -> str:
         """Frontends of one service port share backend ids (and affinity)."""
         return f"{self.service}:{self.port_name}/{PROTO_NAMES[self.frontend.proto]}"

@@ -77,8 +77,10 @@ def permutation_params(name: str, size: int) -> tuple[int, int]:
     return _params(name, size)
 
 
-def populate(backends: Sequence[str], size: int) -> list[int]:
-    """Fill a Maglev table of ``size`` slots; return, per slot, an index into ``backends``.
+def populate(backends: Sequence[str], size: int,
+             labels: Sequence[int] | None = None) -> list[int]:
+    """Fill a Maglev table of ``size`` slots; return, per slot, an index into ``backends``
+    (or, given ``labels``, the label of that backend: ``labels[index]``, e.g. its id).
 
     ``backends`` are stable names such as ``"10.244.1.5:8080/TCP"``.  They are sorted by name
     (code point order) before population, so the order of the input does not change which
@@ -95,6 +97,8 @@ def populate(backends: Sequence[str], size: int) -> list[int]:
             raise ValueError(f"cannot fill {size} slots without backends")
         return []
     _check_prime(size)
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for {n} backends")
     if size < n:
         raise ValueError(f"table of {size} slots is too small for {n} backends")
     order = sorted(range(n), key=backends.__getitem__)
@@ -107,7 +111,8 @@ def populate(backends: Sequence[str], size: int) -> list[int]:
         offset, skip = _params(backends[i], size)
         offsets.append(offset)
         skips.append(skip)
-    return _fill(order, offsets, skips, size)
+    return _fill([labels[i] for i in order] if labels is not None else order,
+                 offsets, skips, size)
 
 
 def _fill(labels: list[int], offsets: list[int], skips: list[int], size: int) -> list[int]:

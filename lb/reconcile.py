@@ -76,6 +76,9 @@ class Applied:
     flags: int
     affinity_timeout: int
     backend_ids: tuple[int, ...]
+    # What was written, to skip it next time it is wanted unchanged; None
+    # when adopted from pinned maps (written again on the first sync).
+    entry: FrontendEntry | None = None
 
 
 @dataclass
@@ -166,8 +169,11 @@ class Reconciler:
                               key=lambda item: (item[0] not in self.applied, item[0])))
         kept: set[Frontend] = set()
         self._ensure_groups(entries)
-        self._write_backends(entries, res)
-        for f, e in list(entries.items()):
+        # Most syncs change a handful of entries among thousands.
+        changed = {f: e for f, e in entries.items()
+                   if f not in self.applied or self.applied[f].entry != e}
+        self._write_backends(changed, res)
+        for f, e in changed.items():
             try:
                 self._write_entry(f, e, res)
             except (Exhausted, BpfError, ValueError) as err:
@@ -265,7 +271,9 @@ class Reconciler:
                 self.groups[e.group] = self.group_ids.alloc()
 
     def _write_backends(self, entries: dict[Frontend, FrontendEntry], res: SyncResult) -> None:
-        bmap = self.maps["lb_backends"]
+        # Collected and written in one batch: a sync from empty writes
+        # every backend, and a syscall each would dominate it.
+        writes: list[tuple[int, str, Backend, int, int]] = []
         for e in entries.values():
             gid = self.groups.get(e.group)
             if gid is None:
@@ -281,11 +289,18 @@ class Reconciler:
                 except Exhausted:
                     # Its frontends are refused, and reported, in _write_entry.
                     continue
-                bmap.update(bid, layout.new(
-                    "struct lb_backend", addr=ip_be(b.ip), port=port_be(b.port), proto=b.proto,
-                    flags=flags, group_id=gid)[0])
+                writes.append((bid, e.service, b, flags, gid))
                 self.backends[key] = (bid, flags)
                 res.backends_added += not have
+        if not writes:
+            return
+        values = layout.ffi.new("struct lb_backend[]", len(writes))
+        for v, (_, _, b, flags, gid) in zip(values, writes, strict=True):
+            v.addr, v.port, v.proto = ip_be(b.ip), port_be(b.port), b.proto
+            v.flags, v.group_id = flags, gid
+        keys = array.array("I", (w[0] for w in writes))
+        self.maps["lb_backends"].update_batch(keys.tobytes(), bytes(layout.ffi.buffer(values)),
+                                              len(writes))
 
     def _write_entry(self, f: Frontend, e: FrontendEntry, res: SyncResult) -> None:
         gid = self.groups.get(e.group)
@@ -311,6 +326,7 @@ class Reconciler:
         same_backends = old is not None and old.backend_ids == bids and old.group_id == gid
         if (same_backends and old is not None and old.flags == e.flags and old.svc_id == sid
                 and old.affinity_timeout == e.affinity_timeout):
+            old.entry = e
             return
         if same_backends and old is not None:
             off, size = old.off, old.size
@@ -336,18 +352,18 @@ class Reconciler:
             raise
         if old and old.size and old.off != off:
             self._quarantine.append(("slab", old.off, old.size))
-        self.applied[f] = Applied(sid, gid, off, size, e.flags, e.affinity_timeout, bids)
+        self.applied[f] = Applied(sid, gid, off, size, e.flags, e.affinity_timeout, bids, e)
         if old:
             res.updated += 1
         else:
             res.added += 1
 
     def _write_table(self, off: int, size: int, usable: list[tuple[Backend, int]]) -> None:
-        slots = maglev.populate([b.name for b, _ in usable], size)
-        ids = [bid for _, bid in usable]
+        ids = maglev.populate([b.name for b, _ in usable], size,
+                              labels=[bid for _, bid in usable])
         keys = array.array("I", range(off, off + size))
-        values = array.array("I", (ids[i] for i in slots))
-        self.maps["lb_maglev"].update_batch(keys.tobytes(), values.tobytes(), size)
+        self.maps["lb_maglev"].update_batch(keys.tobytes(), array.array("I", ids).tobytes(),
+                                            size)
 
     def _remove_entry(self, f: Frontend, res: SyncResult) -> None:
         old = self.applied.pop(f)
@@ -366,11 +382,11 @@ class Reconciler:
         live_groups = {self.groups[e.group] for e in entries.values() if e.group in self.groups}
         live_groups |= {self.applied[f].group_id for f in kept}
         kept_ids = {bid for f in kept for bid in self.applied[f].backend_ids}
-        wanted = {
-            (self.groups[e.group], b.ip, b.port, b.proto)
-            for e in entries.values() if e.group in self.groups
-            for b in (*e.backends, *e.draining)
-        }
+        wanted: set[BackendKey] = set()
+        for e in entries.values():
+            gid = self.groups.get(e.group)
+            if gid is not None:
+                wanted.update((gid, b.ip, b.port, b.proto) for b in (*e.backends, *e.draining))
         wanted |= {key for key, (bid, _) in self.backends.items() if bid in kept_ids}
         for key in sorted(set(self.backends) - wanted):
             bid, _ = self.backends.pop(key)

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -194,12 +194,16 @@ def kernel() -> Iterator[KernelSide]:
     populate = maglev.populate
 
     @functools.lru_cache(maxsize=4096)
-    def cached(names: tuple[str, ...], size: int) -> list[int]:
-        return populate(list(names), size)
+    def cached(names: tuple[str, ...], size: int, labels: tuple[int, ...] | None) -> list[int]:
+        return populate(list(names), size, labels)
+
+    def populate_cached(names: Sequence[str], size: int,
+                        labels: Sequence[int] | None = None) -> list[int]:
+        return cached(tuple(names), size, None if labels is None else tuple(labels))
 
     try:
         with pytest.MonkeyPatch.context() as mp, Datapath(SIZES.options(pin_dir)) as dp:
-            mp.setattr(maglev, "populate", lambda names, size: cached(tuple(names), size))
+            mp.setattr(maglev, "populate", populate_cached)
             yield KernelSide(dp)
     finally:
         remove_pins(pin_dir)

@@ -285,6 +285,18 @@ def test_same_input_same_table() -> None:
     assert populate(backends, size) == populate(list(backends), size)
 
 
+def test_labels_stand_for_their_backends() -> None:
+    backends = pod_backends(10)
+    shuffled = backends[::-1]
+    ids = [1000 + 7 * i for i in range(10)]
+    size = table_size(10)
+    labelled = populate(shuffled, size, labels=ids)
+    assert labelled == [ids[i] for i in populate(shuffled, size)]
+    assert sorted(set(labelled)) == sorted(ids)
+    with pytest.raises(ValueError, match="9 labels for 10 backends"):
+        populate(backends, size, labels=ids[:9])
+
+
 def test_input_order_does_not_matter() -> None:
     backends = pod_backends(50)
     size = table_size(50)
