@@ -44,6 +44,18 @@ def require_root() -> None:
         raise SystemExit("bench: needs root (BPF programs, network namespaces)")
 
 
+@contextlib.contextmanager
+def one_cpu() -> Iterator[None]:
+    """Keep the measuring thread on one CPU: fewer migrations, steadier runs."""
+    before = os.sched_getaffinity(0)
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, {max(before)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 

@@ -55,6 +55,7 @@ from bench.common import (
     datapath,
     log,
     median,
+    one_cpu,
     stat_counts,
     write_result,
 )
@@ -207,18 +208,6 @@ def measure_config(meter: Meter, repeat: int, trials: int, singles: int) -> dict
     out["verified"] = not problems
     out["problems"] = problems
     return out
-
-
-@contextlib.contextmanager
-def one_cpu() -> Iterator[None]:
-    """Keep the measuring thread on one CPU: fewer migrations, steadier single runs."""
-    before = os.sched_getaffinity(0)
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, {max(before)})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 # A configuration whose established cost comes out this much above the lowest seen so far is

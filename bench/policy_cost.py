@@ -63,6 +63,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from bench.common import one_cpu
 from lb import desired, packets
 from lb.instance import SMALL, local_pod_ips, policy_writer_for, reconciler_for
 from lb.model import (
@@ -267,18 +268,6 @@ class Bench:
         if self.policy_entries():
             self.problems.append(f"{what}: a denied flow was remembered")
         return per_run
-
-
-@contextlib.contextmanager
-def one_cpu() -> Iterator[None]:
-    """Keep the measuring thread on one CPU: fewer migrations, steadier runs."""
-    before = os.sched_getaffinity(0)
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, {max(before)})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 class Node0:

@@ -4,7 +4,8 @@ trace`, the demo and the benchmarks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lb.model import Cluster, Node
@@ -13,6 +14,7 @@ from lb.policy.kernel import MAPS as POLICY_MAPS
 from lb.policy.kernel import PolicyWriter
 from lb.reconcile import Reconciler
 from loader.build import BPFFS, BuildOptions, Datapath
+from loader.maps import BpfMap
 
 DEFAULT_INSTANCE = "lb"
 
@@ -36,39 +38,42 @@ class Sizes:
     pol_portsets: int = 65536
 
     def options(self, pin_dir: Path, defines: dict[str, str] | None = None) -> BuildOptions:
-        return BuildOptions(
-            pin_dir=pin_dir,
-            max_services=self.max_services,
-            max_backends=self.max_backends,
-            maglev_slots=self.maglev_slots,
-            ct_size=self.ct_size,
-            pol_endpoints=self.pol_endpoints,
-            pol_ipcache=self.pol_ipcache,
-            pol_rules=self.pol_rules,
-            pol_portsets=self.pol_portsets,
-            defines=dict(defines or {}),
-        )
+        # Every size is a BuildOptions field of the same name.
+        return BuildOptions(pin_dir=pin_dir, defines=dict(defines or {}), **asdict(self))
 
 
 SMALL = Sizes(max_services=4096, max_backends=16384, maglev_slots=1 << 20, ct_size=65536)
 
 
+RECONCILER_MAPS = ("lb_services", "lb_backends", "lb_maglev", "lb_rev_nat", "lb_config",
+                   "lb_vips", "lb_svc_cidrs", "lb_source_ranges")
+POLICY_WRITER_MAPS = (*POLICY_MAPS, "lb_pol_drops")
+
+
+def reconciler_over(maps: Mapping[str, BpfMap], sizes: Sizes | BuildOptions) -> Reconciler:
+    """A reconciler for the maps (kernel or userspace) of an instance of `sizes`."""
+    return Reconciler({name: maps[name] for name in RECONCILER_MAPS},
+                      max_services=sizes.max_services, max_backends=sizes.max_backends,
+                      maglev_slots=sizes.maglev_slots)
+
+
+def policy_writer_over(maps: Mapping[str, BpfMap], sizes: Sizes | BuildOptions
+                       ) -> PolicyWriter:
+    """A policy writer for those maps; with the drop counters, so a reused
+    policy id starts its count at zero. The compiler refuses what the maps
+    could not hold."""
+    limits = Limits(endpoints=sizes.pol_endpoints, ipcache=sizes.pol_ipcache,
+                    rules=sizes.pol_rules, portsets=sizes.pol_portsets,
+                    policies=sizes.pol_portsets)
+    return PolicyWriter({name: maps[name] for name in POLICY_WRITER_MAPS}, limits)
+
+
 def reconciler_for(dp: Datapath) -> Reconciler:
-    o = dp.opts
-    maps = {name: dp.map(name) for name in ("lb_services", "lb_backends", "lb_maglev",
-                                            "lb_rev_nat", "lb_config", "lb_vips",
-                                            "lb_svc_cidrs", "lb_source_ranges")}
-    return Reconciler(maps, max_services=o.max_services, max_backends=o.max_backends,
-                      maglev_slots=o.maglev_slots)
+    return reconciler_over({name: dp.map(name) for name in RECONCILER_MAPS}, dp.opts)
 
 
 def policy_writer_for(dp: Datapath) -> PolicyWriter:
-    o = dp.opts
-    # The compiler refuses what these maps could not hold.
-    limits = Limits(endpoints=o.pol_endpoints, ipcache=o.pol_ipcache, rules=o.pol_rules,
-                    portsets=o.pol_portsets, policies=o.pol_portsets)
-    return PolicyWriter({name: dp.map(name) for name in (*POLICY_MAPS, "lb_pol_drops")},
-                        limits)
+    return policy_writer_over({name: dp.map(name) for name in POLICY_WRITER_MAPS}, dp.opts)
 
 
 def local_pod_ips(cluster: Cluster, node: Node) -> set[str]:

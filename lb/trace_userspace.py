@@ -8,23 +8,12 @@ from collections.abc import Callable, Mapping
 from time import monotonic_ns
 
 from lb.desired import DesiredState
-from lb.instance import SMALL, Sizes, local_pod_ips
+from lb.instance import SMALL, Sizes, local_pod_ips, policy_writer_over, reconciler_over
 from lb.model import Cluster, Node
-from lb.policy.kernel import MAPS as POLICY_MAPS
-from lb.policy.kernel import PolicyWriter
-from lb.reconcile import Reconciler
 from lb.trace import Probe, Tracer, TraceResult
 from lb.userspace.datapath import UserspaceDatapath
 from lb.userspace.maps import DictMap, new_userspace_maps
 from loader.libbpf import TestRun
-from loader.maps import BpfMap
-
-
-def reconciler_over(maps: Mapping[str, BpfMap], sizes: Sizes) -> Reconciler:
-    """A reconciler for the maps of an instance of `sizes` (it writes the
-    ones it needs)."""
-    return Reconciler(maps, max_services=sizes.max_services, max_backends=sizes.max_backends,
-                      maglev_slots=sizes.maglev_slots)
 
 
 def userspace_datapath(state: DesiredState, sizes: Sizes = SMALL,
@@ -68,8 +57,7 @@ def run_userspace(state: DesiredState, probes: list[Probe], cluster: Cluster | N
     local_pods: set[str] = set()
     names: dict[int, str] = {}
     if cluster is not None and node is not None:
-        # As lb.instance.policy_writer_for: with the drop counters.
-        policy = PolicyWriter({name: maps[name] for name in (*POLICY_MAPS, "lb_pol_drops")})
+        policy = policy_writer_over(maps, SMALL)
         errors = policy.sync(cluster, node)
         if errors:
             raise RuntimeError("; ".join(map(str, errors)))

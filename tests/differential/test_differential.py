@@ -40,13 +40,10 @@ from hypothesis import strategies as st
 
 from lb import maglev, packets
 from lb.desired import DesiredState, compute
-from lb.instance import Sizes
+from lb.instance import Sizes, policy_writer_over, reconciler_over
 from lb.manifests import build_cluster
 from lb.model import Cluster, Node
-from lb.policy.kernel import MAPS as POLICY_MAPS
-from lb.policy.kernel import PolicyWriter
 from lb.reconcile import Reconciler
-from lb.trace_userspace import reconciler_over
 from lb.userspace.datapath import (
     PROGRAMS,
     Nat,
@@ -668,9 +665,8 @@ class Pair:
         self.u = UserspaceDatapath(self.umaps, self.clock)
         self.krec: Reconciler = reconciler_over(kernel.maps, SIZES)
         self.urec: Reconciler = reconciler_over(self.umaps, SIZES)
-        pol_maps = (*POLICY_MAPS, "lb_pol_drops")
-        self.kpol = PolicyWriter({name: kernel.maps[name] for name in pol_maps})
-        self.upol = PolicyWriter({name: self.umaps[name] for name in pol_maps})
+        self.kpol = policy_writer_over(kernel.maps, SIZES)
+        self.upol = policy_writer_over(self.umaps, SIZES)
         self.flows: list[Flow] = []
         self.sent = 0
 

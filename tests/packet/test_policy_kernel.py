@@ -21,7 +21,7 @@ import pytest
 
 import tests.unit.test_policy as upstream
 from lb import desired, packets
-from lb.instance import SMALL, local_pod_ips, reconciler_for
+from lb.instance import SMALL, local_pod_ips, policy_writer_for, reconciler_for
 from lb.lab import objects
 from lb.model import Cluster, Node
 from lb.policy import compile_policy, describe, lookup
@@ -99,8 +99,7 @@ class KernelNode:
     def __init__(self, dp: Datapath) -> None:
         self.dp = dp
         self.reconciler = reconciler_for(dp)
-        # As policy_writer_for, with the drop counters (zeroed when an id is reused).
-        self.policy = PolicyWriter({name: dp.map(name) for name in (*POLICY_MAPS, "lb_pol_drops")})
+        self.policy = policy_writer_for(dp)
         self.ct = dp.map("lb_ct")
         self.drops = dp.map("lb_pol_drops")
 
