@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup demo test test-unit test-packet test-e2e test-cluster test-differential lint fuzz \
+.PHONY: setup demo test test-unit test-packet test-e2e test-cluster test-differential lint fuzz soak \
 	bench bench-quick k8s clean
 
 setup:
@@ -33,6 +33,10 @@ test-cluster: setup k8s
 # A million packets through both datapaths (Hypothesis profile "fuzz").
 fuzz: setup
 	HYPOTHESIS_PROFILE=fuzz $(PYTEST) -q tests/differential
+
+# Minutes of endpoint churn and agent restarts under wrk (LB_SOAK_SECONDS, default 300).
+soak: setup
+	$(PYTEST) -q -s -p no:cacheprovider tests/soak/soak_churn.py
 
 # Every benchmark at full scale (about 25 minutes); writes bench/results and bench/RESULTS.md.
 bench: setup
