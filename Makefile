@@ -30,9 +30,10 @@ lint: setup
 test-cluster: setup k8s
 	$(PYTEST) -q tests/cluster
 
-# A million packets through both datapaths (Hypothesis profile "fuzz").
+# A million packets through both datapaths (Hypothesis profile "fuzz"), in
+# chunks of 100,000, one process each, as many at once as there are CPUs.
 fuzz: setup
-	HYPOTHESIS_PROFILE=fuzz $(PYTEST) -q tests/differential
+	@bash tools/fuzz.sh
 
 # Minutes of endpoint churn and agent restarts under wrk (LB_SOAK_SECONDS, default 300).
 soak: setup
