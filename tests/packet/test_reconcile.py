@@ -87,6 +87,7 @@ def test_full_services_map_refuses_extra_entries_and_keeps_the_rest() -> None:
             assert res.added == 7  # ids start at 1: 0 means none in every map
             assert len(res.errors) == 12 - 7
             assert all("not programmed" in e for e in res.errors)
+            assert {r.map_name for r in res.refusals} == {"lb_services"}
             # Every programmed service still answers.
             for f in rec.applied:
                 frame = packets.build("10.244.1.5", 1000, f.ip, 80)
