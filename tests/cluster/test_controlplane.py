@@ -26,6 +26,7 @@ from tests.cluster.objects import (
 pytestmark = pytest.mark.cluster
 
 ENDPOINTS_TIMEOUT = 15.0
+RECONNECT_TIMEOUT = 90.0
 
 
 @pytest.fixture
@@ -135,11 +136,13 @@ def test_service_survives_apiserver_restart(
     assert after.spec.cluster_ip == before.spec.cluster_ip
 
     # The controller manager reconnects: a Pod added now still gets listed.
+    # Its informers retry a failed watch with client-go's backoff, which
+    # doubles up to 30 s between attempts, so allow a few of those.
     make_ready_pod(core, "db-0", namespace, {"app": "db"}, "10.244.5.10", "node-a", [5432])
     wait_for(
         "EndpointSlice after the restart",
         lambda: ready_addresses(discovery, namespace, "db") == {"10.244.5.10"},
-        timeout=ENDPOINTS_TIMEOUT * 2,
+        timeout=RECONNECT_TIMEOUT,
     )
 
 
