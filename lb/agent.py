@@ -39,7 +39,7 @@ from lb.kube import DEFAULT_RESYNC_PERIOD, ConfigError, KubeSource, kubeconfig_p
 from lb.manifests import ManifestError, load
 from lb.model import Cluster
 from lb.netns import iproute, write_sysctl
-from loader.build import Datapath, remove_pins
+from loader.build import Datapath, LayoutMismatch, remove_pins
 
 if TYPE_CHECKING:
     from lb.metrics import Metrics
@@ -143,6 +143,17 @@ def allow_local_source(netns: str | None) -> None:
 
 
 # kube-proxy's flags for the same settings, mapped to the datapath's defines.
+# Map sizes an operator may raise (Cilium's --bpf-lb-map-max, --bpf-ct-global-*-max):
+# flag -> lb.instance.Sizes field. Pinned maps keep their size: a new size
+# needs `lbctl down` (the agent refuses mismatched pins and says so).
+SIZE_FLAGS = {
+    "max_services": ("max_services", "service frontends (address, port, protocol, scope)"),
+    "max_backends": ("max_backends", "backends (one per endpoint and service port)"),
+    "maglev_slots": ("maglev_slots", "Maglev slots of all services together"),
+    "conntrack_size": ("ct_size", "connection-tracking entries (LRU)"),
+    "policy_max_pods": ("pol_endpoints", "local pods that NetworkPolicy isolates"),
+}
+
 CONNTRACK_FLAGS = {
     "conntrack_tcp_timeout_established": "LB_CT_TCP_LIFETIME_S",
     "conntrack_tcp_timeout_syn": "LB_CT_TCP_SYN_S",
@@ -175,7 +186,7 @@ class Agent:
         self.metrics_addr: str | None = args.metrics_addr
         self._retry: Cluster | None = None
         self.netns: str | None = args.netns
-        self.sizes = Sizes()
+        self.sizes = sizes_from_args(args)
         self.defines = conntrack_defines(args)
         self.cgroup: Path | None = Path(args.cgroup) if args.cgroup else None
         self.stopping = threading.Event()
@@ -319,7 +330,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"lbctl: run: --kubernetes: {e}", file=sys.stderr)
         return 2
-    return agent.run()
+    try:
+        return agent.run()
+    except LayoutMismatch as e:
+        # Pins of another layout or size: nothing was changed.
+        print(f"lbctl: run: {e}", file=sys.stderr)
+        return 1
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -333,6 +349,18 @@ def cmd_down(args: argparse.Namespace) -> int:
         log.warning("down: %s", p)
     log.info("removed instance %s", args.instance)
     return 0
+
+
+def sizes_from_args(args: argparse.Namespace) -> Sizes:
+    given = {field: getattr(args, flag) for flag, (field, _) in SIZE_FLAGS.items()
+             if getattr(args, flag, None) is not None}
+    return replace(Sizes(), **given)
+
+
+def map_size(value: str) -> int:
+    if not value.isdigit() or not 2 <= int(value) <= 1 << 26:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a map size in [2, {1 << 26}]")
+    return int(value)
 
 
 def positive_seconds(value: str) -> int:
@@ -354,6 +382,10 @@ def add_agent_commands(sub: Any, add_node_args: Callable[[argparse.ArgumentParse
                         "processes and hostNetwork pods; e.g. the cgroup2 mount)")
     for flag in CONNTRACK_FLAGS:
         r.add_argument("--" + flag.replace("_", "-"), type=positive_seconds, metavar="SECONDS")
+    defaults = Sizes()
+    for flag, (field_name, what) in SIZE_FLAGS.items():
+        r.add_argument("--" + flag.replace("_", "-"), type=map_size, metavar="N",
+                       help=f"room for this many {what} (default {getattr(defaults, field_name)})")
     r.add_argument("--kubernetes", action="store_true",
                    help="watch the API server (in-cluster, or --kubeconfig / $KUBECONFIG); "
                         "--node-name defaults to the hostname, --node-ip to the Node's "
