@@ -164,14 +164,15 @@ class Reconciler:
     def sync(self, desired: DesiredState) -> SyncResult:
         res = SyncResult()
         self._release_quarantine()
-        # Programmed frontends first: they keep the room they have.
-        entries = dict(sorted(desired.entries.items(),
-                              key=lambda item: (item[0] not in self.applied, item[0])))
+        entries = dict(desired.entries)
         kept: set[Frontend] = set()
         self._ensure_groups(entries)
-        # Most syncs change a handful of entries among thousands.
-        changed = {f: e for f, e in entries.items()
-                   if f not in self.applied or self.applied[f].entry != e}
+        # Most syncs change a handful of entries among thousands. Programmed
+        # frontends are written first: they keep the room they have.
+        changed = dict(sorted(
+            ((f, e) for f, e in entries.items()
+             if f not in self.applied or self.applied[f].entry != e),
+            key=lambda item: (item[0] not in self.applied, item[0])))
         self._write_backends(changed, res)
         for f, e in changed.items():
             try:
@@ -273,7 +274,7 @@ class Reconciler:
     def _write_backends(self, entries: dict[Frontend, FrontendEntry], res: SyncResult) -> None:
         # Collected and written in one batch: a sync from empty writes
         # every backend, and a syscall each would dominate it.
-        writes: list[tuple[int, str, Backend, int, int]] = []
+        writes: list[tuple[int, Backend, int, int]] = []
         for e in entries.values():
             gid = self.groups.get(e.group)
             if gid is None:
@@ -289,13 +290,13 @@ class Reconciler:
                 except Exhausted:
                     # Its frontends are refused, and reported, in _write_entry.
                     continue
-                writes.append((bid, e.service, b, flags, gid))
+                writes.append((bid, b, flags, gid))
                 self.backends[key] = (bid, flags)
                 res.backends_added += not have
         if not writes:
             return
         values = layout.ffi.new("struct lb_backend[]", len(writes))
-        for v, (_, _, b, flags, gid) in zip(values, writes, strict=True):
+        for v, (_, b, flags, gid) in zip(values, writes, strict=True):
             v.addr, v.port, v.proto = ip_be(b.ip), port_be(b.port), b.proto
             v.flags, v.group_id = flags, gid
         keys = array.array("I", (w[0] for w in writes))

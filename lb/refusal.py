@@ -8,20 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The maps whose capacity can refuse an object, each with what it holds;
-# every one is exported (at 0) so a dashboard can alert on any of them.
-BOUNDED_MAPS = {
-    "lb_services": "service frontends and service-port ids",
-    "lb_backends": "backend ids",
-    "lb_maglev": "Maglev slots",
-    "lb_vips": "ClusterIPs",
-    "lb_source_ranges": "loadBalancerSourceRanges",
-    "lb_pol_endpoints": "isolated local pods",
-    "lb_pol_ipcache": "peer addresses and CIDRs",
-    "lb_pol_rules": "policy rules",
-    "lb_pol_portsets": "port-set slots",
-    "lb_pol_drops": "policy ids",
-}
+# The maps whose capacity can refuse an object (lb_services also stands for
+# the service-port ids, lb_pol_drops for the policy ids); every one is
+# exported (at 0) so a dashboard can alert on any of them.
+BOUNDED_MAPS = ("lb_services", "lb_backends", "lb_maglev", "lb_vips", "lb_source_ranges",
+                "lb_pol_endpoints", "lb_pol_ipcache", "lb_pol_rules", "lb_pol_portsets",
+                "lb_pol_drops")
 
 
 @dataclass(frozen=True)

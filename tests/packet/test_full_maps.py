@@ -80,8 +80,9 @@ def gauge(m: Metrics, map_name: str) -> float | None:
 
 
 def sync(rec: Reconciler, m: Metrics, cluster: Cluster) -> SyncResult:
-    res = rec.sync(desired.compute(cluster, NODE))
-    m.synced(0.001, res, desired.compute(cluster, NODE), rec)
+    state = desired.compute(cluster, NODE)
+    res = rec.sync(state)
+    m.synced(0.001, res, state, rec)
     return res
 
 
