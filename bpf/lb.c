@@ -5,8 +5,9 @@
  *                    replies of remote backends.
  *   tc_lb_from_pod   tc ingress on a pod's host-side veth: what a local pod
  *                    sends (every service type) and replies of local backends.
- *   tc_lb_to_pod     tc egress on a pod's host-side veth: ingress
- *                    NetworkPolicy for what enters the pod.
+ *   tc_lb_to_pod     tc egress on a pod's host-side veth: reverse NAT of
+ *                    replies of backends on the node's own network, and
+ *                    ingress NetworkPolicy for what enters the pod.
  *   sock_*4          cgroup socket hooks: ClusterIPs for the node's own
  *                    processes, translated at connect/sendmsg time.
  *
@@ -241,13 +242,14 @@ int tc_lb_from_pod(struct __sk_buff *skb)
 	return lb_drops(reason) ? TC_ACT_SHOT : TC_ACT_OK;
 }
 
-/* Ingress policy of a local pod, for what is about to enter it. Counts
- * drops only: the pass path of every packet to a pod stays one lookup. */
+/* What is about to enter a local pod: reverse NAT of replies no other
+ * program saw, then ingress policy. Counts reverse NAT and drops only. */
 int tc_lb_to_pod(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct lb_pkt p = {};
+	struct lb_nat n = {};
 	struct lb_flow f;
 	int reason;
 
@@ -259,6 +261,15 @@ int tc_lb_to_pod(struct __sk_buff *skb)
 	reason = lb_parse(data, data_end, skb->len, &p);
 	if (reason != -1 && reason != LB_STAT_PASS_OTHER_PROTO)
 		return TC_ACT_OK;
+	/* A reply of a backend on the node's own network (the API server, a
+	 * hostNetwork pod) leaves the node's stack straight for the pod: no pod
+	 * veth's ingress or node device saw it. Its connection was judged by
+	 * policy already. */
+	if (reason == -1 && lb_reverse(&p, bpf_ktime_get_ns(), &n) >= 0) {
+		reason = lb_nat_skb(skb, &p, &n) ? LB_STAT_ERROR : LB_STAT_REVNAT;
+		lb_count(reason, p.len);
+		return reason == LB_STAT_ERROR ? TC_ACT_SHOT : TC_ACT_OK;
+	}
 	f.saddr = p.saddr;
 	f.daddr = p.daddr;
 	f.sport = p.sport;

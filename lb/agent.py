@@ -188,7 +188,7 @@ class Agent:
         self.netns: str | None = args.netns
         self.sizes = sizes_from_args(args)
         self.defines = conntrack_defines(args)
-        self.cgroup: Path | None = Path(args.cgroup) if args.cgroup else None
+        self.cgroup: Path | None = socklb.resolve_cgroup(args.cgroup) if args.cgroup else None
         self.stopping = threading.Event()
         self.attachments = Attachments(netns=self.netns)
         self.health = HealthServers(netns=self.netns)
@@ -379,7 +379,8 @@ def add_agent_commands(sub: Any, add_node_args: Callable[[argparse.ArgumentParse
     r.add_argument("--min-sync-period", default=0.2, type=float, metavar="SECONDS")
     r.add_argument("--cgroup", metavar="PATH",
                    help="cgroup v2 directory for the socket-level load balancer (the node's "
-                        "processes and hostNetwork pods; e.g. the cgroup2 mount)")
+                        "processes and hostNetwork pods; e.g. the cgroup2 mount), or 'auto' "
+                        "in a pod: the directory above kubelet's kubepods level")
     for flag in CONNTRACK_FLAGS:
         r.add_argument("--" + flag.replace("_", "-"), type=positive_seconds, metavar="SECONDS")
     defaults = Sizes()

@@ -26,6 +26,30 @@ def cgroup2_root() -> Path:
     raise FileNotFoundError("no cgroup2 mount: socket load balancing needs cgroup v2")
 
 
+def node_cgroup(proc_cgroup: str, root: Path) -> Path:
+    """The cgroup v2 directory that holds the node's pods, for `--cgroup auto`
+    in a DaemonSet pod: the parent of the `kubepods` level in this process's
+    own cgroup (kubelet's cgroupRoot), or the hierarchy's root when this
+    process does not sit under one (a private cgroup namespace shows "/").
+    `proc_cgroup` is the text of /proc/self/cgroup."""
+    for line in proc_cgroup.splitlines():
+        hierarchy, _, path = line.partition("::")
+        if hierarchy != "0":
+            continue
+        parts = [p for p in path.split("/") if p]
+        for i, part in enumerate(parts):
+            if part == "kubepods" or part.startswith("kubepods."):
+                return root.joinpath(*parts[:i])
+    return root
+
+
+def resolve_cgroup(value: str) -> Path:
+    """--cgroup: a path as given, or `auto` (see node_cgroup)."""
+    if value != "auto":
+        return Path(value)
+    return node_cgroup(Path("/proc/self/cgroup").read_text(), cgroup2_root())
+
+
 def netns_cookie(netns: str | None = None) -> int:
     """The cookie of a named network namespace (or this process's own), read
     from a socket opened there by a short-lived thread: setns moves only the

@@ -346,7 +346,7 @@ def reject(buf: bytearray, p: Pkt) -> int:
 class Verdict(NamedTuple):
     retval: int  # XDP_* or TC_ACT_*
     data: bytes  # the frame as the program leaves it
-    reason: int | None  # the LB_STAT_* counter that moved (tc_lb_to_pod: drops only)
+    reason: int | None  # the LB_STAT_* counter that moved (tc_lb_to_pod: reverse NAT and drops only)
 
 
 @dataclass(frozen=True)
@@ -454,12 +454,20 @@ class UserspaceDatapath:
         return Verdict(TC_ACT_SHOT if reason in _DROPS else TC_ACT_OK, bytes(buf), reason)
 
     def tc_lb_to_pod(self, frame: bytes) -> Verdict:
-        """Ingress policy of the local pod a packet is about to enter; only
-        a drop is counted."""
+        """What is about to enter a local pod: reverse NAT of replies of
+        backends on the node's own network, then ingress policy; only those
+        two are counted."""
         p = Pkt()
         reason = parse(frame, p)
         if reason not in (-1, _STAT["PASS_OTHER_PROTO"]):
             return Verdict(TC_ACT_OK, bytes(frame), None)
+        rev = self._reverse(p, self.clock() & _U64) if reason == -1 else None
+        if rev is not None:
+            buf = bytearray(frame)
+            reason = _STAT["ERROR"] if nat_skb(buf, p, rev[1]) else _STAT["REVNAT"]
+            self._count(reason, p.len)
+            return Verdict(TC_ACT_SHOT if reason == _STAT["ERROR"] else TC_ACT_OK, bytes(buf),
+                           reason)
         f = Flow(p.saddr, p.daddr, p.sport, p.dport, p.proto)
         if self._policy(f, None, p.daddr, _POL_INGRESS, p.tcp_flags, p.len):
             self._count(_STAT["DROP_POLICY"], p.len)

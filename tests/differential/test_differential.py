@@ -173,7 +173,7 @@ class KernelSide:
             raise
         after = self.read_stats()
         moved = [i for i, (a, b) in enumerate(zip(self.counts, after, strict=True)) if a != b]
-        # One counter per packet; tc_lb_to_pod counts its drops only.
+        # One counter per packet; tc_lb_to_pod counts reverse NAT and drops only.
         assert len(moved) == 1 or (prog == TO_POD and not moved), f"counters moved: {moved}"
         for i in moved:
             assert after[i][0] == self.counts[i][0] + 1

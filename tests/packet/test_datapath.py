@@ -20,7 +20,7 @@ from loader.build import Datapath
 
 VIP = "10.96.0.10"
 NODE = Node(name="node-a", ips=("192.0.2.1",))
-XDP, TC = "xdp_lb_external", "tc_lb_from_pod"
+XDP, TC, TO_POD = "xdp_lb_external", "tc_lb_from_pod", "tc_lb_to_pod"
 XDP_DROP, XDP_PASS = 1, 2
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
 
@@ -120,6 +120,29 @@ def test_reply_is_reverse_translated_to_the_vip(datapath: Datapath) -> None:
     assert out.retval == XDP_PASS
     r = packets.parse(out.data)
     assert r is not None and (r.src, r.sport) == (VIP, 80) and r.l4_csum_ok and r.ip_csum_ok
+
+
+def test_reply_of_a_host_network_backend_is_translated_entering_the_pod(
+        datapath: Datapath) -> None:
+    """The `kubernetes` Service's endpoint is the API server on a node's own
+    address: its answer leaves the node's stack straight for the client pod,
+    through no pod veth's ingress and no node device. tc_lb_to_pod, on the
+    way into the client pod, gives it the ClusterIP back as its source."""
+    node_ip = "198.18.0.11"
+    program(datapath, web([node_ip]))
+    fwd = run(datapath, TC, packets.build("10.244.1.5", 41001, VIP, 80, "tcp"))
+    p = packets.parse(fwd.data)
+    assert p is not None and (p.dst, p.dport) == (node_ip, 8080)
+    reply = packets.build(node_ip, 8080, "10.244.1.5", 41001, "tcp", flags="SA")
+    out = run(datapath, TO_POD, reply)
+    assert out.retval == TC_ACT_OK
+    r = packets.parse(out.data)
+    assert r is not None
+    assert (r.src, r.sport, r.dst, r.dport) == (VIP, 80, "10.244.1.5", 41001)
+    assert r.ip_csum_ok and r.l4_csum_ok
+    # A packet of no service flow enters the pod unchanged.
+    other = packets.build(node_ip, 8080, "10.244.1.5", 41002, "tcp", flags="SA")
+    assert run(datapath, TO_POD, other).data == other
 
 
 def test_established_flow_keeps_backend_when_a_backend_is_added(datapath: Datapath) -> None:
