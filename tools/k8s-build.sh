@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Build a pinned Kubernetes control plane from source with Go: kube-apiserver,
-# kube-controller-manager, kubectl and etcd (at the etcd release that
-# Kubernetes release itself depends on).
+# Build a pinned Kubernetes from source with Go: the control plane
+# (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd at the
+# release that Kubernetes release itself depends on), the node (kubelet,
+# kube-proxy), the upstream e2e suite (e2e.test) and its test image's binary
+# (agnhost), and the cluster add-ons CoreDNS and crictl, each from its own
+# module.
 #
 # The binaries land in a machine-level cache, $XDPLB_CACHE_DIR/k8s-<version>/bin
 # (default /var/cache/xdplb), so every clone on the same machine reuses them.
@@ -21,12 +24,15 @@ set -euo pipefail
 K8S_VERSION="${XDPLB_K8S_VERSION:-v1.34.12}"
 CACHE_ROOT="${XDPLB_CACHE_DIR:-/var/cache/xdplb}"
 # Bump when the way the binaries are built changes, to force a rebuild.
-RECIPE=1
+RECIPE=2
 
 OUT="$CACHE_ROOT/k8s-$K8S_VERSION"
 BIN="$OUT/bin"
 STAMP="$OUT/.complete"
-BINARIES=(kube-apiserver kube-controller-manager kubectl etcd)
+BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kubelet kube-proxy
+          agnhost e2e.test coredns crictl)
+COREDNS_VERSION="${XDPLB_COREDNS_VERSION:-v1.12.1}"
+CRICTL_VERSION="${XDPLB_CRICTL_VERSION:-v1.34.0}"
 STAGING_VERSION="v0.${K8S_VERSION#v1.}"
 
 log() { echo "k8s-build: $*" >&2; }
@@ -141,20 +147,48 @@ done
 
 mkdir -p "$work/bin"
 cd "$work"
-# In the background and in a new session, so that a signal to this script can
-# stop the whole build (see cleanup) instead of leaving it running.
-setsid go build -mod=mod -trimpath -ldflags "$ldflags" -o "$work/bin/" \
+# Runs "$@" in the background and in a new session, so that a signal to this
+# script can stop the whole build (see cleanup) instead of leaving it running.
+run_go() {
+    setsid "$@" >&2 &
+    build_pid=$!
+    if ! wait "$build_pid"; then
+        build_pid=
+        log "failed: $*"
+        exit 1
+    fi
+    build_pid=
+}
+
+log "control plane, node and agnhost"
+run_go go build -mod=mod -trimpath -ldflags "$ldflags" -o "$work/bin/" \
     k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler \
     k8s.io/kubernetes/cmd/kubectl \
-    go.etcd.io/etcd/server/v3 >&2 &
-build_pid=$!
-if ! wait "$build_pid"; then
-    build_pid=
-    log "go build failed"
-    exit 1
-fi
-build_pid=
+    k8s.io/kubernetes/cmd/kubelet \
+    k8s.io/kubernetes/cmd/kube-proxy \
+    k8s.io/kubernetes/test/images/agnhost \
+    go.etcd.io/etcd/server/v3
+# Without -vet=off, go test runs vet over the whole tree first.
+log "e2e.test"
+run_go go test -mod=mod -vet=off -trimpath -ldflags "$ldflags" -c -o "$work/bin/e2e.test" \
+    k8s.io/kubernetes/test/e2e
+
+# CoreDNS and crictl are modules of their own, each built in a throwaway
+# module of its own so their dependency graphs do not mix with Kubernetes'.
+build_module() {  # <module> <version> <package> <binary>
+    local dir="$work/mod-$4"
+    mkdir -p "$dir"
+    printf 'module xdplb.invalid/%s\n\ngo %s\n\nrequire %s %s\n' \
+        "$4" "$go_directive" "$1" "$2" >"$dir/go.mod"
+    log "$4 ($1 $2)"
+    cd "$dir"
+    run_go go build -mod=mod -trimpath -ldflags "-s -w" -o "$work/bin/$4" "$3"
+    cd "$work"
+}
+build_module github.com/coredns/coredns "$COREDNS_VERSION" github.com/coredns/coredns coredns
+build_module sigs.k8s.io/cri-tools "$CRICTL_VERSION" sigs.k8s.io/cri-tools/cmd/crictl crictl
 cd /
 # go names the etcd binary after its module path without the major version.
 mv "$work/bin/server" "$work/bin/etcd"

@@ -346,7 +346,7 @@ def reject(buf: bytearray, p: Pkt) -> int:
 class Verdict(NamedTuple):
     retval: int  # XDP_* or TC_ACT_*
     data: bytes  # the frame as the program leaves it
-    reason: int | None  # the LB_STAT_* counter that moved (tc_lb_to_pod: reverse NAT and drops only)
+    reason: int | None  # the LB_STAT_* counter that moved (tc_lb_to_pod: reverse NAT, drops)
 
 
 @dataclass(frozen=True)
