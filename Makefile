@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PYTEST := $(PY) -m pytest
 
 .PHONY: setup demo test test-unit test-packet test-e2e test-cluster test-differential lint fuzz soak \
-	bench bench-quick k8s clean
+	bench bench-quick k8s clean cluster-up cluster-down conformance
 
 setup:
 	@bash tools/setup.sh
@@ -49,6 +49,23 @@ bench-quick: setup
 
 k8s: setup
 	@bash tools/k8s-build.sh >/dev/null
+
+# Two real nodes in namespaces (tools/cluster/cluster.sh); PROXY=kube-proxy|xdplb|none.
+PROXY ?= xdplb
+cluster-up: setup k8s
+	@bash tools/cluster/cluster.sh up --proxy $(PROXY)
+
+cluster-down:
+	@bash tools/cluster/cluster.sh down
+
+# The sig-network e2e selection with kube-proxy and with xdplb; writes CONFORMANCE.md.
+# SELECTION=full (hours) or smoke (minutes).
+SELECTION ?= full
+conformance: setup k8s
+	@bash tools/cluster/cluster.sh down
+	@bash tools/cluster/cluster.sh up --proxy none
+	$(PY) -m tests.cluster.conformance --selection $(SELECTION); rc=$$?; \
+	bash tools/cluster/cluster.sh down; exit $$rc
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

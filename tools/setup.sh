@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(clang llvm libbpf-dev libbpf1 bpftool python3-bpfcc linux-headers-amd64
-      iproute2 curl wrk iptables nftables hping3 ethtool python3-venv openssl)
+      iproute2 curl wrk iptables nftables hping3 ethtool python3-venv openssl
+      # The real-node cluster (tools/cluster): runtime, CNI, image building.
+      containerd runc containernetworking-plugins conntrack socat mmdebstrap util-linux)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -1,0 +1,196 @@
+"""Kubernetes' own sig-network e2e tests as the judge, on the real two-node
+cluster of tools/cluster/cluster.sh: the same selection with real kube-proxy
+(nftables mode) and with the xdplb DaemonSet, one row per test in
+CONFORMANCE.md.
+
+    python -m tests.cluster.conformance [--selection full|smoke] [--out FILE]
+                                        [--proxies kube-proxy,xdplb]
+
+The cluster must be up (`make conformance` brings it up and down)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "tools" / "cluster" / "cluster.sh"
+E2E = REPO / "tools" / "cluster" / "e2e.sh"
+
+
+@dataclass(frozen=True)
+class Selection:
+    focus: str
+    skips: tuple[tuple[str, str], ...]
+
+
+# Skipped, each for its reason; everything else the focus names runs.
+SKIPS: tuple[tuple[str, str], ...] = (
+    (r"LoadBalancer", "needs a cloud provider's LoadBalancer controller"),
+    (r"IPv6|[Dd]ual[- ]?[Ss]tack", "IPv6 and dual-stack: this datapath serves IPv4 only so far"),
+    (r"\[Disruptive\]", "restarts node components or the API server over SSH"),
+    (r"\[Feature:Networking-Performance\]", "iperf2 across nodes: a benchmark, not a test of "
+                                            "behaviour"),
+    (r"\[Feature:NoSNAT\]", "needs a cluster set up without masquerading, a cloud's"),
+)
+
+# The Services and the Networking granular checks, conntrack, NetworkPolicy,
+# and every sig-network conformance test.
+FULL = Selection(
+    focus=(r"\[sig-network\] (Services|Networking|Conntrack|Netpol|NetworkPolicy)"
+           r"|\[sig-network\].*\[Conformance\]"),
+    skips=SKIPS,
+)
+
+# What `make test` runs on every landing: the Services conformance tests and a
+# few NetworkPolicy tests (deny, allow by pod label, allow by namespace).
+SMOKE_NETPOL = (
+    "should support a 'default-deny-ingress' policy",
+    "should support a 'default-deny-all' policy",
+    "should enforce policy to allow traffic only from a pod in a different namespace based on "
+    "PodSelector and NamespaceSelector",
+)
+SMOKE = Selection(
+    focus=(r"\[sig-network\] Services.*\[Conformance\]"
+           r"|\[sig-network\] Netpol NetworkPolicy between server and client ("
+           + "|".join(re.escape(t) for t in SMOKE_NETPOL) + ")"),
+    skips=SKIPS,
+)
+
+NODEPORT_TEST = r"\[sig-network\] Services should be able to create a functioning NodePort service"
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    status: str  # passed | failed | skipped (at run time, by the test itself)
+    seconds: float
+    message: str = ""
+
+
+def skip_regex(sel: Selection) -> str:
+    return "|".join(f"({rx})" for rx, _ in sel.skips)
+
+
+def cluster(*args: str, timeout: float = 900) -> None:
+    subprocess.run(["bash", str(CLUSTER), *args], check=True, timeout=timeout)
+
+
+def run_e2e(out: Path, focus: str, skip: str = "", timeout: float = 7200) -> list[Result]:
+    """e2e.test over the selection; the results of the tests that ran."""
+    subprocess.run(["bash", str(E2E), str(out), focus, skip], check=False, timeout=timeout)
+    junit = out / "junit.xml"
+    if not junit.is_file():
+        raise RuntimeError(f"e2e.test wrote no report; see {out / 'e2e.log'}")
+    return parse_junit(junit.read_text())
+
+
+def parse_junit(text: str) -> list[Result]:
+    """Ginkgo's JUnit report: every spec of the suite is listed; the ones
+    filtered out carry status="skipped" with a <skipped> message of
+    "skipped" and no time, a test that skipped itself says why."""
+    out = []
+    for case in ET.fromstring(text).iter("testcase"):
+        name = case.get("name", "")
+        status = case.get("status", "")
+        if not name.startswith("[It] "):
+            # BeforeSuite / AfterSuite: reported only when they fail.
+            if status == "failed":
+                failure = case.find("failure")
+                msg = failure.get("message", "") if failure is not None else ""
+                out.append(Result(name, "failed", float(case.get("time", "0")), msg))
+            continue
+        name = name[len("[It] "):]
+        if status == "skipped":
+            skipped = case.find("skipped")
+            msg = skipped.get("message", "") if skipped is not None else ""
+            if msg.strip() in ("", "skipped"):
+                continue  # not selected
+            out.append(Result(name, "skipped", float(case.get("time", "0")), msg))
+            continue
+        failure = case.find("failure")
+        msg = failure.get("message", "") if failure is not None else ""
+        out.append(Result(name, "passed" if status == "passed" else "failed",
+                          float(case.get("time", "0")), msg))
+    return out
+
+
+def run_with(proxy: str, sel: Selection, out: Path) -> list[Result]:
+    cluster("proxy", proxy)
+    return run_e2e(out / proxy, sel.focus, skip_regex(sel))
+
+
+def report(sel_name: str, sel: Selection, runs: dict[str, list[Result]],
+           took: dict[str, float]) -> str:
+    names = sorted({r.name for rs in runs.values() for r in rs})
+    by = {p: {r.name: r for r in rs} for p, rs in runs.items()}
+    proxies = list(runs)
+    lines = [
+        "# sig-network e2e: kube-proxy and xdplb on the same two nodes",
+        "",
+        f"Kubernetes v1.34.12 `e2e.test`, selection `{sel_name}`, run "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node()} "
+        f"({platform.machine()}, kernel {platform.release()}, 2 CPUs) by "
+        "`python -m tests.cluster.conformance`. Two nodes, each a network namespace with its "
+        "own containerd and kubelet, pods on the bridge CNI, routes between the nodes' pod "
+        "CIDRs (tools/cluster/cluster.sh). kube-proxy runs in nftables mode; xdplb is the "
+        "DaemonSet of deploy/ with kube-proxy absent.",
+        "",
+        f"Focus: `{sel.focus}`",
+        "",
+        "| test | " + " | ".join(proxies) + " | seconds (" + ", ".join(proxies) + ") |",
+        "|---|" + "---|" * len(proxies) + "---|",
+    ]
+    for n in names:
+        cells = [by[p][n].status if n in by[p] else "not run" for p in proxies]
+        secs = [f"{by[p][n].seconds:.0f}" if n in by[p] else "-" for p in proxies]
+        lines.append(f"| {n.replace('|', '/')} | " + " | ".join(cells) + " | "
+                     + ", ".join(secs) + " |")
+    lines += ["", "## Totals", ""]
+    for p in proxies:
+        rs = runs[p]
+        counts = {s: sum(1 for r in rs if r.status == s) for s in ("passed", "failed", "skipped")}
+        lines.append(f"- {p}: {counts['passed']} passed, {counts['failed']} failed, "
+                     f"{counts['skipped']} skipped by the test itself, in {took[p]:.0f} s")
+    if len(proxies) == 2:
+        a, b = proxies
+        worse = [n for n in names if n in by[a] and by[a][n].status == "passed"
+                 and (n not in by[b] or by[b][n].status != "passed")]
+        lines += ["", f"Passed with {a}, not with {b}: {len(worse)}"]
+        lines += [f"- {n}" for n in worse]
+    lines += ["", "## Skipped, and why", ""]
+    lines += [f"- `{rx}`: {why}" for rx, why in sel.skips]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="conformance")
+    ap.add_argument("--selection", choices=("full", "smoke"), default="full")
+    ap.add_argument("--proxies", default="kube-proxy,xdplb")
+    ap.add_argument("--out", type=Path, default=REPO / "CONFORMANCE.md")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/xdplb-conformance"))
+    args = ap.parse_args(argv)
+    sel = FULL if args.selection == "full" else SMOKE
+    runs: dict[str, list[Result]] = {}
+    took: dict[str, float] = {}
+    for proxy in args.proxies.split(","):
+        start = time.monotonic()
+        runs[proxy] = run_with(proxy, sel, args.work)
+        took[proxy] = time.monotonic() - start
+        failed = [r.name for r in runs[proxy] if r.status == "failed"]
+        print(f"conformance: {proxy}: {len(runs[proxy])} tests, {len(failed)} failed",
+              file=sys.stderr)
+    args.out.write_text(report(args.selection, sel, runs, took))
+    print(f"conformance: wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
