@@ -17,6 +17,7 @@ import argparse
 import logging
 import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -38,7 +39,7 @@ from lb.instance import (
 from lb.kube import DEFAULT_RESYNC_PERIOD, ConfigError, KubeSource, kubeconfig_path
 from lb.manifests import ManifestError, load
 from lb.model import Cluster
-from lb.netns import iproute, write_sysctl
+from lb.netns import call_in, iproute, write_sysctl
 from loader.build import Datapath, LayoutMismatch, remove_pins
 
 if TYPE_CHECKING:
@@ -93,15 +94,25 @@ class FileSource:
         return result.cluster
 
 
-class LinkWatcher(threading.Thread):
-    """Calls `on_veth(name)` for each veth that exists or appears in `netns`."""
+# How often the devices are listed even when no link event arrived.
+LINK_RESCAN_PERIOD = 2.0
+RTMGRP_LINK = 1
 
-    def __init__(self, ignore: set[str], on_veth: Callable[[str], None],
+
+class LinkWatcher(threading.Thread):
+    """Calls `on_veths(names)` with every veth in `netns` at start, on every
+    link event and every LINK_RESCAN_PERIOD. An event is only a wake-up: the
+    devices come from a fresh dump each time, so an event missed, coalesced
+    or lost to a full socket buffer loses nothing (pyroute2's own event
+    reader buffers messages behind select, and pod veths then went
+    unnoticed)."""
+
+    def __init__(self, ignore: set[str], on_veths: Callable[[set[str]], None],
                  netns: str | None = None) -> None:
         super().__init__(name="link-watcher", daemon=True)
         self.ignore = ignore
         self.netns = netns
-        self.on_veth = on_veth
+        self.on_veths = on_veths
         self.stop = threading.Event()
 
     @staticmethod
@@ -113,24 +124,33 @@ class LinkWatcher(threading.Thread):
 
     def existing(self) -> None:
         with iproute(self.netns) as ipr:
-            for msg in ipr.get_links():
-                name = self._veth_name(msg)
-                if name and name not in self.ignore:
-                    self.on_veth(name)
+            names = {self._veth_name(msg) for msg in ipr.get_links()}
+        self.on_veths({n for n in names if n and n not in self.ignore})
+
+    def _events(self) -> socket.socket:
+        def open_socket() -> socket.socket:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                                 socket.NETLINK_ROUTE)
+            sock.bind((0, RTMGRP_LINK))
+            return sock
+
+        return call_in(self.netns, open_socket)
 
     def run(self) -> None:
-        with iproute(self.netns) as ipr:
-            ipr.bind()
+        with self._events() as sock:
             while not self.stop.is_set():
-                ready, _, _ = select.select([ipr], [], [], 0.5)
-                if not ready:
-                    continue
-                for msg in ipr.get():
-                    if msg.get("event") != "RTM_NEWLINK":
-                        continue
-                    name = self._veth_name(msg)
-                    if name and name not in self.ignore:
-                        self.on_veth(name)
+                select.select([sock], [], [], LINK_RESCAN_PERIOD)
+                try:
+                    while sock.recv(65536):
+                        pass
+                except BlockingIOError:
+                    pass
+                except OSError as e:  # ENOBUFS: events were lost; the dump has them
+                    log.debug("link events: %s", e)
+                try:
+                    self.existing()
+                except Exception:
+                    log.exception("listing the devices failed; trying again")
 
 
 def allow_local_source(netns: str | None) -> None:
@@ -194,24 +214,31 @@ class Agent:
         self.health = HealthServers(netns=self.netns)
         self._tc_lock = threading.Lock()
 
-    def _attach_veth(self, dev: str) -> None:
+    def _attach_veths(self, devs: set[str]) -> None:
+        """Attach to the pod devices not attached yet; forget the ones gone."""
         from pyroute2.netlink.exceptions import NetlinkError
 
         with self._tc_lock:
-            if dev in self.attachments.tc:
+            known = set(self.attachments.tc)
+            if known == devs:
                 return
-            try:
-                with iproute(self.netns) as ipr:
-                    attach_tc(ipr, dev, self.dp.prog_fd(POD_PROGRAM), POD_PROGRAM)
-                    # Egress of the host-side veth is what enters the pod.
-                    attach_tc(ipr, dev, self.dp.prog_fd(TO_POD_PROGRAM), TO_POD_PROGRAM,
-                              CLSACT_EGRESS)
-            except (LookupError, NetlinkError) as e:
-                log.warning("pod device %s: not attached: %s", dev, e)
-                return
-            self.attachments.tc.append(dev)
+            attached = [d for d in self.attachments.tc if d in devs]
+            for dev in sorted(devs - known):
+                try:
+                    with iproute(self.netns) as ipr:
+                        attach_tc(ipr, dev, self.dp.prog_fd(POD_PROGRAM), POD_PROGRAM)
+                        # Egress of the host-side veth is what enters the pod.
+                        attach_tc(ipr, dev, self.dp.prog_fd(TO_POD_PROGRAM), TO_POD_PROGRAM,
+                                  CLSACT_EGRESS)
+                except (LookupError, NetlinkError) as e:
+                    # Gone already (a short-lived pod), or not ready: the next
+                    # listing tries again if it is still there.
+                    log.debug("pod device %s: not attached: %s", dev, e)
+                    continue
+                attached.append(dev)
+                log.info("attached %s to pod device %s", POD_PROGRAM, dev)
+            self.attachments.tc = attached
             self.attachments.save(self.instance)
-            log.info("attached %s to pod device %s", POD_PROGRAM, dev)
 
     def sync(self, cluster: Cluster) -> bool:
         """Program the maps for `cluster`; False (counted, logged) if it raised."""
@@ -276,7 +303,7 @@ class Agent:
             self.attachments.cgroup = str(self.cgroup)
             log.info("attached the socket hooks to cgroup %s", self.cgroup)
         self.attachments.save(self.instance)
-        watcher = LinkWatcher(set(self.ifaces) | {"lo"}, self._attach_veth, self.netns)
+        watcher = LinkWatcher(set(self.ifaces) | {"lo"}, self._attach_veths, self.netns)
         watcher.existing()
         watcher.start()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -8,6 +8,8 @@
 #   cluster.sh kubectl ARGS...                      kubectl as the admin
 #   cluster.sh run CMD...                           CMD in the nodes' network (node 1)
 #   cluster.sh status
+#   cluster.sh agent-image                          rebuild xdplb:latest from this tree,
+#                                                   import it, restart the DaemonSet
 #
 # Topology (all namespaces made here, removed by down):
 #   xk-ul   the underlay: bridge br0 198.18.0.1/24
@@ -588,6 +590,20 @@ cmd_down() {
     log "down"
 }
 
+cmd_agent_image() {
+    local dir node
+    dir=$(bash "$HERE/images.sh" --agent-only | tail -n 1)
+    for node in "${NODES[@]}"; do
+        in_node "$node" ctr --address /run/containerd/containerd.sock -n k8s.io images import \
+            "$dir/xdplb.tar" >/dev/null
+    done
+    if [ "$(cat "$STATE/proxy" 2>/dev/null)" = xdplb ]; then
+        kubectl_ -n kube-system rollout restart ds/xdplb >/dev/null
+        kubectl_ -n kube-system rollout status ds/xdplb --timeout=180s >/dev/null
+    fi
+    log "agent image from $dir imported on ${NODES[*]}"
+}
+
 cmd_status() {
     [ -e "$STATE/up" ] || { echo "no cluster"; return 1; }
     BIN=$(cat "$STATE/bin")
@@ -609,5 +625,6 @@ case "${1:-}" in
     kubectl) load_state; shift; kubectl_ "$@" ;;
     run) load_state; shift; nsenter --net=/run/netns/xk-n1 -- "$@" ;;
     status) cmd_status ;;
+    agent-image) load_state; cmd_agent_image ;;
     *) sed -n '2,9p' "$0" >&2; exit 2 ;;
 esac
