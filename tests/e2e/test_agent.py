@@ -146,3 +146,29 @@ def test_agent_attaches_to_pods_that_appear_later(lab: Lab) -> None:
     lab.agent.wait_for(f"pod device {pod.host_veth}", timeout=5)
     spread = curl_many(lab.topo, pod, f"http://{VIP}/", 20, timeout=2)
     assert FAILED not in spread and set(spread) <= names(lab, lab.backends[:2])
+
+
+def test_agent_attaches_to_every_pod_of_a_burst(lab: Lab) -> None:
+    """Pods come and go in bursts on a real node (the e2e suites make and
+    delete dozens a minute); each survivor's veth gets both programs,
+    whatever order the link events come in or how many are coalesced."""
+    pods = [lab.topo.add_pod() for _ in range(12)]
+    for pod in pods[::3]:
+        lab.topo.remove_pod(pod)
+    survivors = [p for p in pods if p not in pods[::3]]
+    deadline = time.monotonic() + 10
+    missing = survivors
+    while missing and time.monotonic() < deadline:
+        time.sleep(0.5)
+        missing = [p for p in survivors if not _has_programs(lab, p.host_veth)]
+    assert not missing, [p.host_veth for p in missing]
+    spread = curl_many(lab.topo, survivors[-1], f"http://{VIP}/", 10, timeout=2)
+    assert FAILED not in spread
+
+
+def _has_programs(lab: Lab, dev: str) -> bool:
+    node = lab.topo.nodes[0].ns
+    shown = [subprocess.run(["tc", "-n", node, "filter", "show", "dev", dev, hook],
+                            capture_output=True, text=True, check=False).stdout
+             for hook in ("ingress", "egress")]
+    return "tc_lb_from_pod" in shown[0] and "tc_lb_to_pod" in shown[1]
