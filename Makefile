@@ -59,7 +59,7 @@ cluster-down:
 	@bash tools/cluster/cluster.sh down
 
 # The sig-network e2e selection with kube-proxy and with xdplb; writes CONFORMANCE.md.
-# SELECTION=full (hours) or smoke (minutes).
+# SELECTION=full (hours), conformance (the 45 sig-network conformance tests) or smoke.
 SELECTION ?= full
 conformance: setup k8s
 	@bash tools/cluster/cluster.sh down

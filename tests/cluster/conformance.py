@@ -3,7 +3,7 @@ cluster of tools/cluster/cluster.sh: the same selection with real kube-proxy
 (nftables mode) and with the xdplb DaemonSet, one row per test in
 CONFORMANCE.md.
 
-    python -m tests.cluster.conformance [--selection full|smoke] [--out FILE]
+    python -m tests.cluster.conformance [--selection full|conformance|smoke] [--out FILE]
                                         [--proxies kube-proxy,xdplb]
 
 The cluster must be up (`make conformance` brings it up and down)."""
@@ -64,6 +64,11 @@ SMOKE = Selection(
     skips=SKIPS,
 )
 
+# Every sig-network conformance test (45 in v1.34).
+CONFORMANCE = Selection(focus=r"\[sig-network\].*\[Conformance\]", skips=SKIPS)
+
+SELECTIONS = {"full": FULL, "conformance": CONFORMANCE, "smoke": SMOKE}
+
 NODEPORT_TEST = r"\[sig-network\] Services should be able to create a functioning NodePort service"
 
 
@@ -107,7 +112,9 @@ def parse_junit(text: str) -> list[Result]:
                 msg = failure.get("message", "") if failure is not None else ""
                 out.append(Result(name, "failed", float(case.get("time", "0")), msg))
             continue
-        name = name[len("[It] "):]
+        # Ginkgo appends the labels, e.g. " [sig-network, Conformance]".
+        name = re.sub(r" \[[^\]]*\]$", "", name[len("[It] "):]) if ", " in name else \
+            name[len("[It] "):]
         if status == "skipped":
             skipped = case.find("skipped")
             msg = skipped.get("message", "") if skipped is not None else ""
@@ -172,12 +179,12 @@ def report(sel_name: str, sel: Selection, runs: dict[str, list[Result]],
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="conformance")
-    ap.add_argument("--selection", choices=("full", "smoke"), default="full")
+    ap.add_argument("--selection", choices=tuple(SELECTIONS), default="full")
     ap.add_argument("--proxies", default="kube-proxy,xdplb")
     ap.add_argument("--out", type=Path, default=REPO / "CONFORMANCE.md")
     ap.add_argument("--work", type=Path, default=Path("/tmp/xdplb-conformance"))
     args = ap.parse_args(argv)
-    sel = FULL if args.selection == "full" else SMOKE
+    sel = SELECTIONS[args.selection]
     runs: dict[str, list[Result]] = {}
     took: dict[str, float] = {}
     for proxy in args.proxies.split(","):
