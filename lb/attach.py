@@ -125,12 +125,22 @@ SOCK_ATTACH = {"sock_connect4": "connect4", "sock_sendmsg4": "sendmsg4",
 
 
 def detach_cgroup(cgroup: Path) -> list[str]:
-    """Detach the socket hooks by name (the agent that held their fds is
-    gone; bpftool finds them through the cgroup)."""
+    """Detach the socket hooks attached to `cgroup` (the agent that held their
+    fds is gone). By the ids attached there, not by name: every agent on the
+    machine (a node per namespace, a test instance) loads programs of the
+    same names, and bpftool refuses a name that matches several."""
+    shown = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cgroup)],
+                           capture_output=True, text=True, check=False)
+    if shown.returncode != 0:
+        return [f"socket hooks on {cgroup}: {shown.stderr.strip()}"]
     problems = []
-    for prog, hook in SOCK_ATTACH.items():
-        out = subprocess.run(["bpftool", "cgroup", "detach", str(cgroup), hook, "name", prog],
+    for entry in json.loads(shown.stdout or "[]"):
+        hook = SOCK_ATTACH.get(entry.get("name", ""))
+        if hook is None:
+            continue
+        out = subprocess.run(["bpftool", "cgroup", "detach", str(cgroup), hook,
+                              "id", str(entry["id"])],
                              capture_output=True, text=True, check=False)
-        if out.returncode != 0 and "No such" not in out.stderr:
+        if out.returncode != 0:
             problems.append(f"{hook} on {cgroup}: {out.stderr.strip()}")
     return problems

@@ -119,7 +119,14 @@ def test_agent_attaches_socket_hooks_and_down_removes_them(cgroup: Path, tmp_pat
             assert out.returncode == 0, out.stderr
             assert out.stdout.split()[-1] == f"{VIP}:53"
         finally:
-            agent.down()
+            # Another instance's programs of the same names are loaded too (a
+            # second node on the machine): down removes what it attached.
+            other = new_pin_dir("socklb-other")
+            try:
+                with Datapath(SMALL.options(other)):
+                    agent.down()
+            finally:
+                remove_pins(other)
         shown = subprocess.run(["bpftool", "cgroup", "show", str(cgroup)], capture_output=True,
                                text=True, check=True).stdout
         assert "sock_" not in shown, shown
