@@ -5,6 +5,7 @@
 #
 #   registry.k8s.io/pause:3.10.1                      tools/cluster/pause.c, static
 #   registry.k8s.io/e2e-test-images/agnhost:2.56      agnhost on Debian minbase with
+#   (also .../jessie-dnsutils:1.7)
 #                                                     dash, curl, wget, nc, ip, ss, dig
 #   registry.k8s.io/e2e-test-images/busybox:1.37.0-1  Debian's busybox-static
 #   registry.k8s.io/e2e-test-images/nginx:1.14-4      Debian nginx-light, port 80
@@ -58,14 +59,16 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 CACHE_ROOT="${XDPLB_CACHE_DIR:-/var/cache/xdplb}"
 # Bump when the way any image is built changes, to force a rebuild.
-RECIPE=1
+RECIPE=2
 
 SUITE=bookworm
 MIRROR="${XDPLB_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SECURITY_MIRROR="${XDPLB_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
 
 PAUSE_TAG=registry.k8s.io/pause:3.10.1
-AGNHOST_TAG=registry.k8s.io/e2e-test-images/agnhost:2.56
+# The DNS tests' prober (jessie-dnsutils) needs only sh and dig, which agnhost's
+# root file system has: one image under both names.
+AGNHOST_TAG=registry.k8s.io/e2e-test-images/agnhost:2.56,registry.k8s.io/e2e-test-images/jessie-dnsutils:1.7
 BUSYBOX_TAG=registry.k8s.io/e2e-test-images/busybox:1.37.0-1
 NGINX_TAG=registry.k8s.io/e2e-test-images/nginx:1.14-4
 HTTPD_TAG=registry.k8s.io/e2e-test-images/httpd:2.4.38-4
@@ -297,7 +300,7 @@ cat >"$work/mkimage.py" <<'EOF'
 import argparse, hashlib, io, json, os, tarfile, time
 
 p = argparse.ArgumentParser()
-p.add_argument("tag")
+p.add_argument("tag", help="one or more tags, comma-separated")
 p.add_argument("layer")
 p.add_argument("out")
 p.add_argument("--entrypoint", type=json.loads)
@@ -338,9 +341,12 @@ config = {
 config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
 config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
 layer_name = diff_id + "/layer.tar"
-manifest = [{"Config": config_name, "RepoTags": [a.tag], "Layers": [layer_name]}]
-name, _, version = a.tag.rpartition(":")
-repositories = {name: {version: diff_id}}
+tags = a.tag.split(",")
+manifest = [{"Config": config_name, "RepoTags": tags, "Layers": [layer_name]}]
+repositories = {}
+for tag in tags:
+    name, _, version = tag.rpartition(":")
+    repositories.setdefault(name, {})[version] = diff_id
 
 def add_bytes(t, arcname, data):
     info = tarfile.TarInfo(arcname)
