@@ -11,6 +11,7 @@ The cluster must be up (`make conformance` brings it up and down)."""
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import re
 import subprocess
@@ -68,6 +69,8 @@ SMOKE = Selection(
 CONFORMANCE = Selection(focus=r"\[sig-network\].*\[Conformance\]", skips=SKIPS)
 
 SELECTIONS = {"full": FULL, "conformance": CONFORMANCE, "smoke": SMOKE}
+
+PROXIES = ("kube-proxy", "xdplb")
 
 NODEPORT_TEST = r"\[sig-network\] Services should be able to create a functioning NodePort service"
 
@@ -129,51 +132,85 @@ def parse_junit(text: str) -> list[Result]:
     return out
 
 
-def run_with(proxy: str, sel: Selection, out: Path) -> list[Result]:
+def run_with(proxy: str, focus: str, skip: str, out: Path) -> list[Result]:
     cluster("proxy", proxy)
-    return run_e2e(out / proxy, sel.focus, skip_regex(sel))
+    return run_e2e(out / proxy, focus, skip)
 
 
-def report(sel_name: str, sel: Selection, runs: dict[str, list[Result]],
-           took: dict[str, float]) -> str:
-    names = sorted({r.name for rs in runs.values() for r in rs})
-    by = {p: {r.name: r for r in rs} for p, rs in runs.items()}
-    proxies = list(runs)
+# --- results, kept per selection and proxy, merged over runs ------------------------
+# A full selection takes hours per proxy, so it is run in parts (--only) and
+# each part's results replace the same tests' earlier ones.
+
+def results_file(results: Path, sel_name: str, proxy: str) -> Path:
+    return results / f"{sel_name}.{proxy}.json"
+
+
+def load_results(path: Path) -> dict[str, dict[str, object]]:
+    if not path.is_file():
+        return {}
+    data: dict[str, dict[str, object]] = json.loads(path.read_text())
+    return data
+
+
+def merge_results(path: Path, rs: list[Result], when: str) -> None:
+    rows = load_results(path)
+    for r in rs:
+        rows[r.name] = {"status": r.status, "seconds": round(r.seconds, 1),
+                        "message": r.message[:2000], "run": when}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(sorted(rows.items())), indent=1) + "\n")
+
+
+def report(results: Path) -> str:
     lines = [
         "# sig-network e2e: kube-proxy and xdplb on the same two nodes",
         "",
-        f"Kubernetes v1.34.12 `e2e.test`, selection `{sel_name}`, run "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node()} "
-        f"({platform.machine()}, kernel {platform.release()}, 2 CPUs) by "
-        "`python -m tests.cluster.conformance`. Two nodes, each a network namespace with its "
-        "own containerd and kubelet, pods on the bridge CNI, routes between the nodes' pod "
-        "CIDRs (tools/cluster/cluster.sh). kube-proxy runs in nftables mode; xdplb is the "
-        "DaemonSet of deploy/ with kube-proxy absent.",
-        "",
-        f"Focus: `{sel.focus}`",
-        "",
-        "| test | " + " | ".join(proxies) + " | seconds (" + ", ".join(proxies) + ") |",
-        "|---|" + "---|" * len(proxies) + "---|",
+        "Kubernetes v1.34.12 `e2e.test`, run by `python -m tests.cluster.conformance` on "
+        f"{platform.node()} ({platform.machine()}, kernel {platform.release()}, 2 CPUs). "
+        "Two nodes, each a network namespace with its own containerd and kubelet, pods on "
+        "the bridge CNI, routes between the nodes' pod CIDRs (tools/cluster/cluster.sh). "
+        "kube-proxy runs in nftables mode; xdplb is the DaemonSet of deploy/ with "
+        "kube-proxy absent. Raw results, with each failure's message: "
+        f"`{results.relative_to(REPO) if results.is_relative_to(REPO) else results}/`.",
     ]
-    for n in names:
-        cells = [by[p][n].status if n in by[p] else "not run" for p in proxies]
-        secs = [f"{by[p][n].seconds:.0f}" if n in by[p] else "-" for p in proxies]
-        lines.append(f"| {n.replace('|', '/')} | " + " | ".join(cells) + " | "
-                     + ", ".join(secs) + " |")
-    lines += ["", "## Totals", ""]
-    for p in proxies:
-        rs = runs[p]
-        counts = {s: sum(1 for r in rs if r.status == s) for s in ("passed", "failed", "skipped")}
-        lines.append(f"- {p}: {counts['passed']} passed, {counts['failed']} failed, "
-                     f"{counts['skipped']} skipped by the test itself, in {took[p]:.0f} s")
-    if "kube-proxy" in by and "xdplb" in by:
-        base, ours = by["kube-proxy"], by["xdplb"]
-        worse = [n for n in names if n in base and base[n].status == "passed"
-                 and (n not in ours or ours[n].status != "passed")]
-        lines += ["", f"Passed with kube-proxy, not with xdplb: {len(worse)}"]
-        lines += [f"- {n}" for n in worse]
+    for sel_name, sel in SELECTIONS.items():
+        by = {p: load_results(results_file(results, sel_name, p)) for p in PROXIES}
+        by = {p: rows for p, rows in by.items() if rows}
+        if not by:
+            continue
+        proxies = list(by)
+        names = sorted({n for rows in by.values() for n in rows})
+        runs = sorted({str(row["run"]) for rows in by.values() for row in rows.values()})
+        lines += [
+            "", f"## Selection `{sel_name}`", "",
+            f"Focus: `{sel.focus}`", "",
+            f"Run {', '.join(runs)}.", "",
+            "| test | " + " | ".join(proxies) + " | seconds (" + ", ".join(proxies) + ") |",
+            "|---|" + "---|" * len(proxies) + "---|",
+        ]
+        for n in names:
+            cells = [str(by[p][n]["status"]) if n in by[p] else "not run" for p in proxies]
+            secs = [f"{float(str(by[p][n]['seconds'])):.0f}" if n in by[p] else "-"
+                    for p in proxies]
+            lines.append(f"| {n.replace('|', '/')} | " + " | ".join(cells) + " | "
+                         + ", ".join(secs) + " |")
+        lines += ["", "Totals:", ""]
+        for p in proxies:
+            rows = by[p]
+            counts = {s: sum(1 for r in rows.values() if r["status"] == s)
+                      for s in ("passed", "failed", "skipped")}
+            total = sum(float(str(r["seconds"])) for r in rows.values())
+            lines.append(f"- {p}: {counts['passed']} passed, {counts['failed']} failed, "
+                         f"{counts['skipped']} skipped by the test itself; "
+                         f"{total:.0f} s in tests")
+        if "kube-proxy" in by and "xdplb" in by:
+            base, ours = by["kube-proxy"], by["xdplb"]
+            worse = [n for n in names if n in base and base[n]["status"] == "passed"
+                     and n in ours and ours[n]["status"] != "passed"]
+            lines += ["", f"Passed with kube-proxy, not with xdplb: {len(worse)}"]
+            lines += [f"- {n}" for n in worse]
     lines += ["", "## Skipped, and why", ""]
-    lines += [f"- `{rx}`: {why}" for rx, why in sel.skips]
+    lines += [f"- `{rx}`: {why}" for rx, why in SKIPS]
     return "\n".join(lines) + "\n"
 
 
@@ -181,20 +218,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="conformance")
     ap.add_argument("--selection", choices=tuple(SELECTIONS), default="full")
     ap.add_argument("--proxies", default="kube-proxy,xdplb")
+    ap.add_argument("--only", default="",
+                    help="a regular expression: run only the selected tests it also matches")
     ap.add_argument("--out", type=Path, default=REPO / "CONFORMANCE.md")
+    ap.add_argument("--results", type=Path, default=REPO / "tests" / "cluster" / "results")
     ap.add_argument("--work", type=Path, default=Path("/tmp/xdplb-conformance"))
     args = ap.parse_args(argv)
     sel = SELECTIONS[args.selection]
-    runs: dict[str, list[Result]] = {}
-    took: dict[str, float] = {}
+    # Ginkgo has no "and" of focuses: --only narrows the focus, the selection's
+    # own focus still has to match (checked on the results).
+    focus = args.only or sel.focus
     for proxy in args.proxies.split(","):
-        start = time.monotonic()
-        runs[proxy] = run_with(proxy, sel, args.work)
-        took[proxy] = time.monotonic() - start
-        failed = [r.name for r in runs[proxy] if r.status == "failed"]
-        print(f"conformance: {proxy}: {len(runs[proxy])} tests, {len(failed)} failed",
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        rs = run_with(proxy, focus, skip_regex(sel), args.work)
+        rs = [r for r in rs if re.search(sel.focus, r.name)]
+        merge_results(results_file(args.results, args.selection, proxy), rs, when)
+        failed = [r.name for r in rs if r.status == "failed"]
+        print(f"conformance: {proxy}: {len(rs)} tests, {len(failed)} failed",
               file=sys.stderr)
-    args.out.write_text(report(args.selection, sel, runs, took))
+    args.out.write_text(report(args.results))
     print(f"conformance: wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -59,11 +59,14 @@ pod_cidr() { echo "10.244.$(node_index "$1").0/24"; }
 API_IP=$(node_ip xk-n1)
 
 mntns() { echo "$STATE/mnt/$1"; }
-# A command in a node's network and mount namespaces.
+# Each node's own UTS namespace: its hostname is its node name, which
+# host-network pods report (the e2e tests compare it with the node's name).
+utsns() { echo "$STATE/mnt/$1.uts"; }
+# A command in a node's network, mount and UTS namespaces.
 in_node() {
     local node=$1
     shift
-    nsenter --mount="$(mntns "$node")" --net="/run/netns/$node" -- "$@"
+    nsenter --mount="$(mntns "$node")" --uts="$(utsns "$node")" --net="/run/netns/$node" -- "$@"
 }
 
 bin_dir() { bash "$REPO/tools/k8s-build.sh" --check 2>/dev/null | tail -n 1; }
@@ -80,8 +83,8 @@ spawn() {
     echo "--- $(date +%T) $*" >>"$STATE/log/$name.log"
     # The pid file is written by the process itself before it execs, so the
     # pid is that of the daemon, in the node's cgroups.
-    setsid nsenter --mount="$(mntns "$node")" --net="/run/netns/$node" -- \
-        sh -c 'echo $$ > "$1"; for c in $3; do echo $$ > "$c/cgroup.procs"; done; shift 3; exec "$@"' \
+    setsid nsenter --mount="$(mntns "$node")" --uts="$(utsns "$node")" \
+        --net="/run/netns/$node" -- sh -c 'echo $$ > "$1"; for c in $3; do echo $$ > "$c/cgroup.procs"; done; shift 3; exec "$@"' \
         sh "$STATE/pids/$name" "$node" "$(node_cgroups "$node")" "$@" \
         >>"$STATE/log/$name.log" 2>&1 </dev/null &
     local i
@@ -171,6 +174,8 @@ make_node_mounts() {
     fi
     touch "$(mntns "$node")"
     unshare --mount="$(mntns "$node")" --propagation slave true
+    touch "$(utsns "$node")"
+    unshare --uts="$(utsns "$node")" hostname "$node"
     for p in "${NODE_PATHS[@]}"; do
         mkdir -p "$d/root$p" "$p"
         in_node "$node" mount --bind "$d/root$p" "$p"
@@ -575,6 +580,7 @@ cmd_down() {
         # Unmounting the namespace file lets the namespace, and every mount
         # made in it (overlays, netns files, kubelet's volumes), go.
         mountpoint -q "$(mntns "$node")" 2>/dev/null && umount "$(mntns "$node")"
+        mountpoint -q "$(utsns "$node")" 2>/dev/null && umount "$(utsns "$node")"
         local c
         for c in $(node_cgroups "$node"); do
             [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} + 2>/dev/null || true
