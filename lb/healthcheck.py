@@ -33,11 +33,17 @@ class HealthCheck:
 
 
 def health_checks(cluster: Cluster, state: DesiredState) -> dict[int, HealthCheck]:
-    """Port -> what it must answer, for every service that has one."""
+    """Port -> what it must answer, for every service that has one.
+
+    Only ready endpoints count, by address: terminating ones still serve
+    the node's traffic, but the check fails so that the load balancer stops
+    sending new flows here (kube-proxy, pkg/proxy/endpointschangetracker.go,
+    getLocalReadyEndpointIPs)."""
     local: dict[str, set[str]] = {}
     for e in state.entries.values():
         if e.frontend.scope == SCOPE_EXTERNAL:
-            local.setdefault(e.service, set()).update(b.ip for b in e.backends if b.local)
+            local.setdefault(e.service, set()).update(
+                b.ip for b in e.backends if b.local and not b.terminating)
     out = {}
     for svc in cluster.services.values():
         if (svc.type == "LoadBalancer" and svc.external_traffic_local
