@@ -40,6 +40,10 @@ SKIPS: tuple[tuple[str, str], ...] = (
     (r"\[Feature:Networking-Performance\]", "iperf2 across nodes: a benchmark, not a test of "
                                             "behaviour"),
     (r"\[Feature:NoSNAT\]", "needs a cluster set up without masquerading, a cloud's"),
+    (r"\[Feature:SCTPConnectivity\]", "SCTP sockets: this machine's kernel has no SCTP "
+                                       "(socket() fails with EPROTONOSUPPORT)"),
+    (r"Internet connection", "needs the Internet (8.8.8.8, google.com): these machines are "
+                             "offline"),
 )
 
 # The Services and the Networking granular checks, conntrack, NetworkPolicy,
