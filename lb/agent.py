@@ -223,20 +223,23 @@ class Agent:
             if known == devs:
                 return
             attached = [d for d in self.attachments.tc if d in devs]
-            for dev in sorted(devs - known):
-                try:
-                    with iproute(self.netns) as ipr:
-                        attach_tc(ipr, dev, self.dp.prog_fd(POD_PROGRAM), POD_PROGRAM)
-                        # Egress of the host-side veth is what enters the pod.
-                        attach_tc(ipr, dev, self.dp.prog_fd(TO_POD_PROGRAM), TO_POD_PROGRAM,
-                                  CLSACT_EGRESS)
-                except (LookupError, NetlinkError) as e:
-                    # Gone already (a short-lived pod), or not ready: the next
-                    # listing tries again if it is still there.
-                    log.debug("pod device %s: not attached: %s", dev, e)
-                    continue
-                attached.append(dev)
-                log.info("attached %s to pod device %s", POD_PROGRAM, dev)
+            new = sorted(devs - known)
+            if new:
+                # One netlink socket for the whole burst of new pods.
+                with iproute(self.netns) as ipr:
+                    for dev in new:
+                        try:
+                            attach_tc(ipr, dev, self.dp.prog_fd(POD_PROGRAM), POD_PROGRAM)
+                            # Egress of the host-side veth is what enters the pod.
+                            attach_tc(ipr, dev, self.dp.prog_fd(TO_POD_PROGRAM),
+                                      TO_POD_PROGRAM, CLSACT_EGRESS)
+                        except (LookupError, NetlinkError) as e:
+                            # Gone already (a short-lived pod), or not ready: the
+                            # next listing tries again if it is still there.
+                            log.debug("pod device %s: not attached: %s", dev, e)
+                            continue
+                        attached.append(dev)
+                        log.info("attached %s to pod device %s", POD_PROGRAM, dev)
             self.attachments.tc = attached
             self.attachments.save(self.instance)
 
