@@ -50,21 +50,25 @@ bench-quick: setup
 k8s: setup
 	@bash tools/k8s-build.sh >/dev/null
 
-# Two real nodes in namespaces (tools/cluster/cluster.sh); PROXY=kube-proxy|xdplb|none.
+# Two real nodes in namespaces (tools/cluster/cluster.sh); PROXY=kube-proxy|xdplb|none,
+# CNI=bridge|flannel.
 PROXY ?= xdplb
+CNI ?= bridge
 cluster-up: setup k8s
-	@bash tools/cluster/cluster.sh up --proxy $(PROXY)
+	@bash tools/cluster/cluster.sh up --proxy $(PROXY) --cni $(CNI)
 
 cluster-down:
 	@bash tools/cluster/cluster.sh down
 
 # The sig-network e2e selection with kube-proxy and with xdplb; writes CONFORMANCE.md.
-# SELECTION=full (hours), conformance (the 45 sig-network conformance tests) or smoke.
+# SELECTION=full (hours), conformance (the 45 sig-network conformance tests) or smoke;
+# ONLY=REGEX narrows it (results merge into tests/cluster/results); CNI as above.
 SELECTION ?= full
+ONLY ?=
 conformance: setup k8s
 	@bash tools/cluster/cluster.sh down
-	@bash tools/cluster/cluster.sh up --proxy none
-	$(PY) -m tests.cluster.conformance --selection $(SELECTION); rc=$$?; \
+	@bash tools/cluster/cluster.sh up --proxy none --cni $(CNI)
+	$(PY) -m tests.cluster.conformance --selection $(SELECTION) --only '$(ONLY)'; rc=$$?; \
 	bash tools/cluster/cluster.sh down; exit $$rc
 
 clean:

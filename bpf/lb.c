@@ -124,7 +124,7 @@ LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
 			return LB_STAT_DROP_BACKEND_GONE;
 		masq_addr = lb_masq_addr(p, svc, b);
 		if (masq_addr) {
-			hash = lb_flow_hash(p, 0);
+			hash = lb_flow_hash(p);
 			masq_port = lb_masq_port(p, b, masq_addr, hash, now);
 		}
 		if (lb_ct_create(p, svc->svc_id, id, b, masq_addr, masq_port, now))

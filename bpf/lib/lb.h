@@ -1,5 +1,5 @@
-/* Service lookup and backend selection: Maglev over the 5-tuple, or over the
- * client address alone when session affinity is on. */
+/* Service lookup and backend selection: Maglev over the 5-tuple, and the
+ * client's last backend while its session affinity lasts. */
 #ifndef LB_LB_H
 #define LB_LB_H
 
@@ -71,10 +71,8 @@ LB_INLINE struct lb_backend *lb_backend_of(__u32 id, const struct lb_svc_val *sv
 	return b && b->group_id == svc->group_id ? b : 0;
 }
 
-LB_INLINE __u32 lb_flow_hash(const struct lb_pkt *p, int client_only)
+LB_INLINE __u32 lb_flow_hash(const struct lb_pkt *p)
 {
-	if (client_only)
-		return lb_jhash_3words(p->saddr, 0, 0, 0);
 	return lb_jhash_3words(p->saddr, p->daddr,
 			       ((__u32)p->sport << 16) | p->dport, p->proto);
 }
@@ -92,7 +90,10 @@ LB_INLINE __u32 lb_maglev_pick(const struct lb_svc_val *svc, __u32 hash)
 
 /* ClientIP affinity as kube-proxy's `recent` match does it: the client's
  * last backend is reused while it exists and the client opened a connection
- * within the timeout; every new connection refreshes the timer. */
+ * within the timeout; every new connection refreshes the timer. A fresh
+ * pick spreads as any new flow does (kube-proxy's is random): hashing the
+ * client alone would hand it the same backend each time its affinity
+ * expired. */
 LB_INLINE __u32 lb_affinity_pick(const struct lb_pkt *p,
 				 const struct lb_svc_val *svc, __u64 now)
 {
@@ -106,7 +107,7 @@ LB_INLINE __u32 lb_affinity_pick(const struct lb_pkt *p,
 		a->last_used_ns = now;
 		return a->backend_id;
 	}
-	id = lb_maglev_pick(svc, lb_flow_hash(p, 1));
+	id = lb_maglev_pick(svc, lb_flow_hash(p));
 	if (id) {
 		fresh.backend_id = id;
 		fresh.last_used_ns = now;
@@ -120,7 +121,7 @@ LB_INLINE __u32 lb_select_backend(const struct lb_pkt *p,
 {
 	if (svc->flags & LB_SVC_AFFINITY)
 		return lb_affinity_pick(p, svc, now);
-	return lb_maglev_pick(svc, lb_flow_hash(p, 0));
+	return lb_maglev_pick(svc, lb_flow_hash(p));
 }
 
 #endif

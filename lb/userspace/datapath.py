@@ -549,7 +549,7 @@ class UserspaceDatapath:
                 return _STAT["DROP_BACKEND_GONE"], None
             masq_addr = self._masq_addr(p, svc, b)
             if masq_addr:
-                masq_port = self._masq_port(p, b, masq_addr, self.flow_hash(p, False), now)
+                masq_port = self._masq_port(p, b, masq_addr, self.flow_hash(p), now)
             if self._ct_create(p, svc.svc_id, bid, b, masq_addr, masq_port, now):
                 return _STAT["ERROR"], None
             reason = _STAT["DNAT_NEW"]
@@ -681,10 +681,8 @@ class UserspaceDatapath:
         return None if b.addr == 0 else b
 
     @staticmethod
-    def flow_hash(p: Pkt, client_only: bool) -> int:
+    def flow_hash(p: Pkt) -> int:
         """lb_flow_hash."""
-        if client_only:
-            return jhash_3words(p.saddr, 0, 0, 0)
         return jhash_3words(p.saddr, p.daddr, ((p.sport << 16) | p.dport) & _U32, p.proto)
 
     def _maglev_pick(self, svc: Any, h: int) -> int:
@@ -703,7 +701,7 @@ class UserspaceDatapath:
             if (now - a.last_used_ns) & _U64 <= timeout and self._backend_of(a.backend_id, svc):
                 a.last_used_ns = now
                 return int(a.backend_id)
-        bid = self._maglev_pick(svc, self.flow_hash(p, True))
+        bid = self._maglev_pick(svc, self.flow_hash(p))
         if bid:
             # A full map is not an error for the packet: the C ignores it too.
             self._affinity.put(k, _pack("struct lb_affinity_val", backend_id=bid,
@@ -713,7 +711,7 @@ class UserspaceDatapath:
     def _select_backend(self, p: Pkt, svc: Any, now: int) -> int:
         if svc.flags & _C["LB_SVC_AFFINITY"]:
             return self._affinity_pick(p, svc, now)
-        return self._maglev_pick(svc, self.flow_hash(p, False))
+        return self._maglev_pick(svc, self.flow_hash(p))
 
     # --- policy.h ---------------------------------------------------------------------------
 

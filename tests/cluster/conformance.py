@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -145,8 +146,30 @@ def run_with(proxy: str, focus: str, skip: str, out: Path) -> list[Result]:
 # A full selection takes hours per proxy, so it is run in parts (--only) and
 # each part's results replace the same tests' earlier ones.
 
-def results_file(results: Path, sel_name: str, proxy: str) -> Path:
-    return results / f"{sel_name}.{proxy}.json"
+def cluster_cni() -> str:
+    """The CNI the cluster is up with (cluster.sh up --cni)."""
+    state = Path(os.environ.get("XDPLB_CLUSTER_DIR", "/var/lib/xdplb-cluster"))
+    try:
+        return (state / "cni").read_text().strip()
+    except FileNotFoundError:
+        return "bridge"
+
+
+def run_label(proxy: str, cni: str) -> str:
+    """The column a run fills: the proxy, and the CNI when it is not the
+    bridge plugin the cluster uses by default."""
+    return proxy if cni == "bridge" else f"{proxy} on {cni}"
+
+
+def results_file(results: Path, sel_name: str, label: str) -> Path:
+    return results / f"{sel_name}.{label.replace(' ', '_')}.json"
+
+
+def labels_of(results: Path, sel_name: str) -> list[str]:
+    found = [p.name[len(sel_name) + 1:-len(".json")].replace("_", " ")
+             for p in results.glob(f"{sel_name}.*.json")]
+    return sorted(found, key=lambda lb: (lb not in PROXIES, PROXIES.index(lb)
+                                         if lb in PROXIES else 0, lb))
 
 
 def load_results(path: Path) -> dict[str, dict[str, object]]:
@@ -174,11 +197,13 @@ def report(results: Path) -> str:
         "Two nodes, each a network namespace with its own containerd and kubelet, pods on "
         "the bridge CNI, routes between the nodes' pod CIDRs (tools/cluster/cluster.sh). "
         "kube-proxy runs in nftables mode; xdplb is the DaemonSet of deploy/ with "
-        "kube-proxy absent. Raw results, with each failure's message: "
+        "kube-proxy absent. \"on flannel\": flanneld (host-gw) leases the nodes' subnets and "
+        "routes between them instead. Raw results, with each failure's message: "
         f"`{results.relative_to(REPO) if results.is_relative_to(REPO) else results}/`.",
     ]
     for sel_name, sel in SELECTIONS.items():
-        by = {p: load_results(results_file(results, sel_name, p)) for p in PROXIES}
+        by = {p: load_results(results_file(results, sel_name, p))
+              for p in labels_of(results, sel_name)}
         by = {p: rows for p, rows in by.items() if rows}
         if not by:
             continue
@@ -224,19 +249,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--proxies", default="kube-proxy,xdplb")
     ap.add_argument("--only", default="",
                     help="a regular expression: run only the selected tests it also matches")
+    ap.add_argument("--resume", action="store_true",
+                    help="skip the tests this proxy has passed already (a run cut short)")
     ap.add_argument("--out", type=Path, default=REPO / "CONFORMANCE.md")
     ap.add_argument("--results", type=Path, default=REPO / "tests" / "cluster" / "results")
     ap.add_argument("--work", type=Path, default=Path("/tmp/xdplb-conformance"))
     args = ap.parse_args(argv)
+    cni = cluster_cni()
     sel = SELECTIONS[args.selection]
     # Ginkgo has no "and" of focuses: --only narrows the focus, the selection's
     # own focus still has to match (checked on the results).
     focus = args.only or sel.focus
     for proxy in args.proxies.split(","):
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        rs = run_with(proxy, focus, skip_regex(sel), args.work)
+        path = results_file(args.results, args.selection, run_label(proxy, cni))
+        skip = skip_regex(sel)
+        if args.resume:
+            done = [n for n, row in load_results(path).items() if row["status"] == "passed"]
+            skip = "|".join([skip, *(re.escape(n) for n in done)])
+        rs = run_with(proxy, focus, skip, args.work)
         rs = [r for r in rs if re.search(sel.focus, r.name)]
-        merge_results(results_file(args.results, args.selection, proxy), rs, when)
+        merge_results(path, rs, when)
         failed = [r.name for r in rs if r.status == "failed"]
         print(f"conformance: {proxy}: {len(rs)} tests, {len(failed)} failed",
               file=sys.stderr)

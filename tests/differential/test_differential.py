@@ -1166,13 +1166,18 @@ def test_affinity_holds_within_its_timeout_only() -> None:
 
     first = backend(1000)
     assert {backend(p) for p in range(1001, 1050)} == {first}
-    clock.now += 31 * 10**9
-    # Past the timeout the client is hashed afresh: the same hash, the same
-    # backend, but the entry was rewritten (it holds the new time).
+    # Past the timeout the client's next connection is placed as any new
+    # flow is, and sticks again: over expiries it moves between backends.
     key = layout.new("struct lb_affinity_key", client=_native_ip("10.244.1.5"), group_id=1)
-    before = maps["lb_affinity"].lookup(key).last_used_ns
-    assert backend(2000) == first
-    assert maps["lb_affinity"].lookup(key).last_used_ns > before
+    seen = set()
+    for i in range(20):
+        clock.now += 31 * 10**9
+        before = maps["lb_affinity"].lookup(key).last_used_ns
+        now_on = backend(2000 + 100 * i)
+        assert maps["lb_affinity"].lookup(key).last_used_ns > before
+        assert {backend(2001 + 100 * i + j) for j in range(5)} == {now_on}
+        seen.add(now_on)
+    assert len(seen) > 1, "the same backend after every expiry: affinity never ends"
 
 
 def test_dictmap_has_the_kernel_semantics() -> None:

@@ -213,6 +213,15 @@ def test_session_affinity_client_ip(datapath: Datapath) -> None:
         assert len(got) == 1
         after[c] = got.pop()
     assert len(set(after.values())) == 3
+    # Each time its affinity expires, a client's next connection is placed
+    # afresh (the upstream "session affinity timeout" test needs it to move).
+    c, seen = clients[0], {after[clients[0]]}
+    for i in range(8):
+        time.sleep(1.1)
+        seen.add(trace(datapath, c, 33000 + i, VIP, 80))
+        if len(seen) > 1:
+            break
+    assert len(seen) > 1, "the same backend after every expiry"
     # Affinity off: one client spreads over the backends again.
     program(datapath, web(eps), rec)
     assert len(spread(datapath, clients[0], VIP, 80)) == 3

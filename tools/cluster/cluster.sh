@@ -2,7 +2,8 @@
 # A real two-node Kubernetes cluster on this machine, offline, with nothing in
 # the root network namespace.
 #
-#   cluster.sh up [--proxy kube-proxy|xdplb|none]   build what is missing, start
+#   cluster.sh up [--proxy kube-proxy|xdplb|none] [--cni bridge|flannel]
+#                                                   build what is missing, start
 #   cluster.sh down                                 remove everything up made
 #   cluster.sh proxy kube-proxy|xdplb|none          switch the service proxy
 #   cluster.sh kubectl ARGS...                      kubectl as the admin
@@ -17,7 +18,8 @@
 #           (bridge CNI); etcd, kube-apiserver, controller manager, scheduler
 #   xk-n2   node 2: eth0 198.18.0.12, pods 10.244.2.0/24
 # Each node has a route to the other's pod CIDR through its eth0 (flannel's
-# host-gw), its own containerd and kubelet, and its own mount namespace: the
+# host-gw: made here with --cni bridge, by flanneld itself with --cni flannel,
+# where flanneld also leases each node its subnet), its own containerd and kubelet, and its own mount namespace: the
 # paths kubelet, containerd and CNI hard-code (/var/lib/kubelet, /run/containerd,
 # /var/lib/cni, /etc/cni/net.d, /var/log/pods, ...), bpffs and /run/xdplb are
 # bound to per-node directories there. Its processes sit in cgroups of their
@@ -28,7 +30,8 @@
 # every process it must end through the node mount namespaces and the pid files
 # (nothing else is signalled), unmounts them, removes the cgroups, the network
 # namespaces and the state, and restores the sysctls kubelet rewrites. down is
-# safe after a failed or killed up.
+# safe after a failed or killed up. The nodes' containerd image stores are a
+# cache, kept in $XDPLB_CACHE_DIR/containerd-<node> (default /var/cache/xdplb).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -41,6 +44,7 @@ SERVICE_CIDR=10.96.0.0/12
 CLUSTER_CIDR=10.244.0.0/16
 DNS_IP=10.96.0.10
 API_PORT=6443
+CACHE_ROOT=${XDPLB_CACHE_DIR:-/var/cache/xdplb}
 # Global sysctls kubelet sets (pkg/kubelet/cm/container_manager_linux.go,
 # setupKernelTunables): saved by up, restored by down.
 KUBELET_SYSCTLS=(kernel/panic kernel/panic_on_oops vm/overcommit_memory
@@ -50,7 +54,7 @@ NODE_PATHS=(/var/lib/kubelet /var/lib/cni /etc/cni/net.d /var/log/pods /var/log/
             /run/containerd /run/xdplb /run/netns)
 CGROUP_V1=(cpu cpuacct cpuset memory devices freezer blkio pids systemd)
 
-log() { echo "cluster: $*" >&2; }
+log() { printf "cluster: %4ds %s\n" "$SECONDS" "$*" >&2; }
 die() { log "$*"; exit 1; }
 
 node_index() { echo "${1#xk-n}"; }
@@ -156,6 +160,7 @@ make_network() {
         # bridge CNI's pods share cni0.
         netns_exec "$node" sysctl -qw net.bridge.bridge-nf-call-iptables=1
     done
+    [ "$CNI" = flannel ] && return 0  # flanneld's host-gw backend adds the routes
     for node in "${NODES[@]}"; do
         for other in "${NODES[@]}"; do
             [ "$node" = "$other" ] && continue
@@ -197,6 +202,25 @@ make_node_cgroups() {
 }
 
 # --- configuration -----------------------------------------------------------------
+# write_cni_config NODE SUBNET MTU: the bridge plugin, cni0 per node, veth*
+# host ends; routes between nodes are the underlay's (make_network) or
+# flanneld's.
+write_cni_config() {
+    cat >"$STATE/$1/root/etc/cni/net.d/10-xk.conflist" <<EOF
+{
+  "cniVersion": "0.4.0",
+  "name": "xk",
+  "plugins": [
+    {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+     "hairpinMode": true, "mtu": $3,
+     "ipam": {"type": "host-local", "ranges": [[{"subnet": "$2"}]],
+              "routes": [{"dst": "0.0.0.0/0"}]}},
+    {"type": "portmap", "capabilities": {"portMappings": true}}
+  ]
+}
+EOF
+}
+
 write_pki() {
     log "credentials"
     mkdir -p "$STATE/pki"
@@ -249,12 +273,18 @@ EOF
     chmod 600 "$1"
 }
 
+# containerd's root (its image content and unpacked layers) outlives the
+# cluster, as the built binaries do: importing the same 1.3 GB of images into
+# an empty store took a minute of every up; into a kept one it only checks
+# digests. down removes every pod first, so nothing of a cluster stays in it.
+containerd_root() { echo "$CACHE_ROOT/containerd-$1"; }
+
 write_node_config() {
     local node=$1 d="$STATE/$1"
-    mkdir -p "$d/containerd"
+    mkdir -p "$(containerd_root "$node")"
     cat >"$d/containerd.toml" <<EOF
 version = 2
-root = "$d/containerd"
+root = "$(containerd_root "$node")"
 state = "/run/containerd"
 disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
@@ -273,21 +303,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
 EOF
-    # The bridge plugin: cni0 per node, veth* host ends; routes between nodes
-    # are the underlay's (make_network).
-    cat >"$d/root/etc/cni/net.d/10-xk.conflist" <<EOF
-{
-  "cniVersion": "0.4.0",
-  "name": "xk",
-  "plugins": [
-    {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
-     "hairpinMode": true,
-     "ipam": {"type": "host-local", "ranges": [[{"subnet": "$(pod_cidr "$node")"}]],
-              "routes": [{"dst": "0.0.0.0/0"}]}},
-    {"type": "portmap", "capabilities": {"portMappings": true}}
-  ]
-}
-EOF
+    # With flannel the CNI configuration follows from the subnet flanneld
+    # leases (start_flannel).
+    if [ "$CNI" = bridge ]; then write_cni_config "$node" "$(pod_cidr "$node")" 1500; fi
     echo "nameserver $UNDERLAY_GW" >"$d/resolv.conf"
     cat >"$d/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
@@ -351,12 +369,16 @@ start_control_plane() {
         --bind-address=127.0.0.1 --cert-dir="$STATE/scheduler-certs" --profiling=false
 }
 
-start_node() {
+start_containerd() {
     local node=$1 d="$STATE/$1"
-    log "$node: containerd and kubelet"
+    log "$node: containerd"
     spawn "containerd-$node" "$node" containerd --config "$d/containerd.toml"
     wait_for 30 "containerd on $node" in_node "$node" ctr --address /run/containerd/containerd.sock version
-    import_images "$node"
+}
+
+start_kubelet() {
+    local node=$1 d="$STATE/$1"
+    log "$node: kubelet"
     spawn "kubelet-$node" "$node" "$BIN/kubelet" --config="$d/kubelet.yaml" \
         --kubeconfig="$d/kubelet.kubeconfig" --hostname-override="$node" \
         --node-ip="$(node_ip "$node")" --root-dir=/var/lib/kubelet --cert-dir="$d/kubelet-pki" \
@@ -464,13 +486,44 @@ set_proxy() {
         kube-proxy) stop_kube_proxy ;;
         xdplb) stop_xdplb ;;
     esac
+    case "$want" in kube-proxy | xdplb | none) ;; *) die "unknown proxy $want (kube-proxy, xdplb or none)" ;; esac
+    # Recorded before it starts: a start that fails half-way is still
+    # stopped by the next switch.
+    echo "$want" >"$STATE/proxy"
     case "$want" in
         kube-proxy) log "kube-proxy (nftables) on every node"; start_kube_proxy ;;
         xdplb) start_xdplb ;;
-        none) ;;
-        *) die "unknown proxy $want (kube-proxy, xdplb or none)" ;;
     esac
-    echo "$want" >"$STATE/proxy"
+}
+
+# flanneld on each node (kube subnet manager, host-gw backend): it leases the
+# node its spec.podCIDR, writes subnet.env and routes to the other nodes'
+# subnets. Flannel's own CNI plugin only turns subnet.env into a bridge
+# delegate; its module is not served here, so that step is done below.
+start_flannel() {
+    local node d
+    printf '{"Network": "%s", "EnableNFTables": true, "Backend": {"Type": "host-gw"}}\n' \
+        "$CLUSTER_CIDR" >"$STATE/flannel-net-conf.json"
+    for node in "${NODES[@]}"; do
+        wait_for 60 "$node registered" kubectl_ get node "$node"
+        # What the controller manager's node IPAM would do; kept equal to
+        # pod_cidr so that both CNI modes address pods alike.
+        kubectl_ patch node "$node" -p "{\"spec\":{\"podCIDR\":\"$(pod_cidr "$node")\"}}" \
+            >/dev/null
+        d="$STATE/$node"
+        log "$node: flanneld"
+        spawn "flanneld-$node" "$node" env NODE_NAME="$node" "$FLANNEL_BIN/flanneld" \
+            --kube-subnet-mgr --kubeconfig-file="$STATE/admin.kubeconfig" --iface=eth0 \
+            --net-config-path="$STATE/flannel-net-conf.json" --subnet-file="$d/flannel-subnet.env" \
+            --ip-masq=false --healthz-port=0
+    done
+    for node in "${NODES[@]}"; do
+        d="$STATE/$node"
+        wait_for 60 "$node: flannel's subnet" test -s "$d/flannel-subnet.env"
+        # shellcheck disable=SC1090,SC1091
+        (. "$d/flannel-subnet.env" &&
+            write_cni_config "$node" "${FLANNEL_SUBNET%.*}.0/${FLANNEL_SUBNET#*/}" "$FLANNEL_MTU")
+    done
 }
 
 nodes_ready() {
@@ -490,7 +543,15 @@ system_ready() {
 # --- up and down ---------------------------------------------------------------------------
 cmd_up() {
     local proxy=kube-proxy
-    [ "${1:-}" = "--proxy" ] && proxy=$2
+    CNI=bridge
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --proxy) proxy=$2; shift 2 ;;
+            --cni) CNI=$2; shift 2 ;;
+            *) die "up: unknown argument $1" ;;
+        esac
+    done
+    case "$CNI" in bridge | flannel) ;; *) die "--cni: bridge or flannel" ;; esac
     [ -e "$STATE/up" ] && die "a cluster is up already ($STATE); run down first"
     local start=$SECONDS
     BIN=$(bin_dir) || true
@@ -502,6 +563,11 @@ cmd_up() {
     touch "$STATE/up"
     echo "$BIN" >"$STATE/bin"
     echo "$IMAGES" >"$STATE/images"
+    echo "$CNI" >"$STATE/cni"
+    if [ "$CNI" = flannel ]; then
+        FLANNEL_BIN=$(bash "$HERE/flannel-build.sh" | tail -n 1)
+        [ -x "$FLANNEL_BIN/flanneld" ] || die "tools/cluster/flannel-build.sh failed"
+    fi
     save_sysctls
     make_network
     local node
@@ -511,14 +577,29 @@ cmd_up() {
     done
     write_pki
     for node in "${NODES[@]}"; do write_node_config "$node"; done
+    for node in "${NODES[@]}"; do start_containerd "$node"; done
+    # The imports (about 1.3 GB per node) run beside each other and beside
+    # the control plane's start.
+    local imports=()
+    log "images: importing on ${NODES[*]}"
+    for node in "${NODES[@]}"; do
+        import_images "$node" &
+        imports+=($!)
+    done
     start_control_plane
-    for node in "${NODES[@]}"; do start_node "$node"; done
+    local pid
+    for pid in "${imports[@]}"; do
+        wait "$pid" || die "image import failed"
+    done
+    log "images: imported"
+    for node in "${NODES[@]}"; do start_kubelet "$node"; done
+    if [ "$CNI" = flannel ]; then start_flannel; fi
     wait_for 90 "nodes" nodes_ready
     apply_coredns
     set_proxy "$proxy"
     # Without a proxy CoreDNS cannot reach the API server's ClusterIP.
     [ "$proxy" = none ] || wait_for 180 "kube-system pods" system_ready
-    log "up in $((SECONDS - start)) s: nodes ${NODES[*]}, proxy $proxy; kubeconfig $STATE/admin.kubeconfig (use: $0 kubectl ...)"
+    log "up in $((SECONDS - start)) s: nodes ${NODES[*]}, CNI $CNI, proxy $proxy; kubeconfig $STATE/admin.kubeconfig (use: $0 kubectl ...)"
 }
 
 save_sysctls() {
