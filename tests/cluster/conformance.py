@@ -105,6 +105,10 @@ def run_e2e(out: Path, focus: str, skip: str = "", timeout: float = 7200) -> lis
     return parse_junit(junit.read_text())
 
 
+def strip_labels(name: str) -> str:
+    return re.sub(r" \[sig-[^\]]*\]$", "", name)
+
+
 def parse_junit(text: str) -> list[Result]:
     """Ginkgo's JUnit report: every spec of the suite is listed; the ones
     filtered out carry status="skipped" with a <skipped> message of
@@ -120,9 +124,9 @@ def parse_junit(text: str) -> list[Result]:
                 msg = failure.get("message", "") if failure is not None else ""
                 out.append(Result(name, "failed", float(case.get("time", "0")), msg))
             continue
-        # Ginkgo appends the labels, e.g. " [sig-network, Conformance]".
-        name = re.sub(r" \[[^\]]*\]$", "", name[len("[It] "):]) if ", " in name else \
-            name[len("[It] "):]
+        # Ginkgo appends the labels, e.g. " [sig-network, Conformance]" or
+        # " [sig-network]"; the sig's label comes first.
+        name = strip_labels(name[len("[It] "):])
         if status == "skipped":
             skipped = case.find("skipped")
             msg = skipped.get("message", "") if skipped is not None else ""
