@@ -127,6 +127,8 @@ def parse_junit(text: str) -> list[Result]:
         # Ginkgo appends the labels, e.g. " [sig-network, Conformance]" or
         # " [sig-network]"; the sig's label comes first.
         name = strip_labels(name[len("[It] "):])
+        if status == "interrupted":
+            continue  # the run was cut short (--resume runs it again)
         if status == "skipped":
             skipped = case.find("skipped")
             msg = skipped.get("message", "") if skipped is not None else ""

@@ -10,6 +10,8 @@ CASES = (
      '[sig-network, Conformance]', 'status="passed" time="12.5"', ''),
     ('[It] [sig-network] Networking Granular Checks: Services should update endpoints: http '
      '[sig-network]', 'status="failed" time="95"', '<failure message="timed out">x</failure>'),
+    ('[It] [sig-network] Services should be cut short [sig-network]',
+     'status="interrupted" time="7"', '<failure message="interrupted">x</failure>'),
     ('[It] [sig-network] Services should be rejected for evicted pods [sig-network]',
      'status="skipped" time="0"', '<skipped message="skipped"></skipped>'),
     ('[It] [sig-network] Services should work with 3 nodes [sig-network]',
@@ -27,7 +29,7 @@ def test_names_lose_ginkgos_labels_but_keep_their_own_tags() -> None:
         "[sig-network] Services should serve a basic endpoint from pods [Conformance]",
         "[sig-network] Networking Granular Checks: Services should update endpoints: http",
         "[sig-network] Services should work with 3 nodes",
-    }, "specs that were not selected are left out; BeforeSuite only when it fails"
+    }, "specs not selected or cut short are left out; BeforeSuite only when it fails"
     failed = rs["[sig-network] Networking Granular Checks: Services should update endpoints: http"]
     assert (failed.status, failed.seconds, failed.message) == ("failed", 95.0, "timed out")
     assert rs["[sig-network] Services should work with 3 nodes"].status == "skipped"
