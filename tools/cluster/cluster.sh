@@ -99,19 +99,29 @@ spawn() {
     die "$name did not start; see $STATE/log/$name.log"
 }
 
-stop_pid() {  # stop_pid NAME: TERM, then KILL after 10 s
-    local f="$STATE/pids/$1" pid i
-    [ -f "$f" ] || return 0
-    pid=$(cat "$f")
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for i in $(seq 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
+stop_pid() {  # stop_pid NAME...: TERM to all, then KILL what is left after 10 s
+    local name pid i pids=() left
+    for name in "$@"; do
+        [ -f "$STATE/pids/$name" ] || continue
+        pid=$(cat "$STATE/pids/$name")
+        if [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; then
+            pids+=("$pid")
+        fi
+    done
+    for i in $(seq 100); do
+        left=
+        for pid in "${pids[@]}"; do
+            if kill -0 "$pid" 2>/dev/null; then left=1; break; fi
         done
+        [ -z "$left" ] && break
+        sleep 0.1
+    done
+    for pid in "${pids[@]}"; do
         kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$f"
+    done
+    for name in "$@"; do
+        rm -f "$STATE/pids/$name"
+    done
 }
 
 wait_for() {  # wait_for SECONDS WHAT CMD...
@@ -636,20 +646,23 @@ pids_in() {
 cmd_down() {
     [ -d "$STATE" ] || { log "nothing to remove"; return 0; }
     BIN=$(cat "$STATE/bin" 2>/dev/null || bin_dir || true)
-    local node name pids i
-    log "stopping"
+    local node pids i
+    # Pods first, while containerd can still remove them, on both nodes at
+    # once; kubelet is stopped first so that it does not start them again.
+    log "removing the pods"
+    # shellcheck disable=SC2046
+    stop_pid $(printf 'kubelet-%s ' "${NODES[@]}")
     for node in "${NODES[@]}"; do
-        # Pods first, while kubelet and containerd can still remove them.
         if [ -S "$STATE/$node/root/run/containerd/containerd.sock" ] && [ -n "$BIN" ]; then
-            stop_pid "kubelet-$node"
             timeout 60 nsenter --mount="$(mntns "$node")" --net="/run/netns/$node" -- \
                 "$BIN/crictl" --runtime-endpoint unix:///run/containerd/containerd.sock \
-                rmp -fa >/dev/null 2>&1 || true
+                rmp -fa >/dev/null 2>&1 &
         fi
     done
-    for name in $(ls "$STATE/pids" 2>/dev/null); do
-        stop_pid "$name"
-    done
+    wait || true
+    log "stopping the daemons"
+    # shellcheck disable=SC2046
+    stop_pid $(ls "$STATE/pids" 2>/dev/null)
     for node in "${NODES[@]}"; do
         for i in 1 2 3; do
             pids=$(pids_in "$node")
