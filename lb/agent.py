@@ -204,6 +204,7 @@ class Agent:
 
         self.metrics: Metrics = Metrics()
         self.metrics_addr: str | None = args.metrics_addr
+        self.healthz_addr: str | None = args.healthz_addr
         self._retry: Cluster | None = None
         self.netns: str | None = args.netns
         self.sizes = sizes_from_args(args)
@@ -249,6 +250,7 @@ class Agent:
         start = time.monotonic()
         try:
             node = kube.node(self.node) if kube else self.node
+            self.metrics.health.node_eligible = node.eligible
             state = desired.compute(cluster, node)
             res = self.reconciler.sync(state)
             res.refusals += self.policy.sync(cluster, node)
@@ -272,9 +274,12 @@ class Agent:
         # The process stays in its own namespace (its API and metrics sockets
         # live there); only netlink, sysctls and node-facing listeners are
         # made inside the node's namespace.
-        from lb.metrics import MetricsServer
+        from lb.metrics import MetricsServer, proxy_health_routes
 
-        server = MetricsServer(self.metrics, self.metrics_addr) if self.metrics_addr else None
+        servers = [MetricsServer(self.metrics, self.metrics_addr)] if self.metrics_addr else []
+        if self.healthz_addr:
+            servers.append(MetricsServer(self.metrics, self.healthz_addr,
+                                         proxy_health_routes(self.metrics)))
         if isinstance(self.source, KubeSource):
             self.metrics.watch_source(self.source)
             self.source.start()  # the first lists run while the programs compile
@@ -328,7 +333,7 @@ class Agent:
         self.health.close()
         if isinstance(self.source, KubeSource):
             self.source.stop()
-        if server:
+        for server in servers:
             server.close()
         self.metrics.close()
         log.info("stopping; programs and pinned maps stay in place for the next start")
@@ -345,13 +350,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         problem = "--kubeconfig: only with --kubernetes"
     elif args.resync_period < 0:
         problem = "--resync-period: must be >= 0 (0: never)"
-    if args.metrics_addr and not problem:
-        from lb.metrics import parse_addr
+    for flag, value in (("--metrics-addr", args.metrics_addr),
+                        ("--healthz-addr", args.healthz_addr)):
+        if value and not problem:
+            from lb.metrics import parse_addr
 
-        try:
-            parse_addr(args.metrics_addr)
-        except ValueError as e:
-            problem = f"--metrics-addr: {e}"
+            try:
+                parse_addr(value)
+            except ValueError as e:
+                problem = f"{flag}: {e}"
     if problem:
         print(f"lbctl: run: {problem}", file=sys.stderr)
         return 2
@@ -425,7 +432,9 @@ def add_agent_commands(sub: Any, add_node_args: Callable[[argparse.ArgumentParse
     r.add_argument("--resync-period", type=float, default=DEFAULT_RESYNC_PERIOD,
                    metavar="SECONDS", help="list everything afresh this often (0: never)")
     r.add_argument("--metrics-addr", metavar="HOST:PORT",
-                   help="serve /metrics, /healthz and /readyz here")
+                   help="serve /metrics, /healthz, /readyz and /proxyMode here")
+    r.add_argument("--healthz-addr", metavar="HOST:PORT",
+                   help="serve kube-proxy's node health (/healthz, /livez) here")
     add_node_args(r)
     r.set_defaults(func=cmd_run)
 

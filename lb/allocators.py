@@ -4,7 +4,7 @@ the pinned maps hold, so a restarted agent keeps every number in use."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 
 
 class Exhausted(RuntimeError):
@@ -17,22 +17,28 @@ class Exhausted(RuntimeError):
 
 
 class IdAllocator:
-    """Small integers in [1, limit); 0 means "none" in every map."""
+    """Small integers in [1, limit); 0 means "none" in every map.
+
+    Fresh ids first, then the one freed longest ago: a flow's conntrack entry
+    names its service and backend by id, and an id handed straight to a new
+    backend of the same service would carry old flows to it with their reply
+    entries naming the old address. Cilium's service and backend ids advance
+    the same way (pkg/loadbalancer/reconciler/id.go, nextID)."""
 
     def __init__(self, limit: int, what: str = "ids", map_name: str = "") -> None:
         self.limit = limit
         self.what = what
         self.map_name = map_name
         self._next = 1
-        self._free: list[int] = []
+        self._free: deque[int] = deque()
         self._used: set[int] = set()
 
     def alloc(self) -> int:
-        if self._free:
-            ident = self._free.pop()
-        elif self._next < self.limit:
+        if self._next < self.limit:
             ident = self._next
             self._next += 1
+        elif self._free:
+            ident = self._free.popleft()
         else:
             raise Exhausted(f"all {self.limit - 1} {self.what} are in use", self.map_name)
         self._used.add(ident)
@@ -45,7 +51,7 @@ class IdAllocator:
         self._used.add(ident)
         if ident >= self._next:
             # Ids skipped over stay available.
-            self._free.extend(range(ident - 1, self._next - 1, -1))
+            self._free.extend(range(self._next, ident))
             self._next = ident + 1
         elif ident in self._free:
             self._free.remove(ident)

@@ -598,6 +598,22 @@ class ParsedObjects:
 # --- the source -------------------------------------------------------------------
 
 
+# The cluster autoscaler's taint on a node it is about to delete.
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
+
+
+def node_eligible(obj: Mapping[str, Any] | None) -> bool:
+    """kube-proxy's NodeEligible: the Node is known, not being deleted, and
+    not tainted for deletion."""
+    if not obj:
+        return False
+    if (obj.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    taints = (obj.get("spec") or {}).get("taints") or []
+    return not any(isinstance(t, Mapping) and t.get("key") == TO_BE_DELETED_TAINT
+                   for t in taints)
+
+
 class KubeSource:
     """What the agent polls: a Cluster when something changed, else None."""
 
@@ -663,9 +679,11 @@ class KubeSource:
         (kube-proxy does the same): the name defaults to the hostname, the
         addresses to the Node's InternalIPs (else ExternalIPs)."""
         out = given if given.name else replace(given, name=self.node_name)
+        found = self.store.get(NODES.kind, self.node_name)
+        out = replace(out, eligible=node_eligible(found))
         if out.ips:
             return out
-        obj = self.store.get(NODES.kind, self.node_name) or {}
+        obj = found or {}
         addrs = (obj.get("status") or {}).get("addresses") or []
         for kind in ("InternalIP", "ExternalIP"):
             ips = tuple(a["address"] for a in addrs

@@ -1,10 +1,14 @@
 """The agent's Prometheus metrics, liveness and readiness, served on
 --metrics-addr (kube-proxy's port 10249 in the DaemonSet):
 
-  /metrics  Prometheus text format
-  /healthz  200 once the datapath is loaded and while the agent loop turns;
-            503 when the loop has not turned for `stuck_after` seconds
-  /readyz   200 once the maps were synced from the source at least once
+  /metrics    Prometheus text format
+  /healthz    200 once the datapath is loaded and while the agent loop turns;
+              503 when the loop has not turned for `stuck_after` seconds
+  /readyz     200 once the maps were synced from the source at least once
+  /proxyMode  "xdplb", where kube-proxy names its mode
+
+and kube-proxy's node health on --healthz-addr (its port 10256): /healthz
+and /livez, in kube-proxy's shape, for load balancers that probe nodes.
 
 Datapath counters are read from the maps when scraped (a custom collector;
 no polling thread): packets and bytes per verdict reason from the per-CPU
@@ -20,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -54,6 +58,8 @@ SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
 # (which starts at 0.25 s): a watch-driven sync here takes milliseconds.
 PROGRAMMING_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 STUCK_AFTER = 60.0
+# What /proxyMode answers (kube-proxy: iptables, ipvs, nftables).
+PROXY_MODE = "xdplb"
 # Entries fetched per BPF_MAP_LOOKUP_BATCH call when counting conntrack.
 CT_BATCH = 4096
 # Counting by single-key iteration (kernels without batch lookups on LRU
@@ -223,6 +229,8 @@ class Health:
         self.last_loop = time.monotonic()
         self.last_loop_wall = time.time()
         self.last_sync_wall: float | None = None
+        # False while this node is being deleted (see model.Node.eligible).
+        self.node_eligible = True
 
     def tick(self) -> None:
         self.last_loop = time.monotonic()
@@ -240,6 +248,23 @@ class Health:
             "loopLastSeen": _iso(self.last_loop_wall),
             "loopStalledSeconds": round(stalled, 3),
         }
+
+    def proxy_health(self, with_node: bool) -> tuple[int, dict[str, Any]]:
+        """kube-proxy's answer: healthy while updates are applied (here: the
+        datapath is loaded and the loop turns); "lastUpdated" then reads now,
+        as kube-proxy keeps it for older probes."""
+        stalled = time.monotonic() - self.last_loop
+        healthy = self.datapath_loaded and stalled <= self.stuck_after
+        now = time.time()
+        doc: dict[str, Any] = {
+            "lastUpdated": _iso(now if healthy else self.last_sync_wall),
+            "currentTime": _iso(now),
+            "healthy": healthy,
+        }
+        if with_node:
+            doc["nodeEligible"] = self.node_eligible
+            healthy = healthy and self.node_eligible
+        return (200 if healthy else 503), doc
 
     def readyz(self) -> tuple[int, dict[str, Any]]:
         ok = self.last_sync_wall is not None
@@ -371,9 +396,52 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
 
+# A route answers (status, body, content type).
+Route = Callable[[], tuple[int, bytes, str]]
+JSON = "application/json"
+
+
+def _json(code: int, doc: Mapping[str, Any]) -> tuple[int, bytes, str]:
+    return code, json.dumps(doc).encode(), JSON
+
+
+def metrics_routes(metrics: Metrics) -> dict[str, Route]:
+    """The metrics port (kube-proxy's 10249): /metrics, the agent's own
+    /healthz and /readyz, and /proxyMode as kube-proxy has it
+    (cmd/kube-proxy/app/server.go)."""
+
+    def scrape() -> tuple[int, bytes, str]:
+        try:
+            return 200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST
+        except Exception as e:
+            log.error("metrics scrape failed: %s", e)
+            return 500, f"scrape failed: {e}\n".encode(), "text/plain"
+
+    return {
+        "/metrics": scrape,
+        "/healthz": lambda: _json(*metrics.health.healthz()),
+        "/readyz": lambda: _json(*metrics.health.readyz()),
+        "/proxyMode": lambda: (200, PROXY_MODE.encode(), "text/plain; charset=utf-8"),
+    }
+
+
+def proxy_health_routes(metrics: Metrics) -> dict[str, Route]:
+    """kube-proxy's healthz port (10256), which cloud load balancers probe:
+    /healthz also fails while the node is being deleted, /livez does not
+    (pkg/proxy/healthcheck/proxy_health.go)."""
+    return {
+        "/healthz": lambda: _json(*metrics.health.proxy_health(with_node=True)),
+        "/livez": lambda: _json(*metrics.health.proxy_health(with_node=False)),
+    }
+
+
 class MetricsServer:
-    def __init__(self, metrics: Metrics, addr: str) -> None:
+    """An HTTP listener over a route table, in a thread of its own."""
+
+    def __init__(self, metrics: Metrics, addr: str,
+                 routes: Mapping[str, Route] | None = None) -> None:
         self.metrics = metrics
+        self.routes = dict(routes if routes is not None else metrics_routes(metrics))
         host, port = parse_addr(addr)
         handler = self._handler()
         if ":" in host:
@@ -387,12 +455,13 @@ class MetricsServer:
             self.server = _Server((host, port), handler)
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever,
-                                        name="metrics-http", daemon=True)
+                                        name=f"http-{self.port}", daemon=True)
         self._thread.start()
-        log.info("serving /metrics, /healthz and /readyz on %s:%d", host, self.port)
+        log.info("serving %s on %s:%d", ", ".join(sorted(self.routes)), host, self.port)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
-        metrics = self.metrics
+        routes = self.routes
+        known = ", ".join(sorted(routes))
 
         class Handler(BaseHTTPRequestHandler):
             def _send(self, code: int, body: bytes, ctype: str) -> None:
@@ -405,22 +474,11 @@ class MetricsServer:
                     self.wfile.write(body)
 
             def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    try:
-                        body = generate_latest(metrics.registry)
-                    except Exception as e:
-                        log.error("metrics scrape failed: %s", e)
-                        self._send(500, f"scrape failed: {e}\n".encode(), "text/plain")
-                        return
-                    self._send(200, body, CONTENT_TYPE_LATEST)
-                elif path in ("/healthz", "/readyz"):
-                    h = metrics.health
-                    code, doc = h.healthz() if path == "/healthz" else h.readyz()
-                    self._send(code, json.dumps(doc).encode(), "application/json")
-                else:
-                    self._send(404, b"not found: try /metrics, /healthz or /readyz\n",
-                               "text/plain")
+                route = routes.get(self.path.split("?", 1)[0])
+                if route is None:
+                    self._send(404, f"not found: try {known}\n".encode(), "text/plain")
+                    return
+                self._send(*route())
 
             do_HEAD = do_GET
 

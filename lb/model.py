@@ -122,6 +122,10 @@ class Node:
     # The node's network namespace (SO_NETNS_COOKIE): socket hooks attached
     # to a cgroup act only on sockets there. 0: the hooks translate nothing.
     netns_cookie: int = 0
+    # False while the Node is being deleted or is marked for deletion by the
+    # cluster autoscaler: kube-proxy's healthz then fails, so that load
+    # balancers drain the node (pkg/proxy/healthcheck/proxy_health.go).
+    eligible: bool = True
 
 
 # --- NetworkPolicy and the objects it selects -----------------------------------

@@ -90,6 +90,31 @@ def test_udp_flow_moves_on_at_once_when_its_endpoint_is_removed(lab: Node1) -> N
         go.unlink(missing_ok=True)
 
 
+def test_udp_flow_follows_its_endpoint_replaced_through_an_empty_service(lab: Node1) -> None:
+    # A DaemonSet pod replaced on the node (the upstream Conntrack test of
+    # internalTrafficPolicy Local): the old endpoint goes, the service is
+    # empty for a while, a new one comes. Its backend id must not be the
+    # freed one, or the flow's forward entry would take the new address
+    # while its reply entry still names the old one, and no reply would be
+    # translated back.
+    client, b0, b1 = lab.topo.pods
+    lab.program([b0])
+    go = Path(f"/tmp/lb-udp-go-{lab.agent.instance}")
+    proc = lab.topo.spawn(client, [sys.executable, "-c", UDP_CLIENT, VIP, str(go)],
+                          stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline().decode().strip() == b0.name
+        lab.program([])
+        lab.program([b1])
+        go.touch()
+        assert proc.stdout.readline().decode().strip() == b1.name, \
+            "the same flow, answered by the new endpoint as the service"
+        assert proc.wait(timeout=5) == 0
+    finally:
+        go.unlink(missing_ok=True)
+
+
 TCP_CLIENT = r"""
 import os, socket, sys, time
 s = socket.create_connection((sys.argv[1], 7), timeout=5)

@@ -14,6 +14,19 @@ def test_ids_start_at_one_and_are_reused() -> None:
     assert ids.alloc() == 2
 
 
+def test_a_freed_id_waits_for_the_fresh_ones_then_the_oldest_comes_first() -> None:
+    ids = IdAllocator(6)
+    assert [ids.alloc(), ids.alloc()] == [1, 2]
+    ids.free(1)
+    assert ids.alloc() == 3, "not the id just freed: old flows may still name it"
+    ids.free(3)
+    ids.free(2)
+    assert [ids.alloc(), ids.alloc()] == [4, 5]
+    assert [ids.alloc(), ids.alloc(), ids.alloc()] == [1, 3, 2], "freed longest ago first"
+    with pytest.raises(Exhausted):
+        ids.alloc()
+
+
 def test_claimed_ids_are_never_handed_out() -> None:
     ids = IdAllocator(10)
     ids.claim(5)

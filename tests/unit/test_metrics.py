@@ -15,8 +15,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lb.desired import FrontendEntry
+from lb.kube import node_eligible
 from lb.manifests import ManifestError
-from lb.metrics import Metrics, MetricsServer, parse_addr
+from lb.metrics import Metrics, MetricsServer, parse_addr, proxy_health_routes
 from lb.reconcile import SyncResult
 from lb.refusal import Refusal
 
@@ -67,6 +68,49 @@ def test_health_and_readiness(served: tuple[Metrics, str]) -> None:
     code, body = get(url + "/readyz")
     assert code == 200 and json.loads(body)["lastUpdated"].endswith("Z")
     assert get(url + "/other")[0] == 404
+
+
+def test_proxy_mode_is_named_as_kube_proxy_names_its_own(served: tuple[Metrics, str]) -> None:
+    _, url = served
+    assert get(url + "/proxyMode") == (200, "xdplb")
+
+
+def test_kube_proxy_node_health_port() -> None:
+    m = Metrics(stuck_after=0.2)
+    server = MetricsServer(m, "127.0.0.1:0", proxy_health_routes(m))
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        assert get(url + "/healthz")[0] == 503, "nothing loaded yet"
+        m.health.datapath_loaded = True
+        m.tick()
+        for path in ("/healthz", "/livez"):
+            code, body = get(url + path)
+            doc = json.loads(body)
+            assert code == 200 and doc["healthy"] is True
+            assert doc["lastUpdated"].endswith("Z"), "healthy: updated now, as kube-proxy says"
+        assert json.loads(get(url + "/healthz")[1])["nodeEligible"] is True
+        assert "nodeEligible" not in json.loads(get(url + "/livez")[1])
+        # A node being deleted: load balancers must drain it, the agent lives on.
+        m.health.node_eligible = False
+        code, body = get(url + "/healthz")
+        assert code == 503 and json.loads(body)["nodeEligible"] is False
+        assert get(url + "/livez")[0] == 200
+        assert get(url + "/metrics")[0] == 404, "only kube-proxy's health paths here"
+    finally:
+        server.close()
+
+
+def test_node_eligibility_follows_kube_proxy() -> None:
+    node: dict[str, Any] = {"metadata": {"name": "n1"}, "spec": {}}
+    assert node_eligible(node)
+    assert not node_eligible(None), "an unknown Node is not eligible"
+    assert not node_eligible({**node, "metadata": {"name": "n1",
+                                                   "deletionTimestamp": "2026-12-01T00:00:00Z"}})
+    tainted = {**node, "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler",
+                                            "effect": "NoSchedule"}]}}
+    assert not node_eligible(tainted)
+    other = {**node, "spec": {"taints": [{"key": "node.kubernetes.io/unschedulable"}]}}
+    assert node_eligible(other)
 
 
 def test_sync_metrics(served: tuple[Metrics, str]) -> None:
