@@ -30,6 +30,7 @@
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/parse.h"
+#include "lib/frag.h"
 #include "lib/stats.h"
 #include "lib/conntrack.h"
 #include "lib/lb.h"
@@ -144,6 +145,8 @@ LB_INLINE int lb_decide(struct lb_pkt *p, void *data, void *data_end,
 	int reason = lb_parse(data, data_end, len, p);
 	__u64 now;
 
+	if (reason == -1)
+		reason = lb_frag_ports(p);
 	if (reason >= 0)
 		return reason;
 	now = bpf_ktime_get_ns();
@@ -195,7 +198,8 @@ int xdp_lb_external(struct xdp_md *ctx)
 	if (lb_rewrites(reason) && lb_nat_xdp(ctx, &p, &n))
 		reason = LB_STAT_ERROR;
 	lb_count(reason, p.len);
-	if (lb_rejects(reason) && lb_reject_xdp(ctx, &p) == 0)
+	/* A later fragment has nothing to quote: it is dropped. */
+	if (lb_rejects(reason) && p.frag != LB_FRAG_LATER && lb_reject_xdp(ctx, &p) == 0)
 		return XDP_TX;
 	return lb_drops(reason) ? XDP_DROP : XDP_PASS;
 }
@@ -237,7 +241,7 @@ int tc_lb_from_pod(struct __sk_buff *skb)
 			reason = LB_STAT_DROP_POLICY;
 	}
 	lb_count(reason, p.len);
-	if (lb_rejects(reason) && lb_reject_skb(skb, &p) == 0)
+	if (lb_rejects(reason) && p.frag != LB_FRAG_LATER && lb_reject_skb(skb, &p) == 0)
 		return bpf_redirect(skb->ifindex, 0);
 	return lb_drops(reason) ? TC_ACT_SHOT : TC_ACT_OK;
 }
@@ -259,6 +263,8 @@ int tc_lb_to_pod(struct __sk_buff *skb)
 		data_end = (void *)(long)skb->data_end;
 	}
 	reason = lb_parse(data, data_end, skb->len, &p);
+	if (reason == -1)
+		reason = lb_frag_ports(&p);
 	if (reason != -1 && reason != LB_STAT_PASS_OTHER_PROTO)
 		return TC_ACT_OK;
 	/* A reply of a backend on the node's own network (the API server, a

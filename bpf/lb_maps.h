@@ -165,6 +165,24 @@ struct lb_sock_rev_val {
 	__u16 pad;
 };
 
+/* lb_frags: the ports of a fragmented datagram, taken from its first
+ * fragment, for the later ones, which carry no L4 header. Fragments of one
+ * datagram share source, destination, IP id and protocol. */
+#define LB_FRAG_SIZE 8192
+
+struct lb_frag_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 id;
+	__u8  proto;
+	__u8  pad;
+};
+
+struct lb_frag_val {
+	__u16 sport;
+	__u16 dport;
+};
+
 /* LPM trie key over one IPv4 prefix (lb_svc_cidrs: the service CIDRs). */
 struct lb_lpm4_key {
 	__u32 prefixlen;

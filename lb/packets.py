@@ -53,6 +53,38 @@ def build(
     return DST_MAC + SRC_MAC + struct.pack("!H", ETH_P_IP) + ip + l4
 
 
+def fragment(frame: bytes, payload_per_fragment: int) -> list[bytes]:
+    """Split an IPv4 frame (no options) into fragments carrying at most
+    `payload_per_fragment` bytes of IP payload each (a multiple of 8)."""
+    if payload_per_fragment % 8 or payload_per_fragment <= 0:
+        raise ValueError("fragment payloads are multiples of 8 bytes")
+    eth, ip, body = frame[:14], frame[14:34], frame[34:]
+    out = []
+    for off in range(0, len(body), payload_per_fragment):
+        part = body[off:off + payload_per_fragment]
+        more = 0x2000 if off + payload_per_fragment < len(body) else 0
+        hdr = bytearray(ip)
+        struct.pack_into("!H", hdr, 2, 20 + len(part))
+        struct.pack_into("!H", hdr, 6, more | off // 8)
+        struct.pack_into("!H", hdr, 10, 0)
+        struct.pack_into("!H", hdr, 10, checksum(bytes(hdr)))
+        out.append(eth + bytes(hdr) + part)
+    return out
+
+
+def reassemble(fragments: list[bytes]) -> bytes:
+    """The frame the fragments make, as the receiver would rebuild it (in
+    offset order), with the first fragment's Ethernet and IPv4 headers."""
+    parts = sorted(fragments, key=lambda f: struct.unpack("!H", f[20:22])[0] & 0x1FFF)
+    body = b"".join(f[34:14 + struct.unpack("!H", f[16:18])[0]] for f in parts)
+    hdr = bytearray(parts[0][14:34])
+    struct.pack_into("!H", hdr, 2, 20 + len(body))
+    struct.pack_into("!H", hdr, 6, 0)
+    struct.pack_into("!H", hdr, 10, 0)
+    struct.pack_into("!H", hdr, 10, checksum(bytes(hdr)))
+    return parts[0][:14] + bytes(hdr) + body
+
+
 @dataclass(frozen=True)
 class Parsed:
     src: str

@@ -74,6 +74,7 @@ class BuildOptions:
             "lb_vips": self.max_services,
             "lb_svc_cidrs": 16,
             "lb_source_ranges": 16384,
+            "lb_frags": layout.const("LB_FRAG_SIZE"),
         }
 
     def cflags(self) -> list[str]:

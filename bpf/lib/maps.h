@@ -26,6 +26,8 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct lb_stat, lb_stats,
 		 LB_STAT_MAX, LB_PIN_DIR "/lb_stats");
 BPF_TABLE_PINNED("lru_hash", struct lb_sock_rev_key, struct lb_sock_rev_val,
 		 lb_sock_rev, LB_AFFINITY_SIZE, LB_PIN_DIR "/lb_sock_rev");
+BPF_TABLE_PINNED("lru_hash", struct lb_frag_key, struct lb_frag_val, lb_frags,
+		 LB_FRAG_SIZE, LB_PIN_DIR "/lb_frags");
 /* NetworkPolicy (see lb_maps.h and lib/policy.h). */
 BPF_TABLE_PINNED("hash", __u32, struct lb_pol_endpoint, lb_pol_endpoints,
 		 LB_POL_MAX_ENDPOINTS, LB_PIN_DIR "/lb_pol_endpoints");

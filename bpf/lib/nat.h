@@ -40,6 +40,18 @@ LB_INLINE int lb_nat_xdp(struct xdp_md *ctx, const struct lb_pkt *p,
 
 	if ((void *)(ip + 1) > data_end)
 		return -1;
+	if (p->frag == LB_FRAG_LATER) {
+		/* No L4 header: the first fragment's checksum covers the rest. */
+		if (n->saddr != ip->saddr) {
+			lb_csum_replace4(&ip->check, ip->saddr, n->saddr);
+			ip->saddr = n->saddr;
+		}
+		if (n->daddr != ip->daddr) {
+			lb_csum_replace4(&ip->check, ip->daddr, n->daddr);
+			ip->daddr = n->daddr;
+		}
+		return 0;
+	}
 	if (l4_off > LB_MAX_L4_OFF)
 		return -1;
 	ports = data + l4_off;
@@ -99,6 +111,16 @@ LB_INLINE int lb_store_addr(struct __sk_buff *skb, const struct lb_pkt *p,
 	return bpf_skb_store_bytes(skb, off, &to, sizeof(to), 0);
 }
 
+/* An address of a packet with no L4 header (a later fragment). */
+LB_INLINE int lb_store_l3(struct __sk_buff *skb, __u32 off, __u32 from, __u32 to)
+{
+	if (from == to)
+		return 0;
+	if (bpf_l3_csum_replace(skb, LB_IP_CSUM_OFF, from, to, sizeof(to)))
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &to, sizeof(to), 0);
+}
+
 LB_INLINE int lb_store_port(struct __sk_buff *skb, const struct lb_pkt *p,
 			    __u32 off, __u16 from, __u16 to, __u64 l4flags)
 {
@@ -115,6 +137,10 @@ LB_INLINE int lb_nat_skb(struct __sk_buff *skb, const struct lb_pkt *p,
 {
 	/* Leaves a zero UDP checksum alone and never produces one. */
 	__u64 l4flags = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+
+	if (p->frag == LB_FRAG_LATER)
+		return lb_store_l3(skb, LB_IP_SRC_OFF, p->saddr, n->saddr) ||
+		       lb_store_l3(skb, LB_IP_DST_OFF, p->daddr, n->daddr) ? -1 : 0;
 
 	if (lb_store_addr(skb, p, LB_IP_SRC_OFF, p->saddr, n->saddr, l4flags) ||
 	    lb_store_addr(skb, p, LB_IP_DST_OFF, p->daddr, n->daddr, l4flags) ||

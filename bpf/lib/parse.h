@@ -12,6 +12,11 @@
 #define LB_TCP_RST 0x04
 #define LB_TCP_ACK 0x10
 
+/* lb_pkt.frag: where a packet sits in a fragmented datagram. */
+#define LB_FRAG_NONE  0
+#define LB_FRAG_FIRST 1 /* offset 0, more to come: it has the L4 header */
+#define LB_FRAG_LATER 2 /* no L4 header: ports from lib/frag.h */
+
 /* What the programs need of a packet: offsets (valid for XDP and tc alike)
  * and the 5-tuple in network order. */
 struct lb_pkt {
@@ -24,13 +29,17 @@ struct lb_pkt {
 	__u16 dport;
 	__u8  proto;
 	__u8  tcp_flags;
-	__u16 pad;
+	__u16 ip_id;
+	__u8  frag;
+	__u8  pad[3];
 };
 
 /* Parse Ethernet / IPv4 / TCP or UDP. Returns -1 on success, otherwise the
  * LB_STAT_* reason that decides the packet (pass or drop) untouched.
  * A header that is cut short or inconsistent is malformed; what is well
- * formed but not ours (not IPv4, other protocols, later fragments) passes.
+ * formed but not ours (not IPv4, other protocols) passes. A later fragment
+ * of TCP or UDP parses with its ports zero and frag LB_FRAG_LATER: its
+ * ports are its first fragment's (lib/frag.h).
  * Headers must lie in [data, data_end); `len` is the whole packet, which on
  * an skb may reach past the linear part into pages the program cannot read. */
 LB_INLINE int lb_parse(void *data, void *data_end, __u32 len, struct lb_pkt *p)
@@ -66,10 +75,17 @@ LB_INLINE int lb_parse(void *data, void *data_end, __u32 len, struct lb_pkt *p)
 	p->sport = 0;
 	p->dport = 0;
 	p->tcp_flags = 0;
+	p->ip_id = ip->id;
+	p->frag = LB_FRAG_NONE;
 
-	/* A later fragment has no L4 header to match on. */
-	if (ip->frag_off & bpf_htons(LB_IP_MF | LB_IP_OFFSET))
-		return LB_STAT_PASS_FRAGMENT;
+	if (ip->frag_off & bpf_htons(LB_IP_OFFSET)) {
+		if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+			return LB_STAT_PASS_FRAGMENT;
+		p->frag = LB_FRAG_LATER;
+		return -1;
+	}
+	if (ip->frag_off & bpf_htons(LB_IP_MF))
+		p->frag = LB_FRAG_FIRST;
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP &&
 	    ip->protocol != IPPROTO_SCTP)
 		return LB_STAT_PASS_OTHER_PROTO;
@@ -93,8 +109,9 @@ LB_INLINE int lb_parse(void *data, void *data_end, __u32 len, struct lb_pkt *p)
 	} else {
 		struct udphdr *udp = l4;
 
+		/* A first fragment holds only the start of what udp->len counts. */
 		if (bpf_ntohs(udp->len) < sizeof(*udp) ||
-		    bpf_ntohs(udp->len) > tot_len - ihl_len)
+		    (p->frag == LB_FRAG_NONE && bpf_ntohs(udp->len) > tot_len - ihl_len))
 			return LB_STAT_DROP_MALFORMED;
 	}
 	return -1;

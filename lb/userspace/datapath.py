@@ -32,7 +32,8 @@ _C = layout.CONSTS
 IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP = 6, 17, 132
 _ETH_LEN = 14
 _ETH_P_IP = b"\x08\x00"
-_IP_MF_OFFSET = 0x3FFF
+_IP_MF, _IP_OFFSET = 0x2000, 0x1FFF
+FRAG_NONE, FRAG_FIRST, FRAG_LATER = 0, 1, 2
 _TCP_FIN, _TCP_SYN, _TCP_RST, _TCP_ACK = 0x01, 0x02, 0x04, 0x10
 _MAX_L4_OFF = _ETH_LEN + 60
 _IP_CSUM_OFF, _IP_SRC_OFF, _IP_DST_OFF = _ETH_LEN + 10, _ETH_LEN + 12, _ETH_LEN + 16
@@ -115,6 +116,8 @@ class Pkt:
     dport: int = 0
     proto: int = 0
     tcp_flags: int = 0
+    ip_id: int = 0  # as stored (network order read natively)
+    frag: int = FRAG_NONE
 
 
 def parse(frame: bytes | bytearray, p: Pkt) -> int:
@@ -143,9 +146,17 @@ def parse(frame: bytes | bytearray, p: Pkt) -> int:
     p.daddr = _U32N.unpack_from(frame, _IP_DST_OFF)[0]
     p.proto = frame[_ETH_LEN + 9]
     p.sport = p.dport = p.tcp_flags = 0
+    p.ip_id = _U16N.unpack_from(frame, _ETH_LEN + 4)[0]
+    p.frag = FRAG_NONE
 
-    if _BE16.unpack_from(frame, _ETH_LEN + 6)[0] & _IP_MF_OFFSET:
-        return _STAT["PASS_FRAGMENT"]
+    frag_off = _BE16.unpack_from(frame, _ETH_LEN + 6)[0]
+    if frag_off & _IP_OFFSET:
+        if p.proto not in (IPPROTO_TCP, IPPROTO_UDP):
+            return _STAT["PASS_FRAGMENT"]
+        p.frag = FRAG_LATER
+        return -1
+    if frag_off & _IP_MF:
+        p.frag = FRAG_FIRST
     if p.proto not in (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP):
         return _STAT["PASS_OTHER_PROTO"]
 
@@ -165,7 +176,7 @@ def parse(frame: bytes | bytearray, p: Pkt) -> int:
         p.tcp_flags = frame[l4 + 13]
     else:
         ulen = _BE16.unpack_from(frame, l4 + 4)[0]
-        if ulen < 8 or ulen > tot_len - ihl_len:
+        if ulen < 8 or (p.frag == FRAG_NONE and ulen > tot_len - ihl_len):
             return _STAT["DROP_MALFORMED"]
     return -1
 
@@ -228,7 +239,18 @@ def nat_xdp(buf: bytearray, p: Pkt, n: Nat) -> int:
     zero stays zero and a computed zero becomes 0xffff."""
     end = len(buf)
     l4 = p.l4_off
-    if end < _ETH_LEN + 20 or l4 > _MAX_L4_OFF:
+    if end < _ETH_LEN + 20:
+        return -1
+    if p.frag == FRAG_LATER:
+        ipsum = _U16N.unpack_from(buf, _IP_CSUM_OFF)[0]
+        for off, new in ((_IP_SRC_OFF, n.saddr), (_IP_DST_OFF, n.daddr)):
+            old = _U32N.unpack_from(buf, off)[0]
+            if new != old:
+                ipsum = xdp_csum_replace4(ipsum, old, new)
+                _U32N.pack_into(buf, off, new)
+        _U16N.pack_into(buf, _IP_CSUM_OFF, ipsum)
+        return 0
+    if l4 > _MAX_L4_OFF:
         return -1
     if l4 + (20 if p.proto == IPPROTO_TCP else 8) > end:
         return -1
@@ -288,14 +310,17 @@ def nat_skb(buf: bytearray, p: Pkt, n: Nat) -> int:
     by field, in the C's order."""
     mangled_0 = p.proto == IPPROTO_UDP
     coff = l4_csum_off(p)
+    later = p.frag == FRAG_LATER  # no L4 header: addresses only (lb_store_l3)
     for off, old, new in ((_IP_SRC_OFF, p.saddr, n.saddr), (_IP_DST_OFF, p.daddr, n.daddr)):
         if old == new:
             continue
-        if (bpf_l4_csum_replace(buf, coff, old, new, mangled_0)
+        if ((not later and bpf_l4_csum_replace(buf, coff, old, new, mangled_0))
                 or bpf_l3_csum_replace(buf, _IP_CSUM_OFF, old, new)
                 or off + 4 > len(buf)):
             return -1
         _U32N.pack_into(buf, off, new)
+    if later:
+        return 0
     for off, old, new in ((p.l4_off, p.sport, n.sport), (p.l4_off + 2, p.dport, n.dport)):
         if old == new:
             continue
@@ -402,6 +427,7 @@ class UserspaceDatapath:
         self._pol_rules = maps["lb_pol_rules"]
         self._pol_portsets = maps["lb_pol_portsets"]
         self._pol_drops = maps["lb_pol_drops"]
+        self._frags = maps["lb_frags"]
         d = c_defaults(defines)
         self._tcp_life = d["LB_CT_TCP_LIFETIME_S"] * _NSEC_PER_SEC
         self._tcp_closing = d["LB_CT_TCP_CLOSING_S"] * _NSEC_PER_SEC
@@ -428,7 +454,7 @@ class UserspaceDatapath:
         if reason in _REWRITES and n is not None and nat_xdp(buf, p, n):
             reason = _STAT["ERROR"]
         self._count(reason, p.len)
-        if reason in _REJECTS and reject(buf, p) == 0:
+        if reason in _REJECTS and p.frag != FRAG_LATER and reject(buf, p) == 0:
             return Verdict(XDP_TX, bytes(buf), reason)
         return Verdict(XDP_DROP if reason in _DROPS else XDP_PASS, bytes(buf), reason)
 
@@ -448,7 +474,7 @@ class UserspaceDatapath:
                             p.len):
                 reason = _STAT["DROP_POLICY"]
         self._count(reason, p.len)
-        if reason in _REJECTS and reject(buf, p) == 0:
+        if reason in _REJECTS and p.frag != FRAG_LATER and reject(buf, p) == 0:
             # bpf_redirect back out of the device it came in on.
             return Verdict(TC_ACT_REDIRECT, bytes(buf), reason)
         return Verdict(TC_ACT_SHOT if reason in _DROPS else TC_ACT_OK, bytes(buf), reason)
@@ -459,6 +485,8 @@ class UserspaceDatapath:
         two are counted."""
         p = Pkt()
         reason = parse(frame, p)
+        if reason == -1:
+            reason = self._frag_ports(p)
         if reason not in (-1, _STAT["PASS_OTHER_PROTO"]):
             return Verdict(TC_ACT_OK, bytes(frame), None)
         rev = self._reverse(p, self.clock() & _U64) if reason == -1 else None
@@ -479,6 +507,8 @@ class UserspaceDatapath:
     def _decide(self, p: Pkt, buf: bytearray, scope: int) -> tuple[int, Nat | None]:
         """lb_decide."""
         reason = parse(buf, p)
+        if reason == -1:
+            reason = self._frag_ports(p)
         if reason >= 0:
             return reason, None
         now = self.clock() & _U64
@@ -486,6 +516,23 @@ class UserspaceDatapath:
         if rev is not None:
             return rev
         return self._forward(p, scope, now)
+
+    def _frag_ports(self, p: Pkt) -> int:
+        """lb_frag_ports (lib/frag.h)."""
+        if p.frag == FRAG_NONE:
+            return -1
+        k = _pack("struct lb_frag_key", saddr=p.saddr, daddr=p.daddr, id=p.ip_id,
+                  proto=p.proto)
+        if p.frag == FRAG_FIRST:
+            # A full LRU map evicts; the C ignores the update's result.
+            self._frags.put(k, _pack("struct lb_frag_val", sport=p.sport, dport=p.dport))
+            return -1
+        raw = self._frags.ref(k)
+        if raw is None:
+            return _STAT["PASS_FRAGMENT"]
+        v = _ffi.from_buffer("struct lb_frag_val *", raw)
+        p.sport, p.dport = int(v.sport), int(v.dport)
+        return -1
 
     def _reverse(self, p: Pkt, now: int) -> tuple[int, Nat] | None:
         """lb_reverse."""

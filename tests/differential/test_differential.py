@@ -1073,11 +1073,38 @@ def test_idle_flow_never_reaches_a_pod_of_another_service(kernel: KernelSide) ->
     pair.program(desired_of((a, b), (NODE_IPS[0],)))
     first = pair.send("tc", frame_of("10.244.5.5", 40000, "10.96.0.1", 80, TCP))
     assert _reason(first) == "new"
-    # s0 loses its pod; the next sync hands the freed backend id to s1's new pod.
+    # s0 loses its pod; its freed backend id may later go to s1's new pod
+    # (ids are reused once the fresh ones run out).
     pair.program(desired_of((a_gone, b), (NODE_IPS[0],)))
     pair.program(desired_of((a_gone, b_up), (NODE_IPS[0],)))
     again = pair.send("tc", frame_of("10.244.5.5", 40000, "10.96.0.1", 80, TCP, flags=0x10))
     assert _reason(again) == "no-endpoints", f"sent on: {packets.parse(again.data)}"
+
+
+def test_fragments_agree(kernel: KernelSide) -> None:
+    # Datagrams in two fragments, both ways through the ClusterIP and in
+    # through a NodePort, with a later fragment that lost its first.
+    svc = SvcSpec(type="NodePort", cluster_ip="10.96.0.1",
+                  ports=(PortSpec("UDP", 53, 5353, 30053),),
+                  endpoints=(EpSpec("10.244.0.1"), EpSpec("10.244.0.2")))
+    pair = Pair(kernel)
+    pair.program(desired_of((svc,), (NODE_IPS[0],)))
+    for i, (entry, dst, dport) in enumerate((("tc", "10.96.0.1", 53),
+                                             ("xdp", NODE_IPS[0], 30053))):
+        for sport in range(40000, 40006):
+            whole = frame_of("10.244.5.5", sport + 100 * i, dst, dport, UDP, payload=2000)
+            first, later = packets.fragment(whole, 1480)
+            out = [pair.send(entry, first), pair.send(entry, later)]
+            assert [_reason(v) for v in out] == ["new", "established"]
+            back = packets.parse(packets.reassemble([v.data for v in out]))
+            assert back is not None and back.l4_csum_ok
+    orphan = packets.fragment(frame_of("10.244.5.6", 41000, "10.96.0.1", 53, UDP,
+                                       payload=2000), 1480)[1]
+    assert _reason(pair.send("tc", bytes(orphan[:18]) + b"\x43\x21" + orphan[20:])) == \
+        "fragment"
+    kt = raw_table_of(pair.k.maps["lb_frags"])
+    assert kt and kt == raw_table_of(pair.umaps["lb_frags"])
+    pair.check_state()
 
 
 @pytest.mark.xfail(strict=True, reason="ClientIP affinity is kept per service port, across "

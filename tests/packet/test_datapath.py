@@ -4,6 +4,7 @@ malformed input."""
 
 from __future__ import annotations
 
+import socket
 import struct
 from typing import Any
 
@@ -218,6 +219,58 @@ def test_service_without_endpoints_is_rejected(datapath: Datapath) -> None:
 
     r = t.run(Probe("10.244.1.5", 1000, VIP, 80, "tcp", "pod"))
     assert r.line() == "REJECT no-endpoints"
+
+
+def _ip_csum_ok(frame: bytes) -> bool:
+    return packets.checksum(frame[14:34]) == 0
+
+
+@pytest.mark.parametrize("prog", [TC, XDP])
+def test_every_fragment_of_a_datagram_follows_the_first(datapath: Datapath, prog: str) -> None:
+    # A 2000-byte UDP datagram to the service: only the first of its two
+    # fragments has the ports; the second must be translated the same way,
+    # or the backend never reassembles the datagram.
+    program(datapath, web(["10.244.1.10", "10.244.1.11"]))
+    dst, dport = (VIP, 53) if prog == TC else ("192.0.2.1", 30053)
+    if prog == XDP:
+        program(datapath, [service("dns", "10.96.0.53", [
+            {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP",
+             "nodePort": 30053}], "NodePort"),
+            endpoint_slice("dns", ["10.244.1.10", "10.244.1.11"],
+                           [{"name": "dns", "port": 5353, "protocol": "UDP"}])])
+    passes = {TC: TC_ACT_OK, XDP: XDP_PASS}[prog]
+    for ident in range(1, 9):
+        whole = packets.build("10.244.1.5", 41000 + ident, dst, dport, "udp",
+                              payload=bytes(range(256)) * 8, ident=ident)
+        frags = packets.fragment(whole, 1480)
+        assert len(frags) == 2
+        outs = [run(datapath, prog, f) for f in frags]
+        assert [o.retval for o in outs] == [passes, passes]
+        first, later = (o.data for o in outs)
+        assert first[30:34] == later[30:34], "both fragments to the same backend"
+        assert socket.inet_ntoa(later[30:34]) in ("10.244.1.10", "10.244.1.11")
+        assert first[26:30] == later[26:30], "and from the same source"
+        assert _ip_csum_ok(first) and _ip_csum_ok(later)
+        assert later[34:] == frags[1][34:], "a later fragment's payload is never touched"
+        p = packets.parse(packets.reassemble([first, later]))
+        assert p is not None and p.dport == 5353
+        assert p.l4_csum_ok, "the first fragment's UDP checksum covers the whole datagram"
+    # Replies come back in fragments too: reverse NAT for each.
+    back = packets.build(socket.inet_ntoa(first[30:34]), 5353, socket.inet_ntoa(first[26:30]),
+                         p.sport, "udp", payload=b"y" * 3000, ident=77)
+    replies = [run(datapath, TC if prog == TC else XDP, f).data
+               for f in packets.fragment(back, 1480)]
+    r = packets.parse(packets.reassemble(replies))
+    assert r is not None and (r.src, r.sport) == (dst, dport) and r.l4_csum_ok
+    assert all(f[26:30] == socket.inet_aton(dst) for f in replies)
+
+
+def test_a_later_fragment_without_its_first_passes_untouched(datapath: Datapath) -> None:
+    program(datapath, web(["10.244.1.10"]))
+    whole = packets.build("10.244.1.5", 42000, VIP, 53, "udp", payload=b"z" * 2000, ident=999)
+    later = packets.fragment(whole, 1480)[1]
+    out = run(datapath, TC, later)
+    assert (out.retval, out.data) == (TC_ACT_OK, later)
 
 
 def _mangle(frame: bytes) -> list[bytes]:

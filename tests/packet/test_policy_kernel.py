@@ -414,3 +414,17 @@ def test_policy_view_reads_back_what_the_compiler_wrote(kernel: KernelNode) -> N
     assert ya.pop("10.244.0.0/24") == "TCP 8000-8100", ya
     assert set(ya.values()) == {"TCP 8000-8100, UDP 81"}, ya
     assert not any(ZA in peer for peer in ya), "z/a is excepted from the block"
+
+
+def test_every_fragment_of_a_datagram_meets_the_policy(kernel: KernelNode) -> None:
+    # Only the first fragment has the ports; the rest are judged by them too,
+    # so a denied datagram cannot slip in in pieces.
+    allow_b = netpol("x", "allow-b-to-a", podSelector=POD_A,
+                     ingress=[{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}])
+    kernel.program(matrix_cluster(allow_b))
+    # Ingress policy meets what enters the pod (its veth's egress).
+    to_pod = kernel.dp.prog_fd(TO_POD)
+    for ident, (src, want) in enumerate(((XC, [TC_ACT_SHOT] * 3), (XB, [0] * 3)), 1):
+        whole = packets.build(src, 44000, XA, 80, "udp", payload=b"f" * 2500, ident=ident)
+        frags = packets.fragment(whole, 1024)
+        assert [libbpf.prog_test_run(to_pod, f).retval for f in frags] == want, src
