@@ -4,9 +4,15 @@ cluster of tools/cluster/cluster.sh: the same selection with real kube-proxy
 CONFORMANCE.md.
 
     python -m tests.cluster.conformance [--selection full|conformance|smoke] [--out FILE]
-                                        [--proxies kube-proxy,xdplb]
+                                        [--proxies kube-proxy,xdplb] [--only REGEX]
+                                        [--resume] [--results DIR]
 
-The cluster must be up (`make conformance` brings it up and down)."""
+Each run's results merge into DIR (tests/cluster/results/<selection>.<run>.json,
+the run being the proxy, and the CNI when it is not the bridge plugin);
+CONFORMANCE.md is written from all of them. --only narrows the selection,
+--resume skips what the proxy has passed already: the full selection takes
+hours per proxy, so it is run in parts. The cluster must be up (`make
+conformance` brings it up and down)."""
 
 from __future__ import annotations
 
