@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from functools import cached_property
 
-from lb.model import SERVICE_PROXY_NAME_LABEL, Cluster, Endpoint, Node, Service, ServicePort
+from lb.model import UNPROXIED_LABELS, Cluster, Endpoint, Node, Service, ServicePort
 from loader.layout import const
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,11 @@ class DesiredState:
 
 
 def programmed(svc: Service) -> bool:
-    """kube-proxy's filter: headless, ExternalName and services of another
-    proxy get nothing."""
+    """kube-proxy's filter: headless, ExternalName, services labelled
+    headless and services of another proxy get nothing."""
     if svc.type == "ExternalName" or svc.headless:
         return False
-    return not any(k == SERVICE_PROXY_NAME_LABEL for k, _ in svc.labels)
+    return not any(k in UNPROXIED_LABELS for k, _ in svc.labels)
 
 
 def _candidates(cluster: Cluster, svc: Service, port: ServicePort) -> list[tuple[Endpoint, int]]:

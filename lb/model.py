@@ -12,8 +12,12 @@ SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 # kube-proxy's default for sessionAffinityConfig.clientIP.timeoutSeconds.
 DEFAULT_AFFINITY_TIMEOUT = 10800
-# A service carrying this label belongs to another proxy (kube-proxy skips it too).
+# A service carrying either label is not proxied: it belongs to another proxy,
+# or is to be treated as headless. kube-proxy watches Services without them
+# (cmd/kube-proxy/app/server.go, noProxyName and noHeadlessEndpoints).
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+UNPROXIED_LABELS = (SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL)
 
 
 @dataclass(frozen=True)

@@ -111,8 +111,13 @@ def test_services_not_for_us_are_not_programmed() -> None:
     external = svc(type="ExternalName", externalName="example.com")
     other = svc()
     other["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "other"}
-    for s in (headless, external, other):
+    # A ClusterIP service labelled headless: kube-proxy leaves it alone too
+    # (the upstream test "should implement service.kubernetes.io/headless").
+    labelled = svc()
+    labelled["metadata"]["labels"] = {"service.kubernetes.io/headless": ""}
+    for s in (headless, external, other, labelled):
         assert compute(s, eps(ep("10.244.1.10"))).entries == {}
+    assert compute(svc(), eps(ep("10.244.1.10"))).entries != {}
 
 
 def test_load_balancer_and_external_ips_get_both_scopes() -> None:
