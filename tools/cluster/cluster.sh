@@ -10,7 +10,8 @@
 #   cluster.sh run CMD...                           CMD in the nodes' network (node 1)
 #   cluster.sh status
 #   cluster.sh agent-image                          rebuild xdplb:latest from this tree,
-#                                                   import it, restart the DaemonSet
+#                                                   import it, apply deploy/ again and
+#                                                   restart the DaemonSet
 #
 # Topology (all namespaces made here, removed by down):
 #   xk-ul   the underlay: bridge br0 198.18.0.1/24
@@ -698,6 +699,8 @@ cmd_agent_image() {
             "$dir/xdplb.tar" >/dev/null
     done
     if [ "$(cat "$STATE/proxy" 2>/dev/null)" = xdplb ]; then
+        # deploy/ as it is now too: the DaemonSet's arguments may have changed.
+        kubectl_ apply -k "$(xdplb_overlay)" >/dev/null
         kubectl_ -n kube-system rollout restart ds/xdplb >/dev/null
         kubectl_ -n kube-system rollout status ds/xdplb --timeout=180s >/dev/null
     fi
