@@ -63,15 +63,16 @@ cluster-down:
 # The sig-network e2e selection with kube-proxy and with xdplb; writes CONFORMANCE.md.
 # SELECTION=full (hours), conformance (the 45 sig-network conformance tests) or smoke;
 # ONLY=REGEX narrows it (results merge into tests/cluster/results); PROXIES=kube-proxy,xdplb;
-# CNI as above.
+# PROCS=N runs N e2e.test processes in parallel; CNI as above.
 SELECTION ?= full
 ONLY ?=
 PROXIES ?= kube-proxy,xdplb
+PROCS ?= 1
 conformance: setup k8s
 	@bash tools/cluster/cluster.sh down
 	@bash tools/cluster/cluster.sh up --proxy none --cni $(CNI)
 	$(PY) -m tests.cluster.conformance --selection $(SELECTION) --only '$(ONLY)' \
-		--proxies $(PROXIES); rc=$$?; \
+		--proxies $(PROXIES) --procs $(PROCS); rc=$$?; \
 	bash tools/cluster/cluster.sh down; exit $$rc
 
 clean:

@@ -5,7 +5,7 @@ CONFORMANCE.md.
 
     python -m tests.cluster.conformance [--selection full|conformance|smoke] [--out FILE]
                                         [--proxies kube-proxy,xdplb] [--only REGEX]
-                                        [--resume] [--results DIR]
+                                        [--resume] [--results DIR] [--procs N]
 
 Each run's results merge into DIR (tests/cluster/results/<selection>.<run>.json,
 the run being the proxy, and the CNI when it is not the bridge plugin);
@@ -102,9 +102,13 @@ def cluster(*args: str, timeout: float = 900) -> None:
     subprocess.run(["bash", str(CLUSTER), *args], check=True, timeout=timeout)
 
 
-def run_e2e(out: Path, focus: str, skip: str = "", timeout: float = 7200) -> list[Result]:
-    """e2e.test over the selection; the results of the tests that ran."""
-    subprocess.run(["bash", str(E2E), str(out), focus, skip], check=False, timeout=timeout)
+def run_e2e(out: Path, focus: str, skip: str = "", timeout: float = 7200,
+            procs: int = 1) -> list[Result]:
+    """e2e.test over the selection, in `procs` parallel processes; the results
+    of the tests that ran."""
+    env = {**os.environ, "XDPLB_E2E_PROCS": str(procs)}
+    subprocess.run(["bash", str(E2E), str(out), focus, skip], check=False, timeout=timeout,
+                   env=env)
     junit = out / "junit.xml"
     if not junit.is_file():
         raise RuntimeError(f"e2e.test wrote no report; see {out / 'e2e.log'}")
@@ -149,9 +153,9 @@ def parse_junit(text: str) -> list[Result]:
     return out
 
 
-def run_with(proxy: str, focus: str, skip: str, out: Path) -> list[Result]:
+def run_with(proxy: str, focus: str, skip: str, out: Path, procs: int) -> list[Result]:
     cluster("proxy", proxy)
-    return run_e2e(out / proxy, focus, skip)
+    return run_e2e(out / proxy, focus, skip, procs=procs)
 
 
 # --- results, kept per selection and proxy, merged over runs ------------------------
@@ -266,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "CONFORMANCE.md")
     ap.add_argument("--results", type=Path, default=REPO / "tests" / "cluster" / "results")
     ap.add_argument("--work", type=Path, default=Path("/tmp/xdplb-conformance"))
+    ap.add_argument("--procs", type=int, default=1,
+                    help="e2e.test processes in parallel ([Serial] tests still run alone)")
     args = ap.parse_args(argv)
     cni = cluster_cni()
     sel = SELECTIONS[args.selection]
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             done = [n for n, row in load_results(path).items() if row["status"] == "passed"]
             skip = "|".join([skip, *(re.escape(n) for n in done)])
-        rs = run_with(proxy, focus, skip, args.work)
+        rs = run_with(proxy, focus, skip, args.work, args.procs)
         rs = [r for r in rs if re.search(sel.focus, r.name)]
         merge_results(path, rs, when)
         failed = [r.name for r in rs if r.status == "failed"]

@@ -7,6 +7,11 @@
 # e2e.test runs in node 1's network namespace (the API server's address and
 # the nodes' addresses are reachable only there); its JUnit report lands in
 # OUTDIR/junit.xml, its log in OUTDIR/e2e.log. Exit status: e2e.test's.
+#
+# With XDPLB_E2E_PROCS=N (N > 1) the Ginkgo CLI runs N e2e.test processes in
+# parallel, as upstream's hack/ginkgo-e2e.sh does; [Serial] tests still run
+# alone, after the rest. The CLI is built once from its Go module, at the
+# version Kubernetes itself requires, into the machine's cache.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -14,18 +19,34 @@ STATE=${XDPLB_CLUSTER_DIR:-/var/lib/xdplb-cluster}
 [ -e "$STATE/up" ] || { echo "e2e: no cluster is up ($STATE)" >&2; exit 1; }
 out=$1 focus=$2 skip=${3:-}
 BIN=$(cat "$STATE/bin")
+PROCS=${XDPLB_E2E_PROCS:-1}
+# k8s.io/kubernetes v1.34's go.mod requires github.com/onsi/ginkgo/v2 v2.21.0.
+GINKGO_VERSION=v2.21.0
+GINKGO=${XDPLB_CACHE_DIR:-/var/cache/xdplb}/ginkgo-$GINKGO_VERSION/ginkgo
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+
+build_ginkgo() {
+    [ -x "$GINKGO" ] && return 0
+    local work
+    work=$(mktemp -d)
+    printf 'module xdplb.invalid/ginkgo\n\ngo 1.24\n\nrequire github.com/onsi/ginkgo/v2 %s\n' \
+        "$GINKGO_VERSION" >"$work/go.mod"
+    echo "e2e: building the Ginkgo CLI $GINKGO_VERSION" >&2
+    (cd "$work" && go build -mod=mod -trimpath -o "$work/ginkgo" github.com/onsi/ginkgo/v2/ginkgo)
+    mkdir -p "$(dirname "$GINKGO")"
+    mv "$work/ginkgo" "$GINKGO.tmp.$$" && mv "$GINKGO.tmp.$$" "$GINKGO"
+    rm -rf "$work"
+}
+
+# The framework's own flags; the Ginkgo ones follow, spelled for e2e.test
+# itself or for the Ginkgo CLI.
 args=(
     --kubeconfig="$STATE/admin.kubeconfig"
     --provider=local
     --num-nodes=2
     --kubectl-path="$BIN/kubectl"
     --report-dir="$out"
-    --ginkgo.junit-report="$out/junit.xml"
-    --ginkgo.focus="$focus"
-    --ginkgo.timeout=2h
-    --ginkgo.no-color
     --disable-log-dump
     --dump-logs-on-failure=false
     --allowed-not-ready-nodes=0
@@ -34,11 +55,20 @@ args=(
     # Pods never pull: every image is imported on each node beforehand.
     --prepull-images=false
 )
-[ -n "$skip" ] && args+=(--ginkgo.skip="$skip")
+gargs=(--junit-report="$out/junit.xml" --focus="$focus" --timeout=2h --no-color)
+[ -n "$skip" ] && gargs+=(--skip="$skip")
 echo "e2e: focus '$focus'" >&2
 [ -n "$skip" ] && echo "e2e: skip '$skip'" >&2
 cd "$out"
 rc=0
-nsenter --net=/run/netns/xk-n1 -- "$BIN/e2e.test" "${args[@]}" >"$out/e2e.log" 2>&1 || rc=$?
+if [ "$PROCS" -gt 1 ]; then
+    build_ginkgo
+    echo "e2e: $PROCS processes in parallel" >&2
+    nsenter --net=/run/netns/xk-n1 -- "$GINKGO" --procs="$PROCS" "${gargs[@]}" \
+        "$BIN/e2e.test" -- "${args[@]}" >"$out/e2e.log" 2>&1 || rc=$?
+else
+    nsenter --net=/run/netns/xk-n1 -- "$BIN/e2e.test" "${args[@]}" "${gargs[@]/#--/--ginkgo.}" \
+        >"$out/e2e.log" 2>&1 || rc=$?
+fi
 grep -E '^(Ran [0-9]+ of|FAIL!|SUCCESS!|PASS|FAIL)' "$out/e2e.log" >&2 || true
 exit "$rc"
