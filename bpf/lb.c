@@ -8,6 +8,9 @@
  *   tc_lb_to_pod     tc egress on a pod's host-side veth: reverse NAT of
  *                    replies of backends on the node's own network, and
  *                    ingress NetworkPolicy for what enters the pod.
+ *   tc_lb_to_external tc egress on a node-facing device: reverse NAT of
+ *                    replies of backends on the node's own address to
+ *                    clients outside the node.
  *   sock_*4          cgroup socket hooks: ClusterIPs for the node's own
  *                    processes, translated at connect/sendmsg time.
  *
@@ -79,6 +82,14 @@ LB_INLINE __u32 lb_masq_addr(const struct lb_pkt *p, const struct lb_svc_val *sv
 
 	if (!cfg)
 		return 0;
+	/* A backend on the node's own address (a hostNetwork pod) is reached
+	 * through the node's stack, which keeps the client's source: kube-proxy
+	 * masquerades in POSTROUTING, which locally delivered packets never
+	 * pass. Masqueraded to the node's address, the reply would never leave
+	 * the node. The reply is reverse-translated on its way out instead
+	 * (tc_lb_to_external, tc_lb_to_pod). */
+	if (b->addr == cfg->node_ip)
+		return 0;
 	if (svc->flags & LB_SVC_MASQUERADE)
 		return cfg->node_ip;
 	if (b->addr == p->saddr)
@@ -142,11 +153,9 @@ LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
 LB_INLINE int lb_decide(struct lb_pkt *p, void *data, void *data_end,
 			__u32 len, __u8 scope, struct lb_nat *n)
 {
-	int reason = lb_parse(data, data_end, len, p);
+	int reason = lb_parse_ports(data, data_end, len, p);
 	__u64 now;
 
-	if (reason == -1)
-		reason = lb_frag_ports(p);
 	if (reason >= 0)
 		return reason;
 	now = bpf_ktime_get_ns();
@@ -207,19 +216,41 @@ int xdp_lb_external(struct xdp_md *ctx)
 /* Headers the programs read must sit in the skb's linear part. */
 #define LB_PULL_LEN (LB_ETH_LEN + 60 + 60)
 
-int tc_lb_from_pod(struct __sk_buff *skb)
+LB_INLINE void lb_pull(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct lb_pkt p = {};
+
+	if (data + LB_PULL_LEN > data_end && skb->len > data_end - data)
+		bpf_skb_pull_data(skb, skb->len < LB_PULL_LEN ? skb->len : LB_PULL_LEN);
+}
+
+/* A reply of a backend on the node's own network (the API server, a
+ * hostNetwork pod) leaves the node's stack straight out of a device: no
+ * pod veth's ingress and no XDP saw it. Its connection was judged by policy
+ * already. The tc verdict, or -1 when p is no such reply. */
+LB_INLINE int lb_reverse_skb(struct __sk_buff *skb, const struct lb_pkt *p)
+{
 	struct lb_nat n = {};
 	int reason;
 
-	if (data + LB_PULL_LEN > data_end && skb->len > data_end - data) {
-		bpf_skb_pull_data(skb, skb->len < LB_PULL_LEN ? skb->len : LB_PULL_LEN);
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-	}
+	if (lb_reverse(p, bpf_ktime_get_ns(), &n) < 0)
+		return -1;
+	reason = lb_nat_skb(skb, p, &n) ? LB_STAT_ERROR : LB_STAT_REVNAT;
+	lb_count(reason, p->len);
+	return reason == LB_STAT_ERROR ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+int tc_lb_from_pod(struct __sk_buff *skb)
+{
+	struct lb_pkt p = {};
+	struct lb_nat n = {};
+	void *data, *data_end;
+	int reason;
+
+	lb_pull(skb);
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
 	reason = lb_decide(&p, data, data_end, skb->len, LB_SCOPE_INTERNAL, &n);
 
 	if (lb_rewrites(reason) && lb_nat_skb(skb, &p, &n))
@@ -250,31 +281,21 @@ int tc_lb_from_pod(struct __sk_buff *skb)
  * program saw, then ingress policy. Counts reverse NAT and drops only. */
 int tc_lb_to_pod(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
 	struct lb_pkt p = {};
-	struct lb_nat n = {};
 	struct lb_flow f;
-	int reason;
+	void *data, *data_end;
+	int reason, verdict;
 
-	if (data + LB_PULL_LEN > data_end && skb->len > data_end - data) {
-		bpf_skb_pull_data(skb, skb->len < LB_PULL_LEN ? skb->len : LB_PULL_LEN);
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-	}
-	reason = lb_parse(data, data_end, skb->len, &p);
-	if (reason == -1)
-		reason = lb_frag_ports(&p);
+	lb_pull(skb);
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	reason = lb_parse_ports(data, data_end, skb->len, &p);
 	if (reason != -1 && reason != LB_STAT_PASS_OTHER_PROTO)
 		return TC_ACT_OK;
-	/* A reply of a backend on the node's own network (the API server, a
-	 * hostNetwork pod) leaves the node's stack straight for the pod: no pod
-	 * veth's ingress or node device saw it. Its connection was judged by
-	 * policy already. */
-	if (reason == -1 && lb_reverse(&p, bpf_ktime_get_ns(), &n) >= 0) {
-		reason = lb_nat_skb(skb, &p, &n) ? LB_STAT_ERROR : LB_STAT_REVNAT;
-		lb_count(reason, p.len);
-		return reason == LB_STAT_ERROR ? TC_ACT_SHOT : TC_ACT_OK;
+	if (reason == -1) {
+		verdict = lb_reverse_skb(skb, &p);
+		if (verdict >= 0)
+			return verdict;
 	}
 	f.saddr = p.saddr;
 	f.daddr = p.daddr;
@@ -286,6 +307,31 @@ int tc_lb_to_pod(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 	return TC_ACT_OK;
+}
+
+/* What the node sends out of a node-facing device: replies of backends on
+ * the node's own address to clients outside (a NodePort served by a
+ * hostNetwork pod of this node). Only packets from that address can be
+ * such replies; everything else passes without a lookup. Counts reverse
+ * NAT only. */
+int tc_lb_to_external(struct __sk_buff *skb)
+{
+	struct lb_pkt p = {};
+	struct lb_config *cfg;
+	void *data, *data_end;
+	__u32 zero = 0;
+	int verdict;
+
+	lb_pull(skb);
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	if (lb_parse_ports(data, data_end, skb->len, &p) != -1)
+		return TC_ACT_OK;
+	cfg = lb_config.lookup(&zero);
+	if (!cfg || p.saddr != cfg->node_ip)
+		return TC_ACT_OK;
+	verdict = lb_reverse_skb(skb, &p);
+	return verdict >= 0 ? verdict : TC_ACT_OK;
 }
 
 int sock_connect4(struct bpf_sock_addr *ctx)

@@ -50,6 +50,7 @@ log = logging.getLogger("lbctl.agent")
 POD_PROGRAM = "tc_lb_from_pod"
 TO_POD_PROGRAM = "tc_lb_to_pod"
 NODE_PROGRAM = "xdp_lb_external"
+NODE_EGRESS_PROGRAM = "tc_lb_to_external"
 # A sync that raised is retried with the same cluster after this long.
 SYNC_RETRY_DELAY = 1.0
 
@@ -306,6 +307,11 @@ class Agent:
                 mode = attach_xdp(ipr, dev, self.dp.prog_fd(NODE_PROGRAM))
                 self.attachments.xdp[dev] = mode
                 log.info("attached %s to node device %s (%s)", NODE_PROGRAM, dev, mode)
+                # Replies of hostNetwork backends leave by the node device.
+                attach_tc(ipr, dev, self.dp.prog_fd(NODE_EGRESS_PROGRAM), NODE_EGRESS_PROGRAM,
+                          CLSACT_EGRESS)
+                if dev not in self.attachments.node_tc:
+                    self.attachments.node_tc.append(dev)
         if self.cgroup:
             socklb.attach(self.dp, self.cgroup)
             self.attachments.cgroup = str(self.cgroup)

@@ -1,5 +1,6 @@
-"""Attach the programs with netlink (pyroute2): XDP on node-facing devices,
-tc clsact direct-action filters on pods' host-side veths.
+"""Attach the programs with netlink (pyroute2): XDP (and a tc egress filter)
+on node-facing devices, tc clsact direct-action filters on pods' host-side
+veths.
 
 What was attached is written to a small state file, so `lbctl down` (or the
 next agent) knows what to remove even after the agent is gone."""
@@ -29,7 +30,8 @@ STATE_DIR = Path("/run/xdplb")
 class Attachments:
     netns: str | None = None
     xdp: dict[str, str] = field(default_factory=dict)  # device -> "native" | "generic"
-    tc: list[str] = field(default_factory=list)
+    tc: list[str] = field(default_factory=list)  # pod devices
+    node_tc: list[str] = field(default_factory=list)  # node devices' egress
     cgroup: str | None = None  # socket hooks
 
     @staticmethod
@@ -49,7 +51,8 @@ class Attachments:
         except FileNotFoundError:
             return None
         return cls(netns=data.get("netns"), xdp=dict(data.get("xdp", {})),
-                   tc=list(data.get("tc", [])), cgroup=data.get("cgroup"))
+                   tc=list(data.get("tc", [])), node_tc=list(data.get("node_tc", [])),
+                   cgroup=data.get("cgroup"))
 
 
 def _index(ipr: Any, dev: str) -> int:
@@ -107,6 +110,11 @@ def detach_all(state: Attachments) -> list[str]:
                 detach_xdp(ipr, dev, mode)
             except (LookupError, NetlinkError) as e:
                 problems.append(f"xdp on {dev}: {e}")
+        for dev in state.node_tc:
+            try:
+                detach_tc(ipr, dev)
+            except (LookupError, NetlinkError) as e:
+                problems.append(f"tc on {dev}: {e}")
         for dev in state.tc:
             try:
                 detach_tc(ipr, dev)

@@ -39,4 +39,13 @@ LB_INLINE int lb_frag_ports(struct lb_pkt *p)
 	return -1;
 }
 
+/* lb_parse, then a later fragment's ports: -1 when p is a TCP or UDP packet
+ * with known ports, else the stat reason lb_parse or lb_frag_ports gave. */
+LB_INLINE int lb_parse_ports(void *data, void *data_end, __u32 len, struct lb_pkt *p)
+{
+	int reason = lb_parse(data, data_end, len, p);
+
+	return reason == -1 ? lb_frag_ports(p) : reason;
+}
+
 #endif

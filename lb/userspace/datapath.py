@@ -24,7 +24,7 @@ from loader import layout
 
 XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
-PROGRAMS = ("xdp_lb_external", "tc_lb_from_pod", "tc_lb_to_pod")
+PROGRAMS = ("xdp_lb_external", "tc_lb_from_pod", "tc_lb_to_pod", "tc_lb_to_external")
 
 _ffi = layout.ffi
 _C = layout.CONSTS
@@ -445,6 +445,8 @@ class UserspaceDatapath:
             return self.tc_lb_from_pod(frame)
         if program == "tc_lb_to_pod":
             return self.tc_lb_to_pod(frame)
+        if program == "tc_lb_to_external":
+            return self.tc_lb_to_external(frame)
         raise ValueError(f"no program {program!r}")
 
     def xdp_lb_external(self, frame: bytes) -> Verdict:
@@ -484,31 +486,51 @@ class UserspaceDatapath:
         backends on the node's own network, then ingress policy; only those
         two are counted."""
         p = Pkt()
-        reason = parse(frame, p)
-        if reason == -1:
-            reason = self._frag_ports(p)
+        reason = self._parse_ports(frame, p)
         if reason not in (-1, _STAT["PASS_OTHER_PROTO"]):
             return Verdict(TC_ACT_OK, bytes(frame), None)
-        rev = self._reverse(p, self.clock() & _U64) if reason == -1 else None
-        if rev is not None:
-            buf = bytearray(frame)
-            reason = _STAT["ERROR"] if nat_skb(buf, p, rev[1]) else _STAT["REVNAT"]
-            self._count(reason, p.len)
-            return Verdict(TC_ACT_SHOT if reason == _STAT["ERROR"] else TC_ACT_OK, bytes(buf),
-                           reason)
+        if reason == -1:
+            verdict = self._reverse_skb(frame, p)
+            if verdict is not None:
+                return verdict
         f = Flow(p.saddr, p.daddr, p.sport, p.dport, p.proto)
         if self._policy(f, None, p.daddr, _POL_INGRESS, p.tcp_flags, p.len):
             self._count(_STAT["DROP_POLICY"], p.len)
             return Verdict(TC_ACT_SHOT, bytes(frame), _STAT["DROP_POLICY"])
         return Verdict(TC_ACT_OK, bytes(frame), None)
 
+    def tc_lb_to_external(self, frame: bytes) -> Verdict:
+        """What the node sends out of a node-facing device: reverse NAT of
+        replies of backends on the node's own address; only that is counted."""
+        p = Pkt()
+        cfg = self._config.ref(_u32key(0))
+        if (self._parse_ports(frame, p) != -1 or cfg is None
+                or p.saddr != _ffi.from_buffer("struct lb_config *", cfg).node_ip):
+            return Verdict(TC_ACT_OK, bytes(frame), None)
+        verdict = self._reverse_skb(frame, p)
+        return verdict if verdict is not None else Verdict(TC_ACT_OK, bytes(frame), None)
+
     # --- lb.c ----------------------------------------------------------------------
+
+    def _parse_ports(self, frame: bytes | bytearray, p: Pkt) -> int:
+        """lb_parse_ports (lib/frag.h)."""
+        reason = parse(frame, p)
+        return self._frag_ports(p) if reason == -1 else reason
+
+    def _reverse_skb(self, frame: bytes, p: Pkt) -> Verdict | None:
+        """lb_reverse_skb: reverse NAT of a reply of a backend on the node's
+        own network; None when p is no such reply."""
+        rev = self._reverse(p, self.clock() & _U64)
+        if rev is None:
+            return None
+        buf = bytearray(frame)
+        reason = _STAT["ERROR"] if nat_skb(buf, p, rev[1]) else _STAT["REVNAT"]
+        self._count(reason, p.len)
+        return Verdict(TC_ACT_SHOT if reason == _STAT["ERROR"] else TC_ACT_OK, bytes(buf), reason)
 
     def _decide(self, p: Pkt, buf: bytearray, scope: int) -> tuple[int, Nat | None]:
         """lb_decide."""
-        reason = parse(buf, p)
-        if reason == -1:
-            reason = self._frag_ports(p)
+        reason = self._parse_ports(buf, p)
         if reason >= 0:
             return reason, None
         now = self.clock() & _U64
@@ -554,13 +576,16 @@ class UserspaceDatapath:
         return _STAT["REVNAT"], Nat(rn.addr, daddr, rn.port, dport)
 
     def _masq_addr(self, p: Pkt, svc: Any, b: Any) -> int:
-        """lb_masq_addr: the node's address for external traffic that
-        kube-proxy masquerades, the hairpin address for a pod reaching
-        itself, else 0 (the client's own source)."""
+        """lb_masq_addr: 0 for a backend on the node's own address (the
+        node's stack keeps the client's source), the node's address for
+        external traffic that kube-proxy masquerades, the hairpin address for
+        a pod reaching itself, else 0 (the client's own source)."""
         raw = self._config.ref(_u32key(0))
         if raw is None:
             return 0
         cfg = _ffi.from_buffer("struct lb_config *", raw)
+        if b.addr == cfg.node_ip:
+            return 0  # a backend on the node's own address: see the C
         if svc.flags & _C["LB_SVC_MASQUERADE"]:
             return int(cfg.node_ip)
         if b.addr == p.saddr:

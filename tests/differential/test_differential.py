@@ -62,8 +62,8 @@ from loader.build import Datapath, remove_pins
 from loader.maps import BpfMap, possible_cpus, specs
 from tests.conftest import REPO, new_pin_dir, require_root
 
-XDP, TC, TO_POD = PROGRAMS
-ENTRY = {"xdp": XDP, "tc": TC, "to_pod": TO_POD}
+XDP, TC, TO_POD, TO_EXTERNAL = PROGRAMS
+ENTRY = {"xdp": XDP, "tc": TC, "to_pod": TO_POD, "to_external": TO_EXTERNAL}
 U64 = (1 << 64) - 1
 NODE_NAME = "node-a"
 # Small maps keep clearing them between examples cheap; a table that does
@@ -173,8 +173,10 @@ class KernelSide:
             raise
         after = self.read_stats()
         moved = [i for i, (a, b) in enumerate(zip(self.counts, after, strict=True)) if a != b]
-        # One counter per packet; tc_lb_to_pod counts reverse NAT and drops only.
-        assert len(moved) == 1 or (prog == TO_POD and not moved), f"counters moved: {moved}"
+        # One counter per packet; tc_lb_to_pod counts reverse NAT and drops
+        # only, tc_lb_to_external reverse NAT only.
+        assert len(moved) == 1 or (prog in (TO_POD, TO_EXTERNAL) and not moved), \
+            f"counters moved: {moved}"
         for i in moved:
             assert after[i][0] == self.counts[i][0] + 1
             assert after[i][1] == self.counts[i][1] + len(frame)
@@ -807,7 +809,7 @@ UNUSED_VIPS = ["10.96.0.200", "10.97.1.1"]
 
 any_ip = st.integers(0, 2**32 - 1).map(lambda i: str(ipaddress.IPv4Address(i)))
 any_port = st.integers(0, 65535)
-entries = st.sampled_from(["tc", "xdp", "tc", "xdp", "to_pod"])
+entries = st.sampled_from(["tc", "xdp", "tc", "xdp", "to_pod", "to_external"])
 tcp_flags = st.one_of(st.sampled_from([0x02, 0x10, 0x18, 0x11, 0x04, 0x14, 0x12, 0x01, 0x05]),
                       st.integers(0, 255))
 # Mostly small; sometimes a full 1500-byte frame.
@@ -832,7 +834,8 @@ def ports_of(draw: st.DrawFn, node_port: bool) -> tuple[PortSpec, ...]:
 
 endpoint_specs = st.builds(
     EpSpec,
-    ip=st.sampled_from(POD_IPS),
+    # Now and then a hostNetwork endpoint on a node's own address.
+    ip=st.sampled_from(POD_IPS + NODE_IPS),
     ready=st.booleans(),
     serving=st.booleans(),
     terminating=st.booleans(),

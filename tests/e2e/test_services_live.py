@@ -14,7 +14,7 @@ import pytest
 
 from lb.lab import objects
 from lb.lab.agent import LabAgent
-from lb.lab.clients import FAILED, curl, curl_many
+from lb.lab.clients import FAILED, curl, curl_many, udp_request
 from lb.lab.topology import Topology, TopologySpec
 from tests.conftest import require_root
 
@@ -75,6 +75,32 @@ def test_nodeport_on_node_a_served_by_a_pod_on_node_b_is_masqueraded(two: TwoNod
     spread = curl_many(two.topo, two.topo.external, f"http://{a0.node.ip}:30080/", 50,
                        timeout=3)
     assert spread == {b0.name: 50}
+
+
+def test_nodeport_served_by_a_host_network_endpoint_of_the_same_node(two: TwoNodes) -> None:
+    """A hostNetwork endpoint on the very node a NodePort client reaches
+    (upstream's "should function for service endpoints using hostNetwork"):
+    the node's own stack serves it, with the client's source, and the reply
+    leaves the node device reverse-translated. Through the other node it is
+    an ordinary remote endpoint, masqueraded."""
+    node_a, node_b = two.topo.nodes
+    ext = two.topo.external
+    servers = [two.topo.start_http(node_b, 8080, name="host-b"),
+               two.topo.start_udp(node_b, 5353, name="host-b")]
+    try:
+        dns = objects.Port("dns", 53, 5353, "UDP", 30053)
+        svc = web(two, [], (HTTP, dns))[0]
+        two.program([svc, objects.endpoint_slice("web", [HTTP, dns], [(node_b.ip, node_b.name)])])
+        body = curl(two.topo, ext, f"http://{node_b.ip}:30080/", timeout=3)
+        assert body.split() == ["host-b", ext.ip]
+        assert udp_request(two.topo, ext, node_b.ip, 30053, "q").split() == ["host-b", ext.ip]
+        body = curl(two.topo, ext, f"http://{node_a.ip}:30080/", timeout=3)
+        assert body.split() == ["host-b", node_a.ip]
+        a0 = two.topo.pods[0]
+        assert curl(two.topo, a0, f"http://{VIP}/", timeout=3).split() == ["host-b", a0.ip]
+    finally:
+        for proc in servers:
+            two.topo.kill(proc)
 
 
 def test_external_traffic_policy_local_preserves_source_and_drops_without_local(

@@ -22,6 +22,7 @@ from loader.build import Datapath
 VIP = "10.96.0.10"
 NODE = Node(name="node-a", ips=("192.0.2.1",))
 XDP, TC, TO_POD = "xdp_lb_external", "tc_lb_from_pod", "tc_lb_to_pod"
+TO_EXTERNAL = "tc_lb_to_external"
 XDP_DROP, XDP_PASS = 1, 2
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
 
@@ -210,6 +211,42 @@ def test_nodeport_on_node_ip_through_xdp(datapath: Datapath) -> None:
     # The ClusterIP is not reachable from outside the node.
     frame = packets.build("198.51.100.10", 1, VIP, 80)
     assert run(datapath, XDP, frame).data == frame
+
+
+def test_nodeport_served_by_this_nodes_host_network_backend(datapath: Datapath) -> None:
+    """A NodePort (externalTrafficPolicy Cluster, so masqueraded) whose
+    backend is a hostNetwork pod of this very node: masqueraded to the
+    node's own address, the packet would reach a socket whose reply never
+    leaves the node. It keeps the client's source, as with kube-proxy, and
+    the reply is reverse-translated leaving the node device."""
+    node_ip, client = NODE.ips[0], "198.51.100.10"
+    program(datapath, web([node_ip]))
+    for proto, nport, bport, flags in (("tcp", 30080, 8080, "S"), ("udp", 30053, 5353, "")):
+        if proto == "udp":
+            program(datapath, [service("dns", "10.96.0.53", [
+                {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP",
+                 "nodePort": 30053}], "NodePort"),
+                endpoint_slice("dns", [node_ip], [{"name": "dns", "port": 5353,
+                                                   "protocol": "UDP"}])])
+        out = run(datapath, XDP, packets.build(client, 45000, node_ip, nport, proto,
+                                                flags=flags))
+        assert out.retval == XDP_PASS
+        p = packets.parse(out.data)
+        assert p is not None
+        assert (p.src, p.sport, p.dst, p.dport) == (client, 45000, node_ip, bport)
+        reply = packets.build(node_ip, bport, client, 45000, proto, flags="SA" if flags else "")
+        out = run(datapath, TO_EXTERNAL, reply)
+        assert out.retval == TC_ACT_OK
+        r = packets.parse(out.data)
+        assert r is not None
+        assert (r.src, r.sport, r.dst, r.dport) == (node_ip, nport, client, 45000)
+        assert r.ip_csum_ok and r.l4_csum_ok
+    # What the node sends that answers no service flow leaves unchanged, from
+    # its own address or (forwarded) from a pod's.
+    for frame in (packets.build(node_ip, 8080, client, 45001, "tcp", flags="SA"),
+                  packets.build("10.244.1.10", 8080, client, 45000, "tcp", flags="SA")):
+        out = run(datapath, TO_EXTERNAL, frame)
+        assert out.retval == TC_ACT_OK and out.data == frame
 
 
 def test_service_without_endpoints_is_rejected(datapath: Datapath) -> None:
