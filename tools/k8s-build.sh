@@ -2,9 +2,9 @@
 # Build a pinned Kubernetes from source with Go: the control plane
 # (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd at the
 # release that Kubernetes release itself depends on), the node (kubelet,
-# kube-proxy), the upstream e2e suite (e2e.test) and its test image's binary
-# (agnhost), and the cluster add-ons CoreDNS and crictl, each from its own
-# module.
+# kube-proxy), the upstream e2e suite (e2e.test) and its test images' binaries
+# (agnhost, regression-issue-74839), and the cluster add-ons CoreDNS and
+# crictl, each from its own module.
 #
 # The binaries land in a machine-level cache, $XDPLB_CACHE_DIR/k8s-<version>/bin
 # (default /var/cache/xdplb), so every clone on the same machine reuses them.
@@ -24,13 +24,13 @@ set -euo pipefail
 K8S_VERSION="${XDPLB_K8S_VERSION:-v1.34.12}"
 CACHE_ROOT="${XDPLB_CACHE_DIR:-/var/cache/xdplb}"
 # Bump when the way the binaries are built changes, to force a rebuild.
-RECIPE=2
+RECIPE=3
 
 OUT="$CACHE_ROOT/k8s-$K8S_VERSION"
 BIN="$OUT/bin"
 STAMP="$OUT/.complete"
 BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kubelet kube-proxy
-          agnhost e2e.test coredns crictl)
+          agnhost regression-issue-74839 e2e.test coredns crictl)
 COREDNS_VERSION="${XDPLB_COREDNS_VERSION:-v1.12.1}"
 CRICTL_VERSION="${XDPLB_CRICTL_VERSION:-v1.34.0}"
 STAGING_VERSION="v0.${K8S_VERSION#v1.}"
@@ -160,7 +160,7 @@ run_go() {
     build_pid=
 }
 
-log "control plane, node and agnhost"
+log "control plane, node and the test images' binaries"
 run_go go build -mod=mod -trimpath -ldflags "$ldflags" -o "$work/bin/" \
     k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kube-controller-manager \
@@ -169,6 +169,7 @@ run_go go build -mod=mod -trimpath -ldflags "$ldflags" -o "$work/bin/" \
     k8s.io/kubernetes/cmd/kubelet \
     k8s.io/kubernetes/cmd/kube-proxy \
     k8s.io/kubernetes/test/images/agnhost \
+    k8s.io/kubernetes/test/images/regression-issue-74839 \
     go.etcd.io/etcd/server/v3
 # Without -vet=off, go test runs vet over the whole tree first.
 log "e2e.test"

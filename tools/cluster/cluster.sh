@@ -396,12 +396,25 @@ start_kubelet() {
         --v=1
 }
 
+# The images directory last imported whole into a node's kept store. The
+# directory's name is the hash of its contents, so the same name means the
+# same images: importing them again would only re-hash 1.3 GB. The kubelet
+# never removes images (image GC is off) and agent-image clears the mark.
+import_mark() { echo "$(containerd_root "$1")/xdplb-imported"; }
+
 import_images() {
-    local node=$1 f
+    local node=$1 f mark
+    mark=$(import_mark "$node")
+    if [ "$(cat "$mark" 2>/dev/null)" = "$IMAGES" ]; then
+        log "images: $node has $IMAGES already"
+        return 0
+    fi
+    rm -f "$mark"
     for f in "$IMAGES"/*.tar; do
         in_node "$node" ctr --address /run/containerd/containerd.sock -n k8s.io images import \
             "$f" >/dev/null
     done
+    echo "$IMAGES" >"$mark"
 }
 
 # --- add-ons ---------------------------------------------------------------------------
@@ -695,6 +708,7 @@ cmd_agent_image() {
     local dir node
     dir=$(bash "$HERE/images.sh" --agent-only | tail -n 1)
     for node in "${NODES[@]}"; do
+        rm -f "$(import_mark "$node")"
         in_node "$node" ctr --address /run/containerd/containerd.sock -n k8s.io images import \
             "$dir/xdplb.tar" >/dev/null
     done

@@ -11,9 +11,12 @@
 #   registry.k8s.io/e2e-test-images/nginx:1.14-4      Debian nginx-light, port 80
 #   registry.k8s.io/e2e-test-images/httpd:2.4.38-4    Debian apache2, port 80
 #   registry.k8s.io/coredns/coredns:v1.12.1           the coredns binary
+#   registry.k8s.io/e2e-test-images/regression-issue-74839:1.2
+#                                                     its binary (a raw-socket TCP
+#                                                     server the Conntrack test uses)
 #   xdplb:latest                                      the agent (deploy/Dockerfile)
 #
-# agnhost and coredns come from the Kubernetes build cache of tools/k8s-build.sh
+# agnhost, coredns and regression-issue-74839 come from the Kubernetes build cache of tools/k8s-build.sh
 # (this script only checks it, it never starts that build); the root file
 # systems come from the Debian mirror through mmdebstrap, Python packages from
 # PyPI. Needs root, mmdebstrap, gcc with a static libc, python3 and flock.
@@ -28,8 +31,9 @@
 #
 # Caching, each in its own directory under an exclusive flock, built in a
 # temporary directory and published by a rename with a stamp file inside:
-#   images-test-<key>        pause, agnhost, busybox, nginx, httpd, coredns;
-#                            key: RECIPE, pause.c, the agnhost/coredns binaries
+#   images-test-<key>        pause, agnhost, busybox, nginx, httpd, coredns,
+#                            regression-issue-74839; key: RECIPE, pause.c, the
+#                            Go binaries they carry
 #   images-agent-base-<key>  the agent's root file system with Debian packages
 #                            and the venv; key: RECIPE, pyproject.toml,
 #                            deploy/Dockerfile
@@ -73,6 +77,7 @@ BUSYBOX_TAG=registry.k8s.io/e2e-test-images/busybox:1.37.0-1
 NGINX_TAG=registry.k8s.io/e2e-test-images/nginx:1.14-4
 HTTPD_TAG=registry.k8s.io/e2e-test-images/httpd:2.4.38-4
 COREDNS_TAG=registry.k8s.io/coredns/coredns:v1.12.1
+REGRESSION_74839_TAG=registry.k8s.io/e2e-test-images/regression-issue-74839:1.2
 AGENT_TAG=xdplb:latest
 
 AGNHOST_PKGS=dash,curl,wget,netcat-openbsd,iproute2,dnsutils,ca-certificates,procps,iputils-ping,iperf
@@ -147,7 +152,7 @@ else
             "(or use --agent-only)"
         exit 1
     fi
-    for b in agnhost coredns; do
+    for b in agnhost coredns regression-issue-74839; do
         [ -x "$BIN/$b" ] || { log "$BIN/$b is missing"; exit 1; }
     done
     test_key=$( {
@@ -155,7 +160,7 @@ else
         sha256sum "$HERE/pause.c" | cut -d' ' -f1
         # The k8s build publishes a new bin directory by a rename, so the
         # binaries' size and mtime change with every rebuild.
-        stat -c '%n %s %Y' "$BIN/agnhost" "$BIN/coredns"
+        stat -c '%n %s %Y' "$BIN/agnhost" "$BIN/coredns" "$BIN/regression-issue-74839"
     } | short_hash)
     TEST_DIR="$CACHE_ROOT/images-test-$test_key"
     key=$(echo "test=$test_key agent=$agent_key" | short_hash)
@@ -659,6 +664,18 @@ build_coredns() {
         --expose 53/tcp --expose 53/udp
 }
 
+build_regression_74839() {
+    local root="$work/regression-74839"
+    # As upstream's test/images/regression-issue-74839: the static binary as
+    # /regression-issue-74839, its entrypoint; it listens on TCP port 9000.
+    mkdir -p "$root/tmp"
+    chmod 1777 "$root/tmp"
+    install -m 0755 "$BIN/regression-issue-74839" "$root/regression-issue-74839"
+    write_passwd "$root"
+    make_image "$REGRESSION_74839_TAG" "$root" "$stage/regression-issue-74839.tar" \
+        --entrypoint '["/regression-issue-74839"]' --env "PATH=$DEFAULT_PATH" --expose 9000/tcp
+}
+
 build_test_images() {
     stage="$work/stage-test"
     mkdir -p "$stage"
@@ -668,6 +685,7 @@ build_test_images() {
     timed coredns build_coredns
     timed nginx build_nginx
     timed httpd build_httpd
+    timed regression-issue-74839 build_regression_74839
     publish "$stage" "$TEST_DIR" "$test_key"
 }
 
