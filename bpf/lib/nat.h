@@ -35,65 +35,59 @@ LB_INLINE int lb_nat_xdp(struct xdp_md *ctx, const struct lb_pkt *p,
 	void *data_end = (void *)(long)ctx->data_end;
 	struct iphdr *ip = data + LB_ETH_LEN;
 	__u32 l4_off = p->l4_off;
-	__u16 *ports, *l4sum;
-	int udp_nosum;
+	__u16 *ports = 0, *l4sum = 0;
+	int nosum;
 
 	if ((void *)(ip + 1) > data_end)
 		return -1;
-	if (p->frag == LB_FRAG_LATER) {
-		/* No L4 header: the first fragment's checksum covers the rest. */
-		if (n->saddr != ip->saddr) {
-			lb_csum_replace4(&ip->check, ip->saddr, n->saddr);
-			ip->saddr = n->saddr;
-		}
-		if (n->daddr != ip->daddr) {
-			lb_csum_replace4(&ip->check, ip->daddr, n->daddr);
-			ip->daddr = n->daddr;
-		}
-		return 0;
-	}
-	if (l4_off > LB_MAX_L4_OFF)
-		return -1;
-	ports = data + l4_off;
-	if (p->proto == IPPROTO_TCP) {
-		struct tcphdr *tcp = data + l4_off;
-
-		if ((void *)(tcp + 1) > data_end)
+	/* A later fragment has no L4 header: the first fragment's checksum
+	 * covers the rest of the datagram. */
+	if (p->frag != LB_FRAG_LATER) {
+		if (l4_off > LB_MAX_L4_OFF)
 			return -1;
-		l4sum = &tcp->check;
-	} else {
-		struct udphdr *udp = data + l4_off;
+		ports = data + l4_off;
+		if (p->proto == IPPROTO_TCP) {
+			struct tcphdr *tcp = data + l4_off;
 
-		if ((void *)(udp + 1) > data_end)
-			return -1;
-		l4sum = &udp->check;
+			if ((void *)(tcp + 1) > data_end)
+				return -1;
+			l4sum = &tcp->check;
+		} else {
+			struct udphdr *udp = data + l4_off;
+
+			if ((void *)(udp + 1) > data_end)
+				return -1;
+			l4sum = &udp->check;
+		}
 	}
 	/* UDP may go without a checksum (zero); it must stay without one. */
-	udp_nosum = p->proto == IPPROTO_UDP && *l4sum == 0;
+	nosum = !l4sum || (p->proto == IPPROTO_UDP && *l4sum == 0);
 
 	if (n->saddr != ip->saddr) {
 		lb_csum_replace4(&ip->check, ip->saddr, n->saddr);
-		if (!udp_nosum)
+		if (!nosum)
 			lb_csum_replace4(l4sum, ip->saddr, n->saddr);
 		ip->saddr = n->saddr;
 	}
 	if (n->daddr != ip->daddr) {
 		lb_csum_replace4(&ip->check, ip->daddr, n->daddr);
-		if (!udp_nosum)
+		if (!nosum)
 			lb_csum_replace4(l4sum, ip->daddr, n->daddr);
 		ip->daddr = n->daddr;
 	}
+	if (!ports || !l4sum)
+		return 0;
 	if (n->sport != ports[0]) {
-		if (!udp_nosum)
+		if (!nosum)
 			lb_csum_replace2(l4sum, ports[0], n->sport);
 		ports[0] = n->sport;
 	}
 	if (n->dport != ports[1]) {
-		if (!udp_nosum)
+		if (!nosum)
 			lb_csum_replace2(l4sum, ports[1], n->dport);
 		ports[1] = n->dport;
 	}
-	if (p->proto == IPPROTO_UDP && !udp_nosum && *l4sum == 0)
+	if (p->proto == IPPROTO_UDP && !nosum && *l4sum == 0)
 		*l4sum = 0xffff;
 	return 0;
 }
@@ -103,19 +97,11 @@ LB_INLINE int lb_store_addr(struct __sk_buff *skb, const struct lb_pkt *p,
 {
 	if (from == to)
 		return 0;
-	if (bpf_l4_csum_replace(skb, lb_l4_csum_off(p), from, to,
+	/* A later fragment has no L4 header to fix. */
+	if (p->frag != LB_FRAG_LATER &&
+	    bpf_l4_csum_replace(skb, lb_l4_csum_off(p), from, to,
 				l4flags | BPF_F_PSEUDO_HDR | sizeof(to)))
 		return -1;
-	if (bpf_l3_csum_replace(skb, LB_IP_CSUM_OFF, from, to, sizeof(to)))
-		return -1;
-	return bpf_skb_store_bytes(skb, off, &to, sizeof(to), 0);
-}
-
-/* An address of a packet with no L4 header (a later fragment). */
-LB_INLINE int lb_store_l3(struct __sk_buff *skb, __u32 off, __u32 from, __u32 to)
-{
-	if (from == to)
-		return 0;
 	if (bpf_l3_csum_replace(skb, LB_IP_CSUM_OFF, from, to, sizeof(to)))
 		return -1;
 	return bpf_skb_store_bytes(skb, off, &to, sizeof(to), 0);
@@ -138,13 +124,12 @@ LB_INLINE int lb_nat_skb(struct __sk_buff *skb, const struct lb_pkt *p,
 	/* Leaves a zero UDP checksum alone and never produces one. */
 	__u64 l4flags = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 
-	if (p->frag == LB_FRAG_LATER)
-		return lb_store_l3(skb, LB_IP_SRC_OFF, p->saddr, n->saddr) ||
-		       lb_store_l3(skb, LB_IP_DST_OFF, p->daddr, n->daddr) ? -1 : 0;
-
 	if (lb_store_addr(skb, p, LB_IP_SRC_OFF, p->saddr, n->saddr, l4flags) ||
-	    lb_store_addr(skb, p, LB_IP_DST_OFF, p->daddr, n->daddr, l4flags) ||
-	    lb_store_port(skb, p, p->l4_off, p->sport, n->sport, l4flags) ||
+	    lb_store_addr(skb, p, LB_IP_DST_OFF, p->daddr, n->daddr, l4flags))
+		return -1;
+	if (p->frag == LB_FRAG_LATER)
+		return 0;
+	if (lb_store_port(skb, p, p->l4_off, p->sport, n->sport, l4flags) ||
 	    lb_store_port(skb, p, p->l4_off + 2, p->dport, n->dport, l4flags))
 		return -1;
 	return 0;

@@ -236,28 +236,19 @@ def l4_csum_off(p: Pkt) -> int:
 
 def nat_xdp(buf: bytearray, p: Pkt, n: Nat) -> int:
     """lb_nat_xdp: direct writes with RFC 1624 updates; a UDP checksum of
-    zero stays zero and a computed zero becomes 0xffff."""
+    zero stays zero and a computed zero becomes 0xffff. A later fragment
+    has addresses only."""
     end = len(buf)
     l4 = p.l4_off
     if end < _ETH_LEN + 20:
         return -1
-    if p.frag == FRAG_LATER:
-        ipsum = _U16N.unpack_from(buf, _IP_CSUM_OFF)[0]
-        for off, new in ((_IP_SRC_OFF, n.saddr), (_IP_DST_OFF, n.daddr)):
-            old = _U32N.unpack_from(buf, off)[0]
-            if new != old:
-                ipsum = xdp_csum_replace4(ipsum, old, new)
-                _U32N.pack_into(buf, off, new)
-        _U16N.pack_into(buf, _IP_CSUM_OFF, ipsum)
-        return 0
-    if l4 > _MAX_L4_OFF:
-        return -1
-    if l4 + (20 if p.proto == IPPROTO_TCP else 8) > end:
+    later = p.frag == FRAG_LATER
+    if not later and (l4 > _MAX_L4_OFF or l4 + (20 if p.proto == IPPROTO_TCP else 8) > end):
         return -1
     coff = l4_csum_off(p)
-    l4sum = _U16N.unpack_from(buf, coff)[0]
+    l4sum = 0 if later else _U16N.unpack_from(buf, coff)[0]
     ipsum = _U16N.unpack_from(buf, _IP_CSUM_OFF)[0]
-    nosum = p.proto == IPPROTO_UDP and l4sum == 0
+    nosum = later or (p.proto == IPPROTO_UDP and l4sum == 0)
 
     for off, new in ((_IP_SRC_OFF, n.saddr), (_IP_DST_OFF, n.daddr)):
         old = _U32N.unpack_from(buf, off)[0]
@@ -266,6 +257,9 @@ def nat_xdp(buf: bytearray, p: Pkt, n: Nat) -> int:
             if not nosum:
                 l4sum = xdp_csum_replace4(l4sum, old, new)
             _U32N.pack_into(buf, off, new)
+    _U16N.pack_into(buf, _IP_CSUM_OFF, ipsum)
+    if later:
+        return 0
     for off, new in ((l4, n.sport), (l4 + 2, n.dport)):
         old = _U16N.unpack_from(buf, off)[0]
         if new != old:
@@ -274,7 +268,6 @@ def nat_xdp(buf: bytearray, p: Pkt, n: Nat) -> int:
             _U16N.pack_into(buf, off, new)
     if p.proto == IPPROTO_UDP and not nosum and l4sum == 0:
         l4sum = 0xFFFF
-    _U16N.pack_into(buf, _IP_CSUM_OFF, ipsum)
     _U16N.pack_into(buf, coff, l4sum)
     return 0
 
@@ -310,7 +303,7 @@ def nat_skb(buf: bytearray, p: Pkt, n: Nat) -> int:
     by field, in the C's order."""
     mangled_0 = p.proto == IPPROTO_UDP
     coff = l4_csum_off(p)
-    later = p.frag == FRAG_LATER  # no L4 header: addresses only (lb_store_l3)
+    later = p.frag == FRAG_LATER  # no L4 header: addresses only
     for off, old, new in ((_IP_SRC_OFF, p.saddr, n.saddr), (_IP_DST_OFF, p.daddr, n.daddr)):
         if old == new:
             continue
