@@ -356,11 +356,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         problem = "--kubeconfig: only with --kubernetes"
     elif args.resync_period < 0:
         problem = "--resync-period: must be >= 0 (0: never)"
+    from lb.metrics import parse_addr  # prometheus_client: not for every lbctl command
+
     for flag, value in (("--metrics-addr", args.metrics_addr),
                         ("--healthz-addr", args.healthz_addr)):
         if value and not problem:
-            from lb.metrics import parse_addr
-
             try:
                 parse_addr(value)
             except ValueError as e:

@@ -236,9 +236,14 @@ class Health:
         self.last_loop = time.monotonic()
         self.last_loop_wall = time.time()
 
+    def _alive(self, stalled: float) -> bool:
+        """The datapath is loaded and the loop turns (last turned `stalled`
+        seconds ago)."""
+        return self.datapath_loaded and stalled <= self.stuck_after
+
     def healthz(self) -> tuple[int, dict[str, Any]]:
         stalled = time.monotonic() - self.last_loop
-        ok = self.datapath_loaded and stalled <= self.stuck_after
+        ok = self._alive(stalled)
         return (200 if ok else 503), {
             # kube-proxy's healthz fields: when the rules were last updated,
             # and now.
@@ -253,8 +258,7 @@ class Health:
         """kube-proxy's answer: healthy while updates are applied (here: the
         datapath is loaded and the loop turns); "lastUpdated" then reads now,
         as kube-proxy keeps it for older probes."""
-        stalled = time.monotonic() - self.last_loop
-        healthy = self.datapath_loaded and stalled <= self.stuck_after
+        healthy = self._alive(time.monotonic() - self.last_loop)
         now = time.time()
         doc: dict[str, Any] = {
             "lastUpdated": _iso(now if healthy else self.last_sync_wall),
