@@ -214,7 +214,11 @@ def report(results: Path) -> str:
         "the bridge CNI, routes between the nodes' pod CIDRs (tools/cluster/cluster.sh). "
         "kube-proxy runs in nftables mode; xdplb is the DaemonSet of deploy/ with "
         "kube-proxy absent. \"on flannel\": flanneld (host-gw) leases the nodes' subnets and "
-        "routes between them instead. Raw results, with each failure's message: "
+        "routes between them instead. kube-proxy implements no NetworkPolicy and neither CNI "
+        "enforces any, so with kube-proxy the NetworkPolicy tests that expect a denial fail: "
+        "they are the control that shows those tests can fail. Parts of the selection ran in "
+        "4 parallel `e2e.test` processes (`--procs 4`, as upstream's CI runs them; [Serial] "
+        "tests alone); seconds are each test's own. Raw results, with each failure's message: "
         f"`{results.relative_to(REPO) if results.is_relative_to(REPO) else results}/`.",
     ]
     for sel_name, sel in SELECTIONS.items():
@@ -252,8 +256,12 @@ def report(results: Path) -> str:
             base, ours = by["kube-proxy"], by["xdplb"]
             worse = [n for n in names if n in base and base[n]["status"] == "passed"
                      and n in ours and ours[n]["status"] != "passed"]
+            better = [n for n in names if n in ours and ours[n]["status"] == "passed"
+                      and n in base and base[n]["status"] != "passed"]
             lines += ["", f"Passed with kube-proxy, not with xdplb: {len(worse)}"]
             lines += [f"- {n}" for n in worse]
+            lines += ["", f"Passed with xdplb, not with kube-proxy: {len(better)}"]
+            lines += [f"- {n}" for n in better]
     lines += ["", "## Skipped, and why", ""]
     lines += [f"- `{rx}`: {why}" for rx, why in SKIPS]
     return "\n".join(lines) + "\n"
