@@ -15,6 +15,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=../lib/cache.sh
+. "$HERE/../lib/cache.sh"
 STATE=${XDPLB_CLUSTER_DIR:-/var/lib/xdplb-cluster}
 [ -e "$STATE/up" ] || { echo "e2e: no cluster is up ($STATE)" >&2; exit 1; }
 out=$1 focus=$2 skip=${3:-}
@@ -22,21 +24,15 @@ BIN=$(cat "$STATE/bin")
 PROCS=${XDPLB_E2E_PROCS:-1}
 # k8s.io/kubernetes v1.34's go.mod requires github.com/onsi/ginkgo/v2 v2.21.0.
 GINKGO_VERSION=v2.21.0
-GINKGO=${XDPLB_CACHE_DIR:-/var/cache/xdplb}/ginkgo-$GINKGO_VERSION/ginkgo
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
-build_ginkgo() {
-    [ -x "$GINKGO" ] && return 0
-    local work
-    work=$(mktemp -d)
+build_ginkgo() {  # <work>
     printf 'module xdplb.invalid/ginkgo\n\ngo 1.24\n\nrequire github.com/onsi/ginkgo/v2 %s\n' \
-        "$GINKGO_VERSION" >"$work/go.mod"
-    echo "e2e: building the Ginkgo CLI $GINKGO_VERSION" >&2
-    (cd "$work" && go build -mod=mod -trimpath -o "$work/ginkgo" github.com/onsi/ginkgo/v2/ginkgo)
-    mkdir -p "$(dirname "$GINKGO")"
-    mv "$work/ginkgo" "$GINKGO.tmp.$$" && mv "$GINKGO.tmp.$$" "$GINKGO"
-    rm -rf "$work"
+        "$GINKGO_VERSION" >"$1/go.mod"
+    echo "e2e: building the Ginkgo CLI $GINKGO_VERSION"
+    (cd "$1" && GOTOOLCHAIN=local GOFLAGS="-buildvcs=false" \
+        go build -mod=mod -trimpath -o "$1/bin/ginkgo" github.com/onsi/ginkgo/v2/ginkgo)
 }
 
 # The framework's own flags; the Ginkgo ones follow, spelled for e2e.test
@@ -62,9 +58,9 @@ echo "e2e: focus '$focus'" >&2
 cd "$out"
 rc=0
 if [ "$PROCS" -gt 1 ]; then
-    build_ginkgo
+    ginkgo=$(cache_build "ginkgo-$GINKGO_VERSION" "ginkgo=$GINKGO_VERSION" build_ginkgo)/ginkgo
     echo "e2e: $PROCS processes in parallel" >&2
-    nsenter --net=/run/netns/xk-n1 -- "$GINKGO" --procs="$PROCS" "${gargs[@]}" \
+    nsenter --net=/run/netns/xk-n1 -- "$ginkgo" --procs="$PROCS" "${gargs[@]}" \
         "$BIN/e2e.test" -- "${args[@]}" >"$out/e2e.log" 2>&1 || rc=$?
 else
     nsenter --net=/run/netns/xk-n1 -- "$BIN/e2e.test" "${args[@]}" "${gargs[@]/#--/--ginkgo.}" \
