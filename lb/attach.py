@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,11 +133,12 @@ SOCK_ATTACH = {"sock_connect4": "connect4", "sock_sendmsg4": "sendmsg4",
                "sock_recvmsg4": "recvmsg4"}
 
 
-def detach_cgroup(cgroup: Path) -> list[str]:
+def detach_cgroup(cgroup: Path, keep: Collection[int] = ()) -> list[str]:
     """Detach the socket hooks attached to `cgroup` (the agent that held their
-    fds is gone). By the ids attached there, not by name: every agent on the
-    machine (a node per namespace, a test instance) loads programs of the
-    same names, and bpftool refuses a name that matches several."""
+    fds is gone), except the program ids in `keep`. By the ids attached
+    there, not by name: every agent on the machine (a node per namespace, a
+    test instance) loads programs of the same names, and bpftool refuses a
+    name that matches several."""
     shown = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cgroup)],
                            capture_output=True, text=True, check=False)
     if shown.returncode != 0:
@@ -144,7 +146,7 @@ def detach_cgroup(cgroup: Path) -> list[str]:
     problems = []
     for entry in json.loads(shown.stdout or "[]"):
         hook = SOCK_ATTACH.get(entry.get("name", ""))
-        if hook is None:
+        if hook is None or entry["id"] in keep:
             continue
         out = subprocess.run(["bpftool", "cgroup", "detach", str(cgroup), hook,
                               "id", str(entry["id"])],

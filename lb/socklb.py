@@ -4,13 +4,17 @@ reach ClusterIPs with no per-packet NAT at all."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
 from pathlib import Path
 
+from lb.attach import detach_cgroup
 from loader import libbpf
 from loader.build import SOCK_HOOKS, Datapath
+
+log = logging.getLogger(__name__)
 
 SO_NETNS_COOKIE = 71
 BPF_F_ALLOW_MULTI = 2
@@ -77,7 +81,19 @@ def netns_cookie(netns: str | None = None) -> int:
     return result[0]
 
 
+def prog_id(fd: int) -> int:
+    """The kernel's id of the program behind our descriptor `fd`."""
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("prog_id:"):
+            return int(line.split()[1])
+    raise ValueError(f"fd {fd} is not a BPF program")
+
+
 def attach(dp: Datapath, cgroup: Path) -> None:
+    """Attach the hooks, then detach the ones an earlier agent left there:
+    a cgroup attachment outlives the process that made it, so each restart
+    would stack one more generation on every connect. New first, old after,
+    so that no connect goes untranslated in between."""
     fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for name, hook in SOCK_HOOKS.items():
@@ -86,6 +102,9 @@ def attach(dp: Datapath, cgroup: Path) -> None:
                          f"attach {name} to {cgroup}")
     finally:
         os.close(fd)
+    ours = {prog_id(dp.prog_fd(name)) for name in SOCK_HOOKS}
+    for problem in detach_cgroup(cgroup, keep=ours):
+        log.warning("an earlier agent's socket hook stays attached: %s", problem)
 
 
 def detach(dp: Datapath, cgroup: Path) -> None:

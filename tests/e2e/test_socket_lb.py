@@ -4,6 +4,7 @@ node's network namespace."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -99,6 +100,14 @@ def test_host_network_client_reaches_clusterip_through_socket_hooks(cgroup: Path
         remove_pins(pin_dir)
 
 
+def hooks_on(cgroup: Path) -> dict[int, str]:
+    """The socket hooks attached to `cgroup`: program id -> name."""
+    shown = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cgroup)],
+                           capture_output=True, text=True, check=True).stdout
+    return {e["id"]: e["name"] for e in json.loads(shown or "[]")
+            if e.get("name", "").startswith("sock_")}
+
+
 def test_agent_attaches_socket_hooks_and_down_removes_them(cgroup: Path, tmp_path: Path) -> None:
     from lb.lab.agent import LabAgent
 
@@ -113,6 +122,15 @@ def test_agent_attaches_socket_hooks_and_down_removes_them(cgroup: Path, tmp_pat
         agent = LabAgent(topo, topo.node, [manifest], extra=("--cgroup", str(cgroup))).start()
         try:
             agent.wait_for("socket hooks")
+            # A restarted agent replaces the hooks its predecessor left
+            # attached (they outlive it), instead of stacking a second set.
+            agent.stop()
+            assert len(hooks_on(cgroup)) == 3
+            agent = LabAgent(topo, topo.node, [manifest], extra=("--cgroup", str(cgroup))).start()
+            agent.wait_for("socket hooks")
+            attached = hooks_on(cgroup)
+            assert sorted(attached.values()) == ["sock_connect4", "sock_recvmsg4",
+                                                 "sock_sendmsg4"], attached
             argv = ["ip", "netns", "exec", topo.node.ns, sys.executable, "-c", CLIENT, VIP]
             out = subprocess.run(in_cgroup(cgroup, argv), capture_output=True, text=True,
                                  timeout=60)
