@@ -15,10 +15,11 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from lb.desired import SCOPE_EXTERNAL, DesiredState
+from lb.httpserver import HTTPServer, http_server
 from lb.model import Cluster
 from lb.netns import call_in
 
@@ -65,7 +66,7 @@ class HealthServers:
     def __init__(self, bind: str = "0.0.0.0", netns: str | None = None) -> None:
         self.bind = bind
         self.netns = netns  # where the node's addresses are: listen there
-        self._servers: dict[int, ThreadingHTTPServer] = {}
+        self._servers: dict[int, HTTPServer] = {}
         self._checks: dict[int, HealthCheck] = {}
         self._lock = threading.Lock()
 
@@ -100,12 +101,11 @@ class HealthServers:
             self._servers.pop(port).shutdown()
         for port in sorted(set(checks) - set(self._servers)):
             try:
-                srv = call_in(self.netns, partial(ThreadingHTTPServer, (self.bind, port),
+                srv = call_in(self.netns, partial(http_server, self.bind, port,
                                                   self._handler(port)))
             except OSError as e:
                 log.error("health-check port %d: cannot listen: %s", port, e)
                 continue
-            srv.daemon_threads = True
             threading.Thread(target=srv.serve_forever, name=f"healthz-{port}",
                              daemon=True).start()
             self._servers[port] = srv

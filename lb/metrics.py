@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from lb.desired import DesiredState
+from lb.httpserver import http_server
 from lb.reconcile import Reconciler, SyncResult
 from lb.refusal import BOUNDED_MAPS
 from lb.verdicts import REASONS, reason
@@ -396,10 +397,6 @@ def parse_addr(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-
 # A route answers (status, body, content type).
 Route = Callable[[], tuple[int, bytes, str]]
 JSON = "application/json"
@@ -447,16 +444,7 @@ class MetricsServer:
         self.metrics = metrics
         self.routes = dict(routes if routes is not None else metrics_routes(metrics))
         host, port = parse_addr(addr)
-        handler = self._handler()
-        if ":" in host:
-            import socket
-
-            class Server6(_Server):
-                address_family = socket.AF_INET6
-
-            self.server: ThreadingHTTPServer = Server6((host, port), handler)
-        else:
-            self.server = _Server((host, port), handler)
+        self.server = http_server(host, port, self._handler())
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever,
                                         name=f"http-{self.port}", daemon=True)
