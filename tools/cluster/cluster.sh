@@ -396,25 +396,34 @@ start_kubelet() {
         --v=1
 }
 
-# The images directory last imported whole into a node's kept store. The
-# directory's name is the hash of its contents, so the same name means the
-# same images: importing them again would only re-hash 1.3 GB. The kubelet
-# never removes images (image GC is off) and agent-image clears the mark.
+# The tarballs a node's kept store holds already, one "name inode size" line
+# each. images.sh publishes every directory as hard links to the tarballs it
+# built, so a tarball keeps its inode for as long as its contents stay the
+# same, and a new agent image (a new directory) re-imports that tarball only,
+# not the 1.3 GB of test images. The kubelet never removes images (image GC is
+# off) and agent-image forgets the agent's tarball.
 import_mark() { echo "$(containerd_root "$1")/xdplb-imported"; }
 
+tarball_id() { stat -L -c '%n %i %s' "$1" | sed 's#^.*/##'; }
+
 import_images() {
-    local node=$1 f mark
+    local node=$1 f id mark have=() done_=() kept=0
     mark=$(import_mark "$node")
-    if [ "$(cat "$mark" 2>/dev/null)" = "$IMAGES" ]; then
-        log "images: $node has $IMAGES already"
-        return 0
-    fi
-    rm -f "$mark"
+    [ -f "$mark" ] && mapfile -t have <"$mark"
     for f in "$IMAGES"/*.tar; do
+        id=$(tarball_id "$f")
+        if ((${#have[@]})) && printf '%s\n' "${have[@]}" | grep -qxF "$id"; then
+            done_+=("$id")
+            kept=$((kept + 1))
+            continue
+        fi
         in_node "$node" ctr --address /run/containerd/containerd.sock -n k8s.io images import \
             "$f" >/dev/null
+        done_+=("$id")
+        printf '%s\n' "${done_[@]}" >"$mark"
     done
-    echo "$IMAGES" >"$mark"
+    printf '%s\n' "${done_[@]}" >"$mark"
+    log "images: $node: $((${#done_[@]} - kept)) imported, $kept there already"
 }
 
 # --- add-ons ---------------------------------------------------------------------------
@@ -705,10 +714,11 @@ cmd_down() {
 }
 
 cmd_agent_image() {
-    local dir node
+    local dir node mark
     dir=$(bash "$HERE/images.sh" --agent-only | tail -n 1)
     for node in "${NODES[@]}"; do
-        rm -f "$(import_mark "$node")"
+        mark=$(import_mark "$node")
+        [ -f "$mark" ] && sed -i '/^xdplb\.tar /d' "$mark"
         in_node "$node" ctr --address /run/containerd/containerd.sock -n k8s.io images import \
             "$dir/xdplb.tar" >/dev/null
     done
