@@ -63,8 +63,9 @@ from bench.workload import SvcSpec
 from lb import packets
 from lb.instance import Sizes, reconciler_for
 from loader import layout, libbpf
+from loader.programs import TC_FROM_POD, XDP_EXTERNAL
 
-XDP, TC = "xdp_lb_external", "tc_lb_from_pod"
+XDP, TC = XDP_EXTERNAL.name, TC_FROM_POD.name
 NODE_NAME = "bench-node"
 NODE_IP = "192.0.2.1"
 CLIENT = "10.244.1.5"

@@ -82,8 +82,9 @@ from lb.model import (
     SelectorRequirement,
 )
 from loader import layout, libbpf
+from loader.programs import TC_FROM_POD, TC_TO_POD
 
-FROM_POD, TO_POD = "tc_lb_from_pod", "tc_lb_to_pod"
+FROM_POD, TO_POD = TC_FROM_POD.name, TC_TO_POD.name
 NODE = Node(name="node-0", ips=("192.0.2.1",))
 NAMESPACES, PODS_PER_NS, NODES = 100, 10, 1
 LETTERS = "abcdefghij"

@@ -50,6 +50,7 @@ from bench.workload import SvcSpec
 from lb.instance import Sizes, reconciler_for
 from lb.lab.clients import curl
 from lb.lab.topology import Node, Pod, Topology, TopologySpec
+from loader.programs import TC_FROM_POD, XDP_EXTERNAL
 
 KINDS = ("direct", "xdplb", "iptables", "nftables")
 # clusterip-one: a second service whose only endpoint is web1, against wrk straight to web1:
@@ -65,7 +66,7 @@ FILLER_ENDPOINTS = 2
 SCALES_FULL = (1, 1_000, 10_000)
 SIZES = Sizes(max_services=1 << 15, max_backends=1 << 15, maglev_slots=1 << 23,
               ct_size=1 << 18)
-POD_PROGRAM, NODE_PROGRAM = "tc_lb_from_pod", "xdp_lb_external"
+POD_PROGRAM, NODE_PROGRAM = TC_FROM_POD.name, XDP_EXTERNAL.name
 _FLUSH_CT = "from pyroute2 import Conntrack; Conntrack().flush()"
 
 
@@ -98,6 +99,7 @@ _ATTACH = """
 import sys
 from pyroute2 import IPRoute
 from lb.attach import attach_tc, attach_xdp
+from loader.programs import TC_FROM_POD
 fd, kind, devs = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 with IPRoute() as ipr:
     for dev in devs:
@@ -105,7 +107,7 @@ with IPRoute() as ipr:
             mode = attach_xdp(ipr, dev, fd)
             assert mode == "native", mode
         else:
-            attach_tc(ipr, dev, fd, "tc_lb_from_pod")
+            attach_tc(ipr, dev, fd, TC_FROM_POD.name)
 """
 
 

@@ -41,16 +41,17 @@ from lb.manifests import ManifestError, load
 from lb.model import Cluster
 from lb.netns import call_in, iproute, write_sysctl
 from loader.build import Datapath, LayoutMismatch, remove_pins
+from loader.programs import TC_FROM_POD, TC_TO_EXTERNAL, TC_TO_POD, XDP_EXTERNAL
 
 if TYPE_CHECKING:
     from lb.metrics import Metrics
 
 log = logging.getLogger("lbctl.agent")
 
-POD_PROGRAM = "tc_lb_from_pod"
-TO_POD_PROGRAM = "tc_lb_to_pod"
-NODE_PROGRAM = "xdp_lb_external"
-NODE_EGRESS_PROGRAM = "tc_lb_to_external"
+POD_PROGRAM = TC_FROM_POD.name
+TO_POD_PROGRAM = TC_TO_POD.name
+NODE_PROGRAM = XDP_EXTERNAL.name
+NODE_EGRESS_PROGRAM = TC_TO_EXTERNAL.name
 # A sync that raised is retried with the same cluster after this long.
 SYNC_RETRY_DELAY = 1.0
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lb.netns import iproute
+from loader.programs import SOCK_PROGRAMS
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,7 @@ def detach_all(state: Attachments) -> list[str]:
 
 
 # bpftool's names for the socket hooks' attach types, by program.
-SOCK_ATTACH = {"sock_connect4": "connect4", "sock_sendmsg4": "sendmsg4",
-               "sock_recvmsg4": "recvmsg4"}
+SOCK_ATTACH = {p.name: p.bpftool_hook for p in SOCK_PROGRAMS}
 
 
 def detach_cgroup(cgroup: Path, keep: Collection[int] = ()) -> list[str]:

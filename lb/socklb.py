@@ -12,7 +12,8 @@ from pathlib import Path
 
 from lb.attach import detach_cgroup
 from loader import libbpf
-from loader.build import SOCK_HOOKS, Datapath
+from loader.build import Datapath
+from loader.programs import SOCK_PROGRAMS
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,13 @@ def attach(dp: Datapath, cgroup: Path) -> None:
     so that no connect goes untranslated in between."""
     fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for name, hook in SOCK_HOOKS.items():
-            libbpf.check(libbpf.lib().bpf_prog_attach(dp.prog_fd(name), fd, hook,
-                                                      BPF_F_ALLOW_MULTI),
-                         f"attach {name} to {cgroup}")
+        for prog in SOCK_PROGRAMS:
+            libbpf.check(libbpf.lib().bpf_prog_attach(dp.prog_fd(prog.name), fd,
+                                                      prog.attach_type, BPF_F_ALLOW_MULTI),
+                         f"attach {prog.name} to {cgroup}")
     finally:
         os.close(fd)
-    ours = {prog_id(dp.prog_fd(name)) for name in SOCK_HOOKS}
+    ours = {prog_id(dp.prog_fd(prog.name)) for prog in SOCK_PROGRAMS}
     for problem in detach_cgroup(cgroup, keep=ours):
         log.warning("an earlier agent's socket hook stays attached: %s", problem)
 
@@ -110,7 +111,7 @@ def attach(dp: Datapath, cgroup: Path) -> None:
 def detach(dp: Datapath, cgroup: Path) -> None:
     fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for name, hook in SOCK_HOOKS.items():
-            libbpf.lib().bpf_prog_detach2(dp.prog_fd(name), fd, hook)
+        for prog in SOCK_PROGRAMS:
+            libbpf.lib().bpf_prog_detach2(dp.prog_fd(prog.name), fd, prog.attach_type)
     finally:
         os.close(fd)

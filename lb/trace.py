@@ -22,9 +22,10 @@ from lb.model import Cluster, Node
 from lb.verdicts import reason
 from loader import layout, libbpf
 from loader.build import BPFFS, Datapath, remove_pins
+from loader.programs import TC_FROM_POD, TC_TO_POD, XDP_EXTERNAL
 
-ENTRIES = {"pod": "tc_lb_from_pod", "external": "xdp_lb_external"}
-TO_POD = "tc_lb_to_pod"
+ENTRIES = {"pod": TC_FROM_POD.name, "external": XDP_EXTERNAL.name}
+TO_POD = TC_TO_POD.name
 TC_ACT_SHOT = 2
 EPHEMERAL = (32768, 60999)
 

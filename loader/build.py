@@ -17,21 +17,11 @@ from typing import Any
 
 from loader import layout, libbpf
 from loader.maps import BpfMap, kernel_type, specs
+from loader.programs import PROGRAMS
 
 MAIN_SOURCE = layout.BPF_DIR / "lb.c"
 BPFFS = Path("/sys/fs/bpf")
 _INCLUDE = re.compile(r'\s*#include\s+"([^"]+)"')
-
-
-# bpf_attach_type of each socket hook program.
-BPF_CGROUP_INET4_CONNECT = 10
-BPF_CGROUP_UDP4_SENDMSG = 14
-BPF_CGROUP_UDP4_RECVMSG = 19
-SOCK_HOOKS = {
-    "sock_connect4": BPF_CGROUP_INET4_CONNECT,
-    "sock_sendmsg4": BPF_CGROUP_UDP4_SENDMSG,
-    "sock_recvmsg4": BPF_CGROUP_UDP4_RECVMSG,
-}
 
 
 class LayoutMismatch(RuntimeError):
@@ -171,16 +161,15 @@ class Datapath:
         )
 
     def prog_fd(self, name: str) -> int:
-        """Load (once) the program `name`; its type follows from its prefix."""
+        """Load (once) the program `name` (loader/programs.py)."""
         if name not in self._progs:
-            if name.startswith("sock_"):
+            prog = PROGRAMS[name]
+            if prog.kind == "cgroup_sock_addr":
                 # cgroup sock_addr programs are verified for one hook.
-                hook = SOCK_HOOKS[name]
                 fn = self.bpf.load_func(name.encode(), self._bpf_cls.CGROUP_SOCK_ADDR,
-                                        attach_type=hook)
+                                        attach_type=prog.attach_type)
             else:
-                kinds = {"xdp_": self._bpf_cls.XDP, "tc_": self._bpf_cls.SCHED_CLS}
-                kind = next(v for k, v in kinds.items() if name.startswith(k))
+                kind = self._bpf_cls.XDP if prog.kind == "xdp" else self._bpf_cls.SCHED_CLS
                 fn = self.bpf.load_func(name.encode(), kind)
             self._progs[name] = fn.fd
         return self._progs[name]

@@ -21,10 +21,11 @@ from typing import Any, NamedTuple
 
 from lb.userspace.maps import DictMap
 from loader import layout
+from loader.programs import PACKET_PROGRAMS
 
 XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
-PROGRAMS = ("xdp_lb_external", "tc_lb_from_pod", "tc_lb_to_pod", "tc_lb_to_external")
+PROGRAMS = tuple(p.name for p in PACKET_PROGRAMS)
 
 _ffi = layout.ffi
 _C = layout.CONSTS
@@ -432,15 +433,11 @@ class UserspaceDatapath:
     # --- entry points -----------------------------------------------------------
 
     def run(self, program: str, frame: bytes) -> Verdict:
-        if program == "xdp_lb_external":
-            return self.xdp_lb_external(frame)
-        if program == "tc_lb_from_pod":
-            return self.tc_lb_from_pod(frame)
-        if program == "tc_lb_to_pod":
-            return self.tc_lb_to_pod(frame)
-        if program == "tc_lb_to_external":
-            return self.tc_lb_to_external(frame)
-        raise ValueError(f"no program {program!r}")
+        # Each program of loader/programs.py is the method of its name.
+        if program not in PROGRAMS:
+            raise ValueError(f"no program {program!r}")
+        run: Callable[[bytes], Verdict] = getattr(self, program)
+        return run(frame)
 
     def xdp_lb_external(self, frame: bytes) -> Verdict:
         buf = bytearray(frame)

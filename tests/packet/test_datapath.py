@@ -18,11 +18,12 @@ from lb.reconcile import Reconciler, ip_be, port_be
 from lb.trace import Tracer
 from loader import layout, libbpf
 from loader.build import Datapath
+from loader.programs import TC_FROM_POD, TC_TO_EXTERNAL, TC_TO_POD, XDP_EXTERNAL
 
 VIP = "10.96.0.10"
 NODE = Node(name="node-a", ips=("192.0.2.1",))
-XDP, TC, TO_POD = "xdp_lb_external", "tc_lb_from_pod", "tc_lb_to_pod"
-TO_EXTERNAL = "tc_lb_to_external"
+XDP, TC, TO_POD = XDP_EXTERNAL.name, TC_FROM_POD.name, TC_TO_POD.name
+TO_EXTERNAL = TC_TO_EXTERNAL.name
 XDP_DROP, XDP_PASS = 1, 2
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
 
