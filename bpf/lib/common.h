@@ -8,6 +8,10 @@
 
 #define LB_INLINE static __always_inline
 
+#ifndef offsetof
+#define offsetof(t, m) __builtin_offsetof(t, m)
+#endif
+
 #define LB_NSEC_PER_SEC 1000000000ULL
 
 /* Node-specific values come in as -D defines from loader/build.py; these

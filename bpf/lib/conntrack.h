@@ -5,6 +5,7 @@
 #define LB_CONNTRACK_H
 
 #include "common.h"
+#include "maps.h"
 #include "parse.h"
 
 LB_INLINE void lb_ct_key_of(const struct lb_pkt *p, __u8 dir,

@@ -9,6 +9,7 @@
 #define LB_FRAG_H
 
 #include "common.h"
+#include "maps.h"
 #include "parse.h"
 
 /* Returns -1 when the packet is whole or its ports are known, else

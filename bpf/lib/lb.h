@@ -4,6 +4,7 @@
 #define LB_LB_H
 
 #include "common.h"
+#include "maps.h"
 #include "hash.h"
 #include "parse.h"
 

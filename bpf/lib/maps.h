@@ -3,6 +3,7 @@
 #ifndef LB_MAPS_DEF_H
 #define LB_MAPS_DEF_H
 
+#include "../lb_maps.h"
 #include "common.h"
 
 BPF_TABLE_PINNED("array", __u32, struct lb_meta, lb_meta, 1,

@@ -15,12 +15,6 @@ struct lb_nat {
 	__u16 dport;
 };
 
-#define LB_ETH_LEN     14
-#define LB_MAX_L4_OFF  (LB_ETH_LEN + 60)
-#define LB_IP_CSUM_OFF (LB_ETH_LEN + 10)
-#define LB_IP_SRC_OFF  (LB_ETH_LEN + 12)
-#define LB_IP_DST_OFF  (LB_ETH_LEN + 16)
-
 LB_INLINE __u32 lb_l4_csum_off(const struct lb_pkt *p)
 {
 	return p->l4_off + (p->proto == IPPROTO_TCP ?

@@ -2,7 +2,25 @@
 #ifndef LB_PARSE_H
 #define LB_PARSE_H
 
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+
 #include "common.h"
+
+/* Header lengths and offsets (an Ethernet frame with IPv4 inside). */
+#define LB_ETH_LEN     14
+#define LB_IPV4_HLEN   20 /* without options */
+#define LB_MAX_L4_OFF  (LB_ETH_LEN + 60)
+#define LB_IP_CSUM_OFF (LB_ETH_LEN + 10)
+#define LB_IP_SRC_OFF  (LB_ETH_LEN + 12)
+#define LB_IP_DST_OFF  (LB_ETH_LEN + 16)
+/* What the programs read of an skb must sit in its linear part: the
+ * largest IPv4 and TCP headers. */
+#define LB_PULL_LEN    (LB_MAX_L4_OFF + 60)
 
 #define LB_IP_MF     0x2000
 #define LB_IP_OFFSET 0x1fff
@@ -115,6 +133,16 @@ LB_INLINE int lb_parse(void *data, void *data_end, __u32 len, struct lb_pkt *p)
 			return LB_STAT_DROP_MALFORMED;
 	}
 	return -1;
+}
+
+/* tc: make the headers readable (see LB_PULL_LEN). */
+LB_INLINE void lb_pull(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+
+	if (data + LB_PULL_LEN > data_end && skb->len > data_end - data)
+		bpf_skb_pull_data(skb, skb->len < LB_PULL_LEN ? skb->len : LB_PULL_LEN);
 }
 
 #endif

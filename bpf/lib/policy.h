@@ -23,6 +23,7 @@
 #define LB_POLICY_H
 
 #include "common.h"
+#include "maps.h"
 #include "conntrack.h"
 
 

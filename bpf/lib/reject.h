@@ -9,6 +9,8 @@
 #ifndef LB_REJECT_H
 #define LB_REJECT_H
 
+#include <uapi/linux/icmp.h>
+
 #include "common.h"
 #include "csum.h"
 #include "parse.h"
@@ -64,28 +66,28 @@ LB_INLINE int lb_reject_xdp_q(struct xdp_md *ctx, const struct lb_pkt *p,
 	struct lb_icmp_reply r;
 	struct ethhdr eth;
 
-	if (p->l4_off != 14 + 20 || data + 14 + qlen > data_end)
+	if (p->l4_off != LB_ETH_LEN + LB_IPV4_HLEN || data + LB_ETH_LEN + qlen > data_end)
 		return -1;
 	__builtin_memcpy(&eth, data, sizeof(eth));
-	__builtin_memcpy(r.quote, data + 14, qlen);
+	__builtin_memcpy(r.quote, data + LB_ETH_LEN, qlen);
 	lb_icmp_fill(&r, p, qlen);
 	/* Room for the new headers in front; then cut what is not quoted. */
 	if (bpf_xdp_adjust_head(ctx, -LB_ICMP_HDRS))
 		return -1;
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-	if (data + 14 + LB_ICMP_HDRS + qlen > data_end)
+	if (data + LB_ETH_LEN + LB_ICMP_HDRS + qlen > data_end)
 		return -1;
-	if (bpf_xdp_adjust_tail(ctx, 14 + LB_ICMP_HDRS + qlen - (int)(data_end - data)))
+	if (bpf_xdp_adjust_tail(ctx, LB_ETH_LEN + LB_ICMP_HDRS + qlen - (int)(data_end - data)))
 		return -1;
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-	if (data + 14 + LB_ICMP_HDRS + qlen > data_end)
+	if (data + LB_ETH_LEN + LB_ICMP_HDRS + qlen > data_end)
 		return -1;
 	__builtin_memcpy(((struct ethhdr *)data)->h_dest, eth.h_source, ETH_ALEN);
 	__builtin_memcpy(((struct ethhdr *)data)->h_source, eth.h_dest, ETH_ALEN);
 	((struct ethhdr *)data)->h_proto = bpf_htons(ETH_P_IP);
-	__builtin_memcpy(data + 14, &r, LB_ICMP_HDRS + qlen);
+	__builtin_memcpy(data + LB_ETH_LEN, &r, LB_ICMP_HDRS + qlen);
 	return 0;
 }
 
@@ -104,20 +106,20 @@ LB_INLINE int lb_reject_skb_q(struct __sk_buff *skb, const struct lb_pkt *p,
 	struct ethhdr eth;
 	__u8 mac[ETH_ALEN];
 
-	if (p->l4_off != 14 + 20)
+	if (p->l4_off != LB_ETH_LEN + LB_IPV4_HLEN)
 		return -1;
 	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
-	    bpf_skb_load_bytes(skb, 14, r.quote, qlen))
+	    bpf_skb_load_bytes(skb, LB_ETH_LEN, r.quote, qlen))
 		return -1;
 	lb_icmp_fill(&r, p, qlen);
-	if (bpf_skb_change_tail(skb, 14 + qlen, 0) ||
+	if (bpf_skb_change_tail(skb, LB_ETH_LEN + qlen, 0) ||
 	    bpf_skb_adjust_room(skb, LB_ICMP_HDRS, BPF_ADJ_ROOM_MAC, 0))
 		return -1;
 	__builtin_memcpy(mac, eth.h_dest, ETH_ALEN);
 	__builtin_memcpy(eth.h_dest, eth.h_source, ETH_ALEN);
 	__builtin_memcpy(eth.h_source, mac, ETH_ALEN);
 	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) ||
-	    bpf_skb_store_bytes(skb, 14, &r, LB_ICMP_HDRS + qlen, 0))
+	    bpf_skb_store_bytes(skb, LB_ETH_LEN, &r, LB_ICMP_HDRS + qlen, 0))
 		return -1;
 	return 0;
 }

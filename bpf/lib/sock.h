@@ -7,6 +7,7 @@
 #define LB_SOCK_H
 
 #include "common.h"
+#include "maps.h"
 #include "lb.h"
 
 LB_INLINE int lb_sock_ours(struct bpf_sock_addr *ctx)

@@ -3,6 +3,7 @@
 #define LB_STATS_H
 
 #include "common.h"
+#include "maps.h"
 
 LB_INLINE void lb_count(__u32 reason, __u32 bytes)
 {
