@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from lb.counters import count
 from lb.desired import PROTO_NAMES
 from lb.policy import view as policy_view
 from lb.reconcile import ip_str, port_host
@@ -118,13 +119,12 @@ def conntrack(maps: Mapping[str, BpfMap]) -> list[dict[str, Any]]:
 def stats(maps: Mapping[str, BpfMap]) -> list[dict[str, Any]]:
     rows = []
     for i in range(layout.const("LB_STAT_MAX")):
-        per_cpu = maps["lb_stats"].lookup(i) or []
-        pkts = sum(s.packets for s in per_cpu)
-        if not pkts:
+        c = count(maps["lb_stats"], i)
+        if not c.packets:
             continue
         r = reason(i)
-        rows.append({"verdict": r.verdict, "reason": r.name, "packets": pkts,
-                     "bytes": sum(s.bytes for s in per_cpu)})
+        rows.append({"verdict": r.verdict, "reason": r.name, "packets": c.packets,
+                     "bytes": c.bytes})
     return rows
 
 

@@ -43,6 +43,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from lb.counters import count
 from lb.desired import DesiredState
 from lb.httpserver import http_server
 from lb.reconcile import Reconciler, SyncResult
@@ -147,15 +148,14 @@ class DatapathCollector(Collector):
             labels=labels)
         stats = self._map("lb_stats")
         for i in range(layout.const("LB_STAT_MAX")):
-            per_cpu = stats.lookup(i) or []
-            n = sum(s.packets for s in per_cpu)
+            c = count(stats, i)
             # Every known reason, zero or not (so rates start from zero); a
             # spare slot only when a newer datapath counts something there.
-            if i not in REASONS and not n:
+            if i not in REASONS and not c.packets:
                 continue
             r = reason(i)
-            packets.add_metric([r.verdict, r.name], n)
-            octets.add_metric([r.verdict, r.name], sum(s.bytes for s in per_cpu))
+            packets.add_metric([r.verdict, r.name], c.packets)
+            octets.add_metric([r.verdict, r.name], c.bytes)
         yield packets
         yield octets
         ct = self._map("lb_ct")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lb import desired, packets
+from lb.counters import count
 from lb.instance import SMALL, local_pod_ips, policy_writer_for, reconciler_for
 from lb.model import Cluster, Node
 from lb.verdicts import reason
@@ -124,15 +125,10 @@ class Tracer:
         self.policy_names = policy_names or {}
 
     def _counts(self) -> list[int]:
-        out = []
-        for i in range(layout.const("LB_STAT_MAX")):
-            per_cpu = self.stats.lookup(i) or []
-            out.append(sum(s.packets for s in per_cpu))
-        return out
+        return [count(self.stats, i).packets for i in range(layout.const("LB_STAT_MAX"))]
 
     def _drop_counts(self) -> dict[int, int]:
-        return {i: sum(s.packets for s in self.drops.lookup(i) or [])
-                for i in self.policy_names}
+        return {i: count(self.drops, i).packets for i in self.policy_names}
 
     def _exec(self, prog: str, frame: bytes) -> libbpf.TestRun:
         """One program on one frame: BPF_PROG_TEST_RUN."""

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
+from lb.counters import count
 from lb.policy.common import DIRECTION_NAMES, EGRESS, INGRESS, ip_text
 from lb.policy.compiler import (
     IDENTITY_ANY,
@@ -36,7 +37,7 @@ def _drops(maps: Mapping[str, BpfMap], policy: int) -> int | None:
     m = maps.get(MAP_DROPS)
     if m is None or not policy:
         return None
-    return int(sum(s.packets for s in m.lookup(policy) or []))
+    return count(m, policy).packets
 
 
 def _peers(pm: PolicyMaps) -> dict[int, str]:
