@@ -12,13 +12,22 @@ import logging
 from dataclasses import dataclass
 from functools import cached_property
 
-from lb.model import UNPROXIED_LABELS, Cluster, Endpoint, Node, Service, ServicePort
+from lb.model import (
+    PROTO_NAMES,
+    PROTO_NUMBERS,
+    UNPROXIED_LABELS,
+    Cluster,
+    Endpoint,
+    Node,
+    Service,
+    ServicePort,
+)
 from loader.layout import const
 
 log = logging.getLogger(__name__)
 
-PROTO_NUMBERS = {"TCP": 6, "UDP": 17}
-PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
+# The protocols the datapath translates (an SCTP port is logged and skipped).
+SERVED_PROTOCOLS = ("TCP", "UDP")
 SCOPE_EXTERNAL = const("LB_SCOPE_EXTERNAL")
 SCOPE_INTERNAL = const("LB_SCOPE_INTERNAL")
 
@@ -132,7 +141,7 @@ def _backends(eps: list[tuple[Endpoint, int]], proto: int, node: Node) -> tuple[
 def _service_entries(cluster: Cluster, svc: Service, node: Node) -> list[FrontendEntry]:
     entries: list[FrontendEntry] = []
     for port in svc.ports:
-        proto = PROTO_NUMBERS.get(port.protocol)
+        proto = PROTO_NUMBERS[port.protocol] if port.protocol in SERVED_PROTOCOLS else None
         if proto is None:
             log.info("%s: port %s/%s: protocol not handled by the datapath", svc.key,
                      port.port, port.protocol)

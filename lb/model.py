@@ -10,6 +10,9 @@ from functools import cached_property
 # Service types that are programmed; ExternalName is a DNS alias only.
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 PROTOCOLS = ("TCP", "UDP", "SCTP")
+# IANA protocol numbers, as the packets and the maps carry them.
+PROTO_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
+PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 # kube-proxy's default for sessionAffinityConfig.clientIP.timeoutSeconds.
 DEFAULT_AFFINITY_TIMEOUT = 10800
 # A service carrying either label is not proxied: it belongs to another proxy,

@@ -18,6 +18,7 @@ from lb.model import (
     NAMESPACE_NAME_LABEL,
     POLICY_EGRESS,
     POLICY_INGRESS,
+    PROTO_NUMBERS,
     TERMINAL_POD_PHASES,
     Cluster,
     Pod,
@@ -28,8 +29,6 @@ INGRESS = const("LB_POL_INGRESS")
 EGRESS = const("LB_POL_EGRESS")
 DIRECTION_NAMES = {INGRESS: "ingress", EGRESS: "egress"}
 POLICY_TYPES = {INGRESS: POLICY_INGRESS, EGRESS: POLICY_EGRESS}
-PROTO_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
-PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 PROTO_ANY = const("LB_POL_PROTO_ANY")
 
 # Verdict.reason

@@ -56,14 +56,22 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from lb.model import Cluster, IPBlock, LabelSelector, NetworkPolicy, Node, Pod, PolicyPeer
+from lb.model import (
+    PROTO_NAMES,
+    Cluster,
+    IPBlock,
+    LabelSelector,
+    NetworkPolicy,
+    Node,
+    Pod,
+    PolicyPeer,
+)
 from lb.policy.common import (
     DIRECTION_NAMES,
     EGRESS,
     INGRESS,
     POLICY_TYPES,
     PROTO_ANY,
-    PROTO_NAMES,
     ip_int,
     namespace_labels,
     pods_by_ip,

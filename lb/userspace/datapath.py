@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from lb.model import PROTO_NUMBERS
 from lb.userspace.maps import DictMap
 from loader import layout
 from loader.programs import PACKET_PROGRAMS
@@ -30,7 +31,7 @@ PROGRAMS = tuple(p.name for p in PACKET_PROGRAMS)
 _ffi = layout.ffi
 _C = layout.CONSTS
 
-IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP = 6, 17, 132
+IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP = (PROTO_NUMBERS[n] for n in ("TCP", "UDP", "SCTP"))
 _ETH_LEN = 14
 _ETH_P_IP = b"\x08\x00"
 _IP_MF, _IP_OFFSET = 0x2000, 0x1FFF
