@@ -40,6 +40,7 @@ from lb.kube import DEFAULT_RESYNC_PERIOD, ConfigError, KubeSource, kubeconfig_p
 from lb.manifests import ManifestError, load
 from lb.model import Cluster
 from lb.netns import call_in, iproute, write_sysctl
+from lb.nodeflags import add_node_args, node_from_args
 from loader.build import Datapath, LayoutMismatch, remove_pins
 from loader.programs import TC_FROM_POD, TC_TO_EXTERNAL, TC_TO_POD, XDP_EXTERNAL
 
@@ -194,8 +195,6 @@ def conntrack_defines(args: argparse.Namespace) -> dict[str, str]:
 class Agent:
     def __init__(self, args: argparse.Namespace) -> None:
         self.instance: str = args.instance
-        from lb.cli import node_from_args
-
         self.node = node_from_args(args)
         self.ifaces: list[str] = list(args.iface or [])
         self.min_sync = float(args.min_sync_period)
@@ -413,7 +412,7 @@ def positive_seconds(value: str) -> int:
     return int(value)
 
 
-def add_agent_commands(sub: Any, add_node_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_agent_commands(sub: Any) -> None:
     r = sub.add_parser("run", help="run the node agent")
     r.add_argument("-f", "--file", action="append", default=[], metavar="FILE")
     r.add_argument("--iface", action="append", metavar="DEV",

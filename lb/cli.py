@@ -7,7 +7,6 @@ a message naming the bad field."""
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import sys
@@ -19,25 +18,10 @@ from lb import mapview
 from lb.instance import DEFAULT_INSTANCE, pin_dir_of
 from lb.manifests import ManifestError, load
 from lb.model import Node
+from lb.nodeflags import UsageError, add_node_args, node_from_args
 from lb.table import dump_json, render
 
 log = logging.getLogger("lbctl")
-
-
-class UsageError(Exception):
-    """Bad arguments or input: exit 2."""
-
-
-def node_from_args(args: argparse.Namespace) -> Node:
-    for value, flag in [(ip, "--node-ip") for ip in args.node_ip or ()] + \
-            [(c, "--service-cidr") for c in args.service_cidr or ()]:
-        try:
-            ipaddress.ip_network(value, strict=False)
-        except ValueError as e:
-            raise UsageError(f"{flag}: {e}") from e
-    return Node(name=args.node_name, ips=tuple(args.node_ip or ()),
-                service_cidrs=tuple(str(ipaddress.ip_network(c, strict=False))
-                                    for c in args.service_cidr or ()))
 
 
 def _node(args: argparse.Namespace) -> Node:
@@ -150,15 +134,6 @@ def cmd_trace(args: argparse.Namespace) -> int:
 # --- parser -----------------------------------------------------------------
 
 
-def _add_node_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--node-name", help="this node's name (endpoints on it are local)")
-    p.add_argument("--node-ip", action="append", metavar="IP",
-                   help="an address NodePorts answer on (repeatable); the first one is the "
-                        "masquerade source")
-    p.add_argument("--service-cidr", action="append", metavar="CIDR",
-                   help="where ClusterIPs are allocated: unused addresses there are dropped")
-
-
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lbctl", description=__doc__.splitlines()[0])
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -180,12 +155,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", metavar="FILE", help="JSON lines of probes")
     t.add_argument("--datapath", choices=("kernel", "userspace"), default="kernel")
     t.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    _add_node_args(t)
+    add_node_args(t)
     t.set_defaults(func=cmd_trace)
 
     from lb.agent import add_agent_commands
 
-    add_agent_commands(sub, _add_node_args)
+    add_agent_commands(sub)
     return ap
 
 

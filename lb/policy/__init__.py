@@ -4,16 +4,8 @@ semantics (`allowed`), the compiler into the maps of bpf/lb_maps.h
 maps (`lookup`, `check`) and a view for people (`describe`)."""
 
 from lb.policy.common import Verdict, combine
-from lb.policy.compiler import (
-    CompiledPolicy,
-    Limits,
-    PolicyDiff,
-    PolicyMaps,
-    apply,
-    compile_incremental,
-    compile_policy,
-    diff,
-)
+from lb.policy.compiler import CompiledPolicy, Limits, compile_incremental, compile_policy
+from lb.policy.contents import PolicyDiff, PolicyMaps, apply, diff
 from lb.policy.describe import describe
 from lb.policy.encode import decode, encode
 from lb.policy.lookup import check, lookup

@@ -7,7 +7,8 @@ from collections import defaultdict
 from typing import Any
 
 from lb.policy.common import DIRECTION_NAMES, EGRESS, INGRESS, ip_text
-from lb.policy.compiler import IDENTITY_ANY, ISOLATED, CompiledPolicy, PortRange, prefix_text
+from lb.policy.compiler import CompiledPolicy
+from lb.policy.contents import IDENTITY_ANY, ISOLATED, PortRange, prefix_text
 from lb.policy.lookup import policy_name
 
 MAX_NAMES = 6  # peers listed per identity before "+N more"

@@ -10,7 +10,11 @@ import socket
 import sys
 from typing import Any
 
-from lb.policy.compiler import (
+from lb.policy.contents import (
+    MAP_ENDPOINTS,
+    MAP_IPCACHE,
+    MAP_PORTSETS,
+    MAP_RULES,
     PORTS_PER_SET,
     EndpointEntry,
     PeerEntry,
@@ -22,12 +26,6 @@ from lb.policy.compiler import (
 )
 from loader import layout
 
-MAP_ENDPOINTS = "lb_pol_endpoints"
-MAP_IPCACHE = "lb_pol_ipcache"
-MAP_RULES = "lb_pol_rules"
-MAP_PORTSETS = "lb_pol_portsets"
-# percpu_array __u32 policy id -> struct lb_stat: drops blamed on each policy.
-MAP_DROPS = "lb_pol_drops"
 
 def _u32(value: int) -> bytes:
     """A __u32 as the machine stores it."""

@@ -10,24 +10,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from lb.model import Cluster, Node
-from lb.policy.compiler import (
-    MAX_CHAIN,
-    CompiledPolicy,
-    Limits,
-    PolicyMaps,
-    compile_policy,
-    diff,
-)
-from lb.policy.encode import (
+from lb.policy.compiler import CompiledPolicy, Limits, compile_policy
+from lb.policy.contents import (
     MAP_DROPS,
     MAP_ENDPOINTS,
     MAP_IPCACHE,
     MAP_PORTSETS,
     MAP_RULES,
-    decode,
-    encode_key,
-    encode_value,
+    MAX_CHAIN,
+    PolicyMaps,
+    diff,
 )
+from lb.policy.encode import decode, encode_key, encode_value
 from lb.refusal import Refusal
 from loader import layout
 from loader.maps import BpfMap, possible_cpus

@@ -19,12 +19,12 @@ from lb.policy.common import (
     ip_int,
     proto_number,
 )
-from lb.policy.compiler import (
+from lb.policy.compiler import CompiledPolicy
+from lb.policy.contents import (
     IDENTITY_ANY,
     ISOLATED,
     MAX_CHAIN,
     PEER_HOST,
-    CompiledPolicy,
     PeerEntry,
     PolicyMaps,
     mask,

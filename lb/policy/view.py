@@ -17,16 +17,16 @@ from typing import Any
 
 from lb.counters import count
 from lb.policy.common import DIRECTION_NAMES, EGRESS, INGRESS, ip_text
-from lb.policy.compiler import (
+from lb.policy.contents import (
     IDENTITY_ANY,
     ISOLATED,
+    MAP_DROPS,
     MAX_CHAIN,
     PEER_HOST,
     PolicyMaps,
     PortRange,
     prefix_text,
 )
-from lb.policy.encode import MAP_DROPS
 from lb.policy.kernel import read
 from loader.maps import BpfMap
 

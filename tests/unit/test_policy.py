@@ -45,7 +45,8 @@ from lb.policy import (
     lookup,
 )
 from lb.policy.common import EGRESS, INGRESS, ip_int, pods_by_ip
-from lb.policy.compiler import MAX_CHAIN, PORTS_PER_SET, PortRange, normalize
+from lb.policy.compiler import normalize
+from lb.policy.contents import MAX_CHAIN, PORTS_PER_SET, PortRange
 
 NODE1 = Node(name="node-1", ips=("192.0.2.1",))
 NODE2 = Node(name="node-2", ips=("192.0.2.2",))
