@@ -136,47 +136,51 @@ def _where(doc: Mapping[str, Any], source: str) -> str:
     return f"{source}: {doc.get('kind')} {meta.get('namespace', 'default')}/{meta.get('name')}"
 
 
-def parse_service(doc: Mapping[str, Any], where: str) -> Service:
-    name = _str(doc, "metadata.name", where)
-    namespace = _str(doc, "metadata.namespace", where, "default")
-    stype = _get(doc, "spec.type", where, "ClusterIP")
-    if stype not in SERVICE_TYPES:
-        raise ManifestError(where, "spec.type", f"unknown service type {stype!r}")
+def _cluster_ips(doc: Mapping[str, Any], where: str) -> tuple[bool, tuple[str, ...]]:
+    """(headless, the IPv4 ClusterIPs)."""
     cluster_ip = _get(doc, "spec.clusterIP", where)
-    cluster_ips_raw = _list(doc, "spec.clusterIPs", where) or (
-        [cluster_ip] if cluster_ip else []
-    )
-    headless = cluster_ip == "None" or cluster_ips_raw == ["None"]
-    cluster_ips: list[str] = []
-    if not headless:
-        for i, ip in enumerate(cluster_ips_raw):
-            v4 = _ip_any(ip, f"spec.clusterIPs[{i}]", where)
-            if v4:
-                cluster_ips.append(v4)
-    ports = []
+    raw = _list(doc, "spec.clusterIPs", where) or ([cluster_ip] if cluster_ip else [])
+    if cluster_ip == "None" or raw == ["None"]:
+        return True, ()
+    ips = (_ip_any(ip, f"spec.clusterIPs[{i}]", where) for i, ip in enumerate(raw))
+    return False, tuple(ip for ip in ips if ip)
+
+
+def _service_port(p: Any, field: str, where: str, seen: set[tuple[str, int]]) -> ServicePort:
+    """One of spec.ports; `seen`: the (protocol, port) pairs before it."""
+    if not isinstance(p, Mapping):
+        raise ManifestError(where, field, "expected an object")
+    port = _int(p.get("port"), f"{field}.port", where, 1, 65535)
+    proto = _protocol(p.get("protocol"), f"{field}.protocol", where)
+    if (proto, port) in seen:
+        raise ManifestError(where, f"{field}.port", f"duplicate {proto} port {port}")
+    seen.add((proto, port))
+    target = p.get("targetPort", port)
+    if isinstance(target, str):
+        if not target:
+            raise ManifestError(where, f"{field}.targetPort", "empty port name")
+    else:
+        target = _int(target, f"{field}.targetPort", where, 1, 65535)
+    node_port = p.get("nodePort")
+    if node_port is not None:
+        node_port = _int(node_port, f"{field}.nodePort", where, 1, 65535)
+    pname = p.get("name", "") or ""
+    if not isinstance(pname, str):
+        raise ManifestError(where, f"{field}.name", f"expected a string, got {pname!r}")
+    return ServicePort(pname, proto, port, target, node_port)
+
+
+def _service_ports(doc: Mapping[str, Any], where: str) -> tuple[ServicePort, ...]:
+    ports: list[ServicePort] = []
     seen: set[tuple[str, int]] = set()
-    for i, p in enumerate(_list(doc, "spec.ports", where)):
-        field = f"spec.ports[{i}]"
-        if not isinstance(p, Mapping):
-            raise ManifestError(where, field, "expected an object")
-        port = _int(p.get("port"), f"{field}.port", where, 1, 65535)
-        proto = _protocol(p.get("protocol"), f"{field}.protocol", where)
-        if (proto, port) in seen:
-            raise ManifestError(where, f"{field}.port", f"duplicate {proto} port {port}")
-        seen.add((proto, port))
-        target = p.get("targetPort", port)
-        if isinstance(target, str):
-            if not target:
-                raise ManifestError(where, f"{field}.targetPort", "empty port name")
-        else:
-            target = _int(target, f"{field}.targetPort", where, 1, 65535)
-        node_port = p.get("nodePort")
-        if node_port is not None:
-            node_port = _int(node_port, f"{field}.nodePort", where, 1, 65535)
-        pname = p.get("name", "") or ""
-        if not isinstance(pname, str):
-            raise ManifestError(where, f"{field}.name", f"expected a string, got {pname!r}")
-        ports.append(ServicePort(pname, proto, port, target, node_port))
+    for i, raw in enumerate(_list(doc, "spec.ports", where)):
+        ports.append(_service_port(raw, f"spec.ports[{i}]", where, seen))
+    return tuple(ports)
+
+
+def _outside_addresses(doc: Mapping[str, Any], where: str
+                       ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(externalIPs, LoadBalancer ingress IPs, loadBalancerSourceRanges)."""
     external_ips = tuple(
         ip
         for i, raw in enumerate(_list(doc, "spec.externalIPs", where))
@@ -195,6 +199,11 @@ def parse_service(doc: Mapping[str, Any], where: str) -> Service:
         except ValueError as e:
             field = f"spec.loadBalancerSourceRanges[{i}]"
             raise ManifestError(where, field, f"not a CIDR: {cidr!r}") from e
+    return external_ips, tuple(lb_ips), tuple(ranges)
+
+
+def _affinity(doc: Mapping[str, Any], where: str) -> tuple[bool, int]:
+    """(ClientIP session affinity, its timeout in seconds)."""
     affinity = _get(doc, "spec.sessionAffinity", where, "None")
     if affinity not in ("None", "ClientIP"):
         raise ManifestError(where, "spec.sessionAffinity", f"unknown value {affinity!r}")
@@ -204,11 +213,30 @@ def parse_service(doc: Mapping[str, Any], where: str) -> Service:
     timeout = _int(
         timeout, "spec.sessionAffinityConfig.clientIP.timeoutSeconds", where, 1, 86400
     )
+    return affinity == "ClientIP", timeout
+
+
+def _traffic_local(doc: Mapping[str, Any], where: str) -> tuple[bool, bool]:
+    """(externalTrafficPolicy is Local, internalTrafficPolicy is Local)."""
     etp = _get(doc, "spec.externalTrafficPolicy", where, "Cluster")
     itp = _get(doc, "spec.internalTrafficPolicy", where, "Cluster")
     for field, value in (("externalTrafficPolicy", etp), ("internalTrafficPolicy", itp)):
         if value not in ("Cluster", "Local"):
             raise ManifestError(where, f"spec.{field}", f"unknown value {value!r}")
+    return etp == "Local", itp == "Local"
+
+
+def parse_service(doc: Mapping[str, Any], where: str) -> Service:
+    name = _str(doc, "metadata.name", where)
+    namespace = _str(doc, "metadata.namespace", where, "default")
+    stype = _get(doc, "spec.type", where, "ClusterIP")
+    if stype not in SERVICE_TYPES:
+        raise ManifestError(where, "spec.type", f"unknown service type {stype!r}")
+    headless, cluster_ips = _cluster_ips(doc, where)
+    ports = _service_ports(doc, where)
+    external_ips, lb_ips, ranges = _outside_addresses(doc, where)
+    affinity, timeout = _affinity(doc, where)
+    etp_local, itp_local = _traffic_local(doc, where)
     hc = _get(doc, "spec.healthCheckNodePort", where)
     if hc is not None:
         hc = _int(hc, "spec.healthCheckNodePort", where, 1, 65535)
@@ -216,16 +244,16 @@ def parse_service(doc: Mapping[str, Any], where: str) -> Service:
         namespace=namespace,
         name=name,
         type=str(stype),
-        cluster_ips=tuple(cluster_ips),
+        cluster_ips=cluster_ips,
         headless=headless,
-        ports=tuple(ports),
+        ports=ports,
         external_ips=external_ips,
-        load_balancer_ips=tuple(lb_ips),
-        load_balancer_source_ranges=tuple(ranges),
-        session_affinity=affinity == "ClientIP",
+        load_balancer_ips=lb_ips,
+        load_balancer_source_ranges=ranges,
+        session_affinity=affinity,
         affinity_timeout=timeout,
-        external_traffic_local=etp == "Local",
-        internal_traffic_local=itp == "Local",
+        external_traffic_local=etp_local,
+        internal_traffic_local=itp_local,
         health_check_node_port=hc,
         publish_not_ready=bool(_get(doc, "spec.publishNotReadyAddresses", where, False)),
         selector=_labels(doc, "spec.selector", where),

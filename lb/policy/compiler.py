@@ -369,20 +369,35 @@ def normalize(tagged: Iterable[Tagged]) -> tuple[PortRange, ...]:
 # --- the compiler ------------------------------------------------------------------
 
 
-def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None = None,
-                   limits: Limits = Limits()) -> CompiledPolicy:
-    """This node's policy maps. Local pods are the pods whose nodeName is
-    node.name (every pod when node.name is None: a one-node view); their
-    ingress and egress are enforced here. node.ips and node.hairpin_ip are
-    the sources this node's pods always accept (the API exempts the pod's
-    node; the hairpin source is a pod reaching itself)."""
-    prev = previous or CompiledPolicy(PolicyMaps())
-    pods = pods_by_ip(cluster.pods.values())
-    local = {ip for ip, pod in pods.items() if node.name is None or pod.node_name == node.name}
-    ranked = sorted(cluster.policies.values(), key=lambda p: (p.namespace, p.name))
-    sel = _Selectors(cluster, pods, local)
+@dataclass
+class _Named:
+    """What the relevant rules name: selector peers, ipBlocks, and the port
+    names egress rules look up in the pods their peers match (a pod's
+    numbers for names no rule asks of it must not split its class)."""
 
-    # Which policies isolate which local pods, best-ranked first.
+    peer_keys: set[PeerKey] = field(default_factory=set)
+    blocks: set[IPBlock] = field(default_factory=set)
+    names_of_any: set[tuple[str, str]] = field(default_factory=set)
+    names_of: dict[PeerKey | IPBlock, set[tuple[str, str]]] = field(
+        default_factory=lambda: defaultdict(set))
+
+
+@dataclass
+class _Identities:
+    """The ipcache, and each identity by what makes it: the selectors and
+    blocks its class is in, the named ports its pods have."""
+
+    ipcache: dict[Prefix, PeerEntry]
+    identities: dict[PeerClass, int]
+    by_selector: dict[PeerKey, set[int]] = field(default_factory=lambda: defaultdict(set))
+    by_block: dict[IPBlock, set[int]] = field(default_factory=lambda: defaultdict(set))
+    by_name: dict[tuple[str, str], dict[int, set[int]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(set)))
+
+
+def _isolating(ranked: list[NetworkPolicy], sel: _Selectors) -> dict[tuple[int, int], list[int]]:
+    """Which policies (by rank) isolate which local pod and direction,
+    best-ranked first."""
     isolating: dict[tuple[int, int], list[int]] = defaultdict(list)
     for rank, pol in enumerate(ranked):
         groups = sel.select(pol.pod_selector, sel.by_ns.get(pol.namespace, set()))
@@ -393,15 +408,11 @@ def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None
             if ptype in pol.policy_types:
                 for ip in members:
                     isolating[(ip, direction)].append(rank)
-    relevant = sorted({r for ranks in isolating.values() for r in ranks})
+    return isolating
 
-    # What the relevant rules name: selector peers, ipBlocks, and the port
-    # names egress rules look up in the pods their peers match (a pod's
-    # numbers for names no rule asks of it must not split its class).
-    peer_keys: set[PeerKey] = set()
-    blocks: set[IPBlock] = set()
-    names_of_any: set[tuple[str, str]] = set()
-    names_of: dict[PeerKey | IPBlock, set[tuple[str, str]]] = defaultdict(set)
+
+def _named(ranked: list[NetworkPolicy], relevant: list[int]) -> _Named:
+    out = _Named()
     for rank in relevant:
         pol = ranked[rank]
         for direction, ptype in POLICY_TYPES.items():
@@ -409,39 +420,44 @@ def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None
                 asked = ({(p.port, p.protocol) for p in rule.ports if isinstance(p.port, str)}
                          if direction == EGRESS else set())
                 if asked and not rule.peers:
-                    names_of_any |= asked
+                    out.names_of_any |= asked
                 for peer in rule.peers:
                     if peer.ip_block is not None:
-                        blocks.add(peer.ip_block)
-                        names_of[peer.ip_block] |= asked
+                        out.blocks.add(peer.ip_block)
+                        out.names_of[peer.ip_block] |= asked
                     else:
                         pkey = _peer_key(pol, peer)
-                        peer_keys.add(pkey)
-                        names_of[pkey] |= asked
+                        out.peer_keys.add(pkey)
+                        out.names_of[pkey] |= asked
+    return out
 
-    # The class of every address that has an entry.
+
+def _address_classes(pods: dict[int, Pod], node: Node, sel: _Selectors,
+                     named: _Named) -> dict[Prefix, tuple[PeerClass, int]]:
+    """The class (and PEER_HOST flag) of every address that has an entry:
+    each ipBlock prefix, each pod, the node's own addresses."""
     pod_selectors: dict[int, list[PeerKey]] = defaultdict(list)
-    for key in peer_keys:
+    for key in named.peer_keys:
         for g in sel.peer(key):
             for ip in sel.members[g]:
                 pod_selectors[ip].append(key)
-    bidx = _Blocks(blocks)
+    bidx = _Blocks(named.blocks)
     entries: dict[Prefix, tuple[PeerClass, int]] = {
         p: (PeerClass(blocks=bidx.containing(*p)), 0) for p in bidx.prefixes
     }
     for ip, pod in pods.items():
         keys = frozenset(pod_selectors.get(ip, ()))
         pod_blocks = bidx.containing(ip, 32)
-        named: frozenset[NamedPort] = frozenset()
+        ports: frozenset[NamedPort] = frozenset()
         if pod.ports:
-            wanted = set(names_of_any)
+            wanted = set(named.names_of_any)
             for k in keys:
-                wanted |= names_of.get(k, set())
+                wanted |= named.names_of.get(k, set())
             for b in pod_blocks:
-                wanted |= names_of.get(b, set())
-            named = frozenset((c.name, c.protocol, c.port) for c in pod.ports
+                wanted |= named.names_of.get(b, set())
+            ports = frozenset((c.name, c.protocol, c.port) for c in pod.ports
                               if (c.name, c.protocol) in wanted)
-        entries[(ip, 32)] = (PeerClass(keys, pod_blocks, named), 0)
+        entries[(ip, 32)] = (PeerClass(keys, pod_blocks, ports), 0)
     for host in (*node.ips, node.hairpin_ip):
         try:
             hip = ip_int(host)
@@ -449,8 +465,12 @@ def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None
             continue  # an IPv6 node address
         cls, _ = entries.get((hip, 32), (PeerClass(blocks=bidx.containing(hip, 32)), 0))
         entries[(hip, 32)] = (cls, PEER_HOST)
+    return entries
 
-    # Keep a prefix only where it changes the answer of the prefix above it.
+
+def _minimal(entries: dict[Prefix, tuple[PeerClass, int]]
+             ) -> dict[Prefix, tuple[PeerClass, int]]:
+    """A prefix kept only where it changes the answer of the prefix above it."""
     lengths = sorted({plen for _, plen in entries}, reverse=True)
     kept: dict[Prefix, tuple[PeerClass, int]] = {}
     for (net, plen), value in entries.items():
@@ -463,26 +483,28 @@ def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None
                     break
         if value != above:
             kept[(net, plen)] = value
+    return kept
 
+
+def _identities(prev: CompiledPolicy, kept: dict[Prefix, tuple[PeerClass, int]]
+                ) -> _Identities:
     identity_ids = _Ids(prev.identities)
     identity_ids.assigned[EMPTY_CLASS] = IDENTITY_ANY
     ipcache = {p: PeerEntry(identity_ids.get(cls), flags) for p, (cls, flags) in kept.items()}
-    identities = dict(identity_ids.assigned)
-    by_selector: dict[PeerKey, set[int]] = defaultdict(set)
-    by_block: dict[IPBlock, set[int]] = defaultdict(set)
-    by_name: dict[tuple[str, str], dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
-    for cls, ident in identities.items():
+    out = _Identities(ipcache, dict(identity_ids.assigned))
+    for cls, ident in out.identities.items():
         for key in cls.selectors:
-            by_selector[key].add(ident)
+            out.by_selector[key].add(ident)
         for b in cls.blocks:
-            by_block[b].add(ident)
+            out.by_block[b].add(ident)
         for name, proto, number in cls.named_ports:
-            by_name[(name, proto)][ident].add(number)
+            out.by_name[(name, proto)][ident].add(number)
+    return out
 
-    policy_ids = _Ids(prev.policy_ids)
-    pids = {rank: policy_ids.get(ranked[rank].key) for rank in relevant}
 
-    # Each relevant policy's rules, peers resolved to identities.
+def _prepared(ranked: list[NetworkPolicy], relevant: list[int], ids: _Identities
+              ) -> dict[tuple[int, int], list[_Rule]]:
+    """Each relevant policy's rules, peers resolved to identities."""
     prepared: dict[tuple[int, int], list[_Rule]] = {}
     for rank in relevant:
         pol = ranked[rank]
@@ -494,9 +516,9 @@ def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None
                     found: set[int] = set()
                     for peer in rule.peers:
                         if peer.ip_block is not None:
-                            found |= by_block.get(peer.ip_block, set())
+                            found |= ids.by_block.get(peer.ip_block, set())
                         else:
-                            found |= by_selector.get(_peer_key(pol, peer), set())
+                            found |= ids.by_selector.get(_peer_key(pol, peer), set())
                     targets = frozenset(found)
                 numeric: list[tuple[int, int, int]] = []
                 names: list[tuple[str, str]] = []
@@ -512,35 +534,50 @@ def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None
                     numeric.append((PROTO_ANY, 0, 65535))
                 rules.append(_Rule(targets, tuple(numeric), tuple(names)))
             prepared[(rank, direction)] = rules
-    ingress_named = {rank for rank in relevant
-                     if any(r.named for r in prepared[(rank, INGRESS)])}
+    return prepared
 
-    slots = _Ids({}, reserved=(0, *prev.maps.portsets))
-    portsets: dict[int, PortSet] = {}
-    portset_slots: dict[tuple[PortRange, ...], tuple[int, ...]] = {}
-    errors: list[Refusal] = []
 
-    def intern(ranges: tuple[PortRange, ...], where: str) -> int:
+class _PortSets:
+    """Port-set slots: each distinct set of ranges stored once, as a chain of
+    PORTS_PER_SET-range slots, keeping the slots it had in `prev`."""
+
+    def __init__(self, prev: CompiledPolicy, errors: list[Refusal]) -> None:
+        self.prev = prev
+        self.slots = _Ids({}, reserved=(0, *prev.maps.portsets))
+        self.portsets: dict[int, PortSet] = {}
+        self.chains: dict[tuple[PortRange, ...], tuple[int, ...]] = {}
+        self.errors = errors
+
+    def intern(self, ranges: tuple[PortRange, ...], where: str) -> int:
         """The first slot of a port set, stored once however many rules use it."""
-        chain = portset_slots.get(ranges)
+        chain = self.chains.get(ranges)
         if chain is None:
             limit = PORTS_PER_SET * MAX_CHAIN
             if len(ranges) > limit:
                 # Fail closed: the ranges past the limit are not allowed.
-                errors.append(Refusal(where, f"{len(ranges)} port ranges, only {limit} kept"))
+                self.errors.append(Refusal(where, f"{len(ranges)} port ranges, only {limit} kept"))
                 ranges_kept = ranges[:limit]
             else:
                 ranges_kept = ranges
             chunks = [ranges_kept[i:i + PORTS_PER_SET]
                       for i in range(0, len(ranges_kept), PORTS_PER_SET)]
-            chain = prev.portset_slots.get(ranges) or tuple(slots.fresh() for _ in chunks)
+            chain = self.prev.portset_slots.get(ranges) or tuple(self.slots.fresh() for _ in chunks)
             for i, chunk in enumerate(chunks):
                 nxt = chain[i + 1] if i + 1 < len(chain) else 0
-                portsets[chain[i]] = PortSet(chunk, nxt)
-            portset_slots[ranges] = chain
+                self.portsets[chain[i]] = PortSet(chunk, nxt)
+            self.chains[ranges] = chain
         return chain[0]
 
-    # Rules: per local pod and direction, cached by what they depend on.
+
+def _local_rules(local: set[int], pods: dict[int, Pod],
+                 isolating: dict[tuple[int, int], list[int]], pids: dict[int, int],
+                 prepared: dict[tuple[int, int], list[_Rule]], ids: _Identities,
+                 sets: _PortSets) -> tuple[dict[RuleKey, int], dict[int, EndpointEntry]]:
+    """The rules and endpoint entries of each local pod and direction,
+    compiled once per distinct (direction, policies, ports) they depend on."""
+    relevant = sorted({r for ranks in isolating.values() for r in ranks})
+    ingress_named = {rank for rank in relevant
+                     if any(r.named for r in prepared[(rank, INGRESS)])}
     rules_out: dict[RuleKey, int] = {}
     endpoints: dict[int, EndpointEntry] = {}
     cache: dict[Any, tuple[int | None, dict[int, int]]] = {}
@@ -559,8 +596,8 @@ def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None
             compiled = cache.get(ckey)
             if compiled is None:
                 where = f"{pod.key} {DIRECTION_NAMES[direction]}"
-                compiled = _pod_rules(direction, ranks, pids, prepared, pod, by_name,
-                                      functools.partial(intern, where=where))
+                compiled = _pod_rules(direction, ranks, pids, prepared, pod, ids.by_name,
+                                      functools.partial(sets.intern, where=where))
                 cache[ckey] = compiled
             any_slot, per_identity = compiled
             if any_slot is not None:
@@ -569,34 +606,67 @@ def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None
                 rules_out[(ip, ident, direction)] = slot
         if flags:
             endpoints[ip] = EndpointEntry(flags, blame[INGRESS], blame[EGRESS])
+    return rules_out, endpoints
 
-    maps = PolicyMaps(
-        endpoints=endpoints,
-        ipcache=ipcache,
-        rules=rules_out,
-        portsets=portsets,
-        policies={pid: ranked[rank].key for rank, pid in pids.items()},
-    )
+
+def _over_limits(maps: PolicyMaps, pids: dict[int, int], limits: Limits) -> list[Refusal]:
+    """What does not fit the maps: refused, so that the writer fails closed."""
+    errors = []
     subject = "NetworkPolicy for this node"
     for name, what, count, limit in (
-            ("lb_pol_endpoints", "isolated pods", len(endpoints), limits.endpoints),
-            ("lb_pol_ipcache", "ipcache entries", len(ipcache), limits.ipcache),
-            ("lb_pol_rules", "rules", len(rules_out), limits.rules)):
+            ("lb_pol_endpoints", "isolated pods", len(maps.endpoints), limits.endpoints),
+            ("lb_pol_ipcache", "ipcache entries", len(maps.ipcache), limits.ipcache),
+            ("lb_pol_rules", "rules", len(maps.rules), limits.rules)):
         if count > limit:
             errors.append(Refusal(subject, f"{count} {what}, the map holds {limit}", name))
-    if portsets and max(portsets) >= limits.portsets:
-        errors.append(Refusal(subject, f"port-set slot {max(portsets)} beyond the "
+    if maps.portsets and max(maps.portsets) >= limits.portsets:
+        errors.append(Refusal(subject, f"port-set slot {max(maps.portsets)} beyond the "
                               f"{limits.portsets} slots", "lb_pol_portsets"))
     if pids and max(pids.values()) >= limits.policies:
         errors.append(Refusal(subject, f"policy id {max(pids.values())} beyond the "
                               f"{limits.policies} ids", "lb_pol_drops"))
+    return errors
+
+
+def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None = None,
+                   limits: Limits = Limits()) -> CompiledPolicy:
+    """This node's policy maps. Local pods are the pods whose nodeName is
+    node.name (every pod when node.name is None: a one-node view); their
+    ingress and egress are enforced here. node.ips and node.hairpin_ip are
+    the sources this node's pods always accept (the API exempts the pod's
+    node; the hairpin source is a pod reaching itself). Numbers (identities,
+    port-set slots, policy ids) are kept from `previous` where they still
+    mean the same."""
+    prev = previous or CompiledPolicy(PolicyMaps())
+    pods = pods_by_ip(cluster.pods.values())
+    local = {ip for ip, pod in pods.items() if node.name is None or pod.node_name == node.name}
+    ranked = sorted(cluster.policies.values(), key=lambda p: (p.namespace, p.name))
+    sel = _Selectors(cluster, pods, local)
+    isolating = _isolating(ranked, sel)
+    relevant = sorted({r for ranks in isolating.values() for r in ranks})
+    entries = _address_classes(pods, node, sel, _named(ranked, relevant))
+    ids = _identities(prev, _minimal(entries))
+    policy_ids = _Ids(prev.policy_ids)
+    pids = {rank: policy_ids.get(ranked[rank].key) for rank in relevant}
+    errors: list[Refusal] = []
+    sets = _PortSets(prev, errors)
+    rules, endpoints = _local_rules(local, pods, isolating, pids,
+                                    _prepared(ranked, relevant, ids), ids, sets)
+    maps = PolicyMaps(
+        endpoints=endpoints,
+        ipcache=ids.ipcache,
+        rules=rules,
+        portsets=sets.portsets,
+        policies={pid: ranked[rank].key for rank, pid in pids.items()},
+    )
+    errors += _over_limits(maps, pids, limits)
     return CompiledPolicy(
         maps=maps,
         node_name=node.name,
         local_pods={ip: pods[ip].key for ip in local},
         pods={ip: pod.key for ip, pod in pods.items()},
-        identities=identities,
-        portset_slots=portset_slots,
+        identities=ids.identities,
+        portset_slots=sets.chains,
         policy_ids={ranked[rank].key: pid for rank, pid in pids.items()},
         errors=tuple(errors),
     )

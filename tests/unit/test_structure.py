@@ -1,6 +1,7 @@
 """The shape of the code: no import cycle among the modules of lb/ and
 loader/, whether the import sits at the top of a module or inside a
-function (a cycle there still means two modules that need each other)."""
+function (a cycle there still means two modules that need each other);
+no function there longer than 80 lines."""
 
 from __future__ import annotations
 
@@ -82,3 +83,18 @@ def test_no_import_cycles() -> None:
     graph = import_graph()
     assert "lb.agent" in graph and "loader.build" in graph
     assert cycles(graph) == []
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_longer_than_80_lines() -> None:
+    long = []
+    for pkg in PACKAGES:
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                    if lines > MAX_FUNCTION_LINES:
+                        long.append(f"{module_name(path)}.{node.name}: {lines} lines")
+    assert long == []
