@@ -38,9 +38,9 @@ from lb.instance import (
 )
 from lb.kube import DEFAULT_RESYNC_PERIOD, ConfigError, KubeSource, kubeconfig_path
 from lb.manifests import ManifestError, load
-from lb.model import Cluster
+from lb.model import Cluster, Node
 from lb.netns import call_in, iproute, write_sysctl
-from lb.nodeflags import add_node_args, node_from_args
+from lb.nodeflags import UsageError, add_node_args, node_from_args
 from loader.build import Datapath, LayoutMismatch, remove_pins
 from loader.programs import TC_FROM_POD, TC_TO_EXTERNAL, TC_TO_POD, XDP_EXTERNAL
 
@@ -192,25 +192,81 @@ def conntrack_defines(args: argparse.Namespace) -> dict[str, str]:
             if getattr(args, flag, None) is not None}
 
 
+@dataclass(frozen=True)
+class AgentConfig:
+    """What `lbctl run` was asked to do, checked: the agent's only input."""
+
+    instance: str
+    node: Node
+    ifaces: tuple[str, ...]
+    min_sync_period: float
+    files: tuple[Path, ...]  # the file source; empty with kubernetes
+    kubernetes: bool
+    kubeconfig: str | None
+    resync_period: float
+    metrics_addr: str | None
+    healthz_addr: str | None
+    netns: str | None
+    sizes: Sizes
+    conntrack_defines: dict[str, str]
+    cgroup: str | None  # a path, or "auto"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> AgentConfig:
+        """Raises UsageError for flags that contradict each other or do not parse."""
+        problem = _flag_problem(args)
+        if problem:
+            raise UsageError(f"run: {problem}")
+        return cls(
+            instance=args.instance, node=node_from_args(args), ifaces=tuple(args.iface or ()),
+            min_sync_period=float(args.min_sync_period),
+            files=tuple(Path(f) for f in args.file), kubernetes=bool(args.kubernetes),
+            kubeconfig=args.kubeconfig, resync_period=float(args.resync_period),
+            metrics_addr=args.metrics_addr, healthz_addr=args.healthz_addr, netns=args.netns,
+            sizes=sizes_from_args(args), conntrack_defines=conntrack_defines(args),
+            cgroup=args.cgroup)
+
+
+def _flag_problem(args: argparse.Namespace) -> str | None:
+    if args.kubernetes and args.file:
+        return "--file and --kubernetes are alternatives: give one"
+    if not args.kubernetes and not args.file:
+        return "give the objects with --file, or --kubernetes to watch the API server"
+    if args.kubeconfig and not args.kubernetes:
+        return "--kubeconfig: only with --kubernetes"
+    if args.resync_period < 0:
+        return "--resync-period: must be >= 0 (0: never)"
+    from lb.metrics import parse_addr  # prometheus_client: not for every lbctl command
+
+    for flag, value in (("--metrics-addr", args.metrics_addr),
+                        ("--healthz-addr", args.healthz_addr)):
+        if value:
+            try:
+                parse_addr(value)
+            except ValueError as e:
+                return f"{flag}: {e}"
+    return None
+
+
 class Agent:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.instance: str = args.instance
-        self.node = node_from_args(args)
-        self.ifaces: list[str] = list(args.iface or [])
-        self.min_sync = float(args.min_sync_period)
+    def __init__(self, config: AgentConfig) -> None:
+        self.instance = config.instance
+        self.node = config.node
+        self.ifaces = list(config.ifaces)
+        self.min_sync = config.min_sync_period
         self.source: FileSource | KubeSource = (
-            KubeSource.from_args(args) if args.kubernetes
-            else FileSource([Path(f) for f in args.file]))
+            KubeSource.connect(config.kubeconfig, config.node.name, config.resync_period)
+            if config.kubernetes else FileSource(list(config.files)))
         from lb.metrics import Metrics  # prometheus_client: not for every lbctl command
 
         self.metrics: Metrics = Metrics()
-        self.metrics_addr: str | None = args.metrics_addr
-        self.healthz_addr: str | None = args.healthz_addr
+        self.metrics_addr = config.metrics_addr
+        self.healthz_addr = config.healthz_addr
         self._retry: Cluster | None = None
-        self.netns: str | None = args.netns
-        self.sizes = sizes_from_args(args)
-        self.defines = conntrack_defines(args)
-        self.cgroup: Path | None = socklb.resolve_cgroup(args.cgroup) if args.cgroup else None
+        self.netns = config.netns
+        self.sizes = config.sizes
+        self.defines = config.conntrack_defines
+        self.cgroup: Path | None = socklb.resolve_cgroup(config.cgroup) if config.cgroup else None
         self.stopping = threading.Event()
         self.attachments = Attachments(netns=self.netns)
         self.health = HealthServers(netns=self.netns)
@@ -347,29 +403,8 @@ class Agent:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    problem = None
-    if args.kubernetes and args.file:
-        problem = "--file and --kubernetes are alternatives: give one"
-    elif not args.kubernetes and not args.file:
-        problem = "give the objects with --file, or --kubernetes to watch the API server"
-    elif args.kubeconfig and not args.kubernetes:
-        problem = "--kubeconfig: only with --kubernetes"
-    elif args.resync_period < 0:
-        problem = "--resync-period: must be >= 0 (0: never)"
-    from lb.metrics import parse_addr  # prometheus_client: not for every lbctl command
-
-    for flag, value in (("--metrics-addr", args.metrics_addr),
-                        ("--healthz-addr", args.healthz_addr)):
-        if value and not problem:
-            try:
-                parse_addr(value)
-            except ValueError as e:
-                problem = f"{flag}: {e}"
-    if problem:
-        print(f"lbctl: run: {problem}", file=sys.stderr)
-        return 2
     try:
-        agent = Agent(args)
+        agent = Agent(AgentConfig.from_args(args))
     except ConfigError as e:
         print(f"lbctl: run: --kubernetes: {e}", file=sys.stderr)
         return 2

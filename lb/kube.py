@@ -632,12 +632,15 @@ class KubeSource:
         ]
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> KubeSource:
+    def connect(cls, kubeconfig: str | None, node_name: str | None,
+                resync_period: float) -> KubeSource:
+        """A source over the API server that `kubeconfig` names (in-cluster
+        without one), for `node_name` (default: the host name)."""
         from kubernetes import client
 
-        api = client.ApiClient(load_config(args.kubeconfig))
-        return cls(api, node_name=args.node_name or socket.gethostname().lower(),
-                   resync_period=float(args.resync_period))
+        api = client.ApiClient(load_config(kubeconfig))
+        return cls(api, node_name=node_name or socket.gethostname().lower(),
+                   resync_period=resync_period)
 
     @property
     def changed(self) -> threading.Event:

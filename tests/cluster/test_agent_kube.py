@@ -9,7 +9,6 @@ attaches its programs inside the node namespace given with --netns."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import subprocess
@@ -479,8 +478,7 @@ def test_in_cluster_config_with_the_daemonset_rbac(
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(control_plane.apiserver_port))
     monkeypatch.delenv("KUBECONFIG", raising=False)
-    args = argparse.Namespace(kubeconfig=None, node_name="node", resync_period=300.0)
-    source = KubeSource.from_args(args).start()
+    source = KubeSource.connect(None, "node", 300.0).start()
     try:
         assert source.wait_listed(30), source.stats()
         cluster = source.poll()
