@@ -6,7 +6,7 @@ Names and numbers come from bpf/lb_maps.h."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -82,7 +82,8 @@ class PortSet:
 class PolicyMaps:
     """Exactly what the maps hold (see bpf/lb_maps.h), as Python values;
     what `lookup` reads and `encode` writes. Addresses are ints. Treat as
-    immutable (the ipcache's prefix lengths are cached)."""
+    immutable (the ipcache's prefix lengths and the rules by endpoint are
+    cached)."""
 
     endpoints: dict[int, EndpointEntry] = field(default_factory=dict)
     ipcache: dict[Prefix, PeerEntry] = field(default_factory=dict)
@@ -95,6 +96,43 @@ class PolicyMaps:
     def ipcache_lengths(self) -> tuple[int, ...]:
         """Prefix lengths present, longest first (the trie's search order)."""
         return tuple(sorted({plen for _, plen in self.ipcache}, reverse=True))
+
+    def chain(self, slot: int) -> list[PortRange]:
+        """The ranges of the port set starting at `slot`, following `next`
+        as the datapath does: at most MAX_CHAIN slots, slot 0 is none."""
+        out: list[PortRange] = []
+        for _ in range(MAX_CHAIN):
+            ps = self.portsets.get(slot) if slot else None
+            if ps is None:
+                break
+            out.extend(ps.ranges)
+            slot = ps.next
+        return out
+
+    @cached_property
+    def _rules_by_endpoint(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
+        out: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for (local, ident, direction), slot in self.rules.items():
+            out.setdefault((local, direction), []).append((ident, slot))
+        return {k: sorted(v) for k, v in out.items()}
+
+    def rules_of(self, addr: int, direction: int) -> list[tuple[int, int]]:
+        """(identity, first port-set slot) of one local pod and direction, by
+        identity."""
+        return self._rules_by_endpoint.get((addr, direction), [])
+
+    def rule_rows(self, addr: int, direction: int, peer_text: Callable[[int], str],
+                  policy_text: Callable[[int], Any]) -> list[dict[str, Any]]:
+        """One {peer, ports, policy} per identity and credited policy: the
+        rules of a local pod's direction for people (`lbctl maps policy`)."""
+        rows = []
+        for ident, slot in self.rules_of(addr, direction):
+            per_policy: dict[int, list[str]] = {}
+            for r in self.chain(slot):
+                per_policy.setdefault(r.policy, []).append(str(r))
+            rows += [{"peer": peer_text(ident), "ports": ", ".join(ports),
+                      "policy": policy_text(pid)} for pid, ports in sorted(per_policy.items())]
+        return rows
 
 
 # --- differences -------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any
 
 from lb.policy.common import DIRECTION_NAMES, EGRESS, INGRESS, ip_text
 from lb.policy.compiler import CompiledPolicy
-from lb.policy.contents import IDENTITY_ANY, ISOLATED, PortRange, prefix_text
+from lb.policy.contents import IDENTITY_ANY, ISOLATED, prefix_text
 from lb.policy.lookup import policy_name
 
 MAX_NAMES = 6  # peers listed per identity before "+N more"
@@ -34,37 +34,16 @@ def _peer_text(c: CompiledPolicy, members: dict[int, list[str]], ident: int) -> 
     return f"#{ident} {shown}" + (f" ({cls})" if cls is not None else "")
 
 
-def _chain(c: CompiledPolicy, slot: int) -> list[PortRange]:
-    out: list[PortRange] = []
-    while slot and slot in c.maps.portsets:
-        ps = c.maps.portsets[slot]
-        out.extend(ps.ranges)
-        slot = ps.next
-    return out
-
-
 def describe(c: CompiledPolicy) -> list[dict[str, Any]]:
     """Rows: pod, ip, direction, isolated, drop_policy (blamed for drops),
     rules: [{peer, ports, policy}] (identity 0 is "any": the rules for a
     peer without an entry of its own)."""
     members = _identity_members(c)
-    by_ep: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
-    for (local, ident, direction), slot in c.maps.rules.items():
-        by_ep[(local, direction)].append((ident, slot))
     rows: list[dict[str, Any]] = []
     for addr, name in sorted(c.local_pods.items(), key=lambda kv: kv[1]):
         ep = c.maps.endpoints.get(addr)
         for direction in (INGRESS, EGRESS):
             isolated = ep is not None and bool(ep.flags & ISOLATED[direction])
-            rules: list[dict[str, str]] = []
-            for ident, slot in sorted(by_ep.get((addr, direction), [])):
-                per_policy: dict[int, list[str]] = defaultdict(list)
-                for r in _chain(c, slot):
-                    per_policy[r.policy].append(str(r))
-                for pid, ports in per_policy.items():
-                    rules.append({"peer": _peer_text(c, members, ident),
-                                  "ports": ", ".join(ports),
-                                  "policy": policy_name(c.maps, pid)})
             rows.append({
                 "pod": name,
                 "ip": ip_text(addr),
@@ -72,6 +51,8 @@ def describe(c: CompiledPolicy) -> list[dict[str, Any]]:
                 "isolated": isolated,
                 "drop_policy": (policy_name(c.maps, ep.policy(direction))
                                 if ep is not None and isolated else None),
-                "rules": rules,
+                "rules": c.maps.rule_rows(addr, direction,
+                                          lambda ident: _peer_text(c, members, ident),
+                                          lambda pid: policy_name(c.maps, pid)),
             })
     return rows

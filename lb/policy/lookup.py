@@ -23,7 +23,6 @@ from lb.policy.compiler import CompiledPolicy
 from lb.policy.contents import (
     IDENTITY_ANY,
     ISOLATED,
-    MAX_CHAIN,
     PEER_HOST,
     PeerEntry,
     PolicyMaps,
@@ -73,14 +72,9 @@ def check(compiled: PolicyMaps | CompiledPolicy, direction: int, local_ip: str |
     slot = maps.rules.get((local, identity, direction))
     if slot is None and identity != IDENTITY_ANY:
         slot = maps.rules.get((local, IDENTITY_ANY, direction))
-    for _ in range(MAX_CHAIN):
-        ps = maps.portsets.get(slot) if slot else None
-        if ps is None:
-            break
-        for r in ps.ranges:
-            if (r.proto == PROTO_ANY or r.proto == pnum) and r.lo <= dport <= r.hi:
-                return Verdict(True, policy_name(maps, r.policy), dname, ALLOWED)
-        slot = ps.next
+    for r in maps.chain(slot or 0):
+        if (r.proto == PROTO_ANY or r.proto == pnum) and r.lo <= dport <= r.hi:
+            return Verdict(True, policy_name(maps, r.policy), dname, ALLOWED)
     return Verdict(False, policy_name(maps, ep.policy(direction)), dname, DENIED)
 
 

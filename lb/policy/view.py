@@ -6,8 +6,8 @@ an isolated direction without a rule row drops everything.
 
 The maps carry numbers, not names: a peer is an identity with the ipcache
 prefixes that have it (pods as /32), a policy is its id (the index of its
-drop counter in lb_pol_drops). `lb/policy/describe.py` gives the same view
-with names, from a compile."""
+drop counter in lb_pol_drops). `lb/policy/describe.py` gives the same rows
+(PolicyMaps.rule_rows) with names, from a compile."""
 
 from __future__ import annotations
 
@@ -21,10 +21,8 @@ from lb.policy.contents import (
     IDENTITY_ANY,
     ISOLATED,
     MAP_DROPS,
-    MAX_CHAIN,
     PEER_HOST,
     PolicyMaps,
-    PortRange,
     prefix_text,
 )
 from lb.policy.kernel import read
@@ -55,17 +53,6 @@ def _peers(pm: PolicyMaps) -> dict[int, str]:
     return out
 
 
-def _chain(pm: PolicyMaps, slot: int) -> list[PortRange]:
-    out: list[PortRange] = []
-    for _ in range(MAX_CHAIN):
-        ps = pm.portsets.get(slot) if slot else None
-        if ps is None:
-            break
-        out.extend(ps.ranges)
-        slot = ps.next
-    return out
-
-
 def rows(maps: Mapping[str, BpfMap]) -> list[dict[str, Any]]:
     """pod (address), direction, isolated, drop_policy (the id blamed for a
     drop) and its drops, then one rule per row: peer ("any", or #identity
@@ -74,9 +61,10 @@ def rows(maps: Mapping[str, BpfMap]) -> list[dict[str, Any]]:
     without any rule, is one row with peer and ports "-"."""
     pm = read(maps)
     peers = _peers(pm)
-    by_ep: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
-    for (local, ident, direction), slot in pm.rules.items():
-        by_ep[(local, direction)].append((ident, slot))
+
+    def peer_text(ident: int) -> str:
+        return "any" if ident == IDENTITY_ANY else f"#{ident} {peers.get(ident, '(no prefix)')}"
+
     out: list[dict[str, Any]] = []
     for addr, ep in sorted(pm.endpoints.items()):
         for direction in (INGRESS, EGRESS):
@@ -85,14 +73,7 @@ def rows(maps: Mapping[str, BpfMap]) -> list[dict[str, Any]]:
             base = {"pod": ip_text(addr), "direction": DIRECTION_NAMES[direction],
                     "isolated": isolated, "drop_policy": blamed or None,
                     "drops": _drops(maps, blamed)}
-            rules: list[dict[str, Any]] = []
-            for ident, slot in sorted(by_ep.get((addr, direction), [])) if isolated else []:
-                per_policy: dict[int, list[str]] = defaultdict(list)
-                for r in _chain(pm, slot):
-                    per_policy[r.policy].append(str(r))
-                peer = ("any" if ident == IDENTITY_ANY
-                        else f"#{ident} {peers.get(ident, '(no prefix)')}")
-                rules += [{**base, "peer": peer, "ports": ", ".join(ports), "policy": pid}
-                          for pid, ports in sorted(per_policy.items())]
-            out += rules or [{**base, "peer": "-", "ports": "-", "policy": None}]
+            rules = pm.rule_rows(addr, direction, peer_text, lambda pid: pid) if isolated else []
+            out += ([{**base, **r} for r in rules]
+                    or [{**base, "peer": "-", "ports": "-", "policy": None}])
     return out
