@@ -1,5 +1,7 @@
-"""What each datapath stat reason means as a verdict, in the words
-`lbctl trace` prints (kube-proxy's: DNAT, REJECT, DROP, PASS)."""
+"""What each datapath stat reason means: as a verdict, in the words `lbctl
+trace` prints (kube-proxy's: DNAT, REJECT, DROP, PASS), and the classes the
+programs act on (bpf/lib/verdict.h; the userspace twin reads them from here,
+and a unit test holds the two to the same reasons)."""
 
 from __future__ import annotations
 
@@ -36,6 +38,22 @@ _VERDICTS = {
 }
 
 _PREFIXES = ("PASS_", "DNAT_", "DROP_", "REJECT_")
+
+
+def _stats(*names: str) -> frozenset[int]:
+    return frozenset(CONSTS[f"LB_STAT_{n}"] for n in names)
+
+
+# lb_rewrites: the packet is translated.
+REWRITES = _stats("DNAT_NEW", "DNAT_ESTABLISHED", "REVNAT")
+# lb_policed: what the sending pod's egress policy looks at.
+POLICED = _stats("DNAT_NEW", "DNAT_ESTABLISHED", "PASS_NOT_SERVICE", "PASS_OTHER_PROTO")
+# lb_rejects: answered with an ICMP port unreachable.
+REJECTS = _stats("REJECT_NO_ENDPOINTS", "REJECT_NO_PORT")
+# lb_drops: dropped (a rejected packet too, when no ICMP answer can be made).
+DROPS = _stats("DROP_MALFORMED", "REJECT_NO_ENDPOINTS", "DROP_BACKEND_GONE",
+               "DROP_SOURCE_RANGE", "DROP_NO_LOCAL", "REJECT_NO_PORT", "DROP_UNKNOWN_VIP",
+               "DROP_POLICY", "ERROR")
 
 
 def _name(const: str) -> str:

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 from lb.model import PROTO_NUMBERS
 from lb.userspace.maps import DictMap
+from lb.verdicts import DROPS, POLICED, REJECTS, REWRITES
 from loader import layout
 from loader.programs import PACKET_PROGRAMS
 
@@ -48,14 +49,6 @@ _U32N = struct.Struct("=I")
 _BE16 = struct.Struct("!H")
 
 _STAT = {name[len("LB_STAT_"):]: v for name, v in _C.items() if name.startswith("LB_STAT_")}
-_DROPS = frozenset(_STAT[k] for k in (
-    "DROP_MALFORMED", "REJECT_NO_ENDPOINTS", "DROP_BACKEND_GONE", "DROP_SOURCE_RANGE",
-    "DROP_NO_LOCAL", "REJECT_NO_PORT", "DROP_UNKNOWN_VIP", "DROP_POLICY", "ERROR"))
-_REWRITES = frozenset(_STAT[k] for k in ("DNAT_NEW", "DNAT_ESTABLISHED", "REVNAT"))
-_REJECTS = frozenset(_STAT[k] for k in ("REJECT_NO_ENDPOINTS", "REJECT_NO_PORT"))
-# lb_policed: what the egress policy of the sending pod looks at.
-_POLICED = frozenset(_STAT[k] for k in ("DNAT_NEW", "DNAT_ESTABLISHED", "PASS_NOT_SERVICE",
-                                        "PASS_OTHER_PROTO"))
 _POL_INGRESS, _POL_EGRESS = _C["LB_POL_INGRESS"], _C["LB_POL_EGRESS"]
 # Each policy check's own conntrack key space.
 _CT_POLICY, _CT_POLICY_INGRESS = _C["LB_CT_POLICY"], _C["LB_CT_POLICY_INGRESS"]
@@ -444,33 +437,33 @@ class UserspaceDatapath:
         buf = bytearray(frame)
         p = Pkt()
         reason, n = self._decide(p, buf, self._scope_ext)
-        if reason in _REWRITES and n is not None and nat_xdp(buf, p, n):
+        if reason in REWRITES and n is not None and nat_xdp(buf, p, n):
             reason = _STAT["ERROR"]
         self._count(reason, p.len)
-        if reason in _REJECTS and p.frag != FRAG_LATER and reject(buf, p) == 0:
+        if reason in REJECTS and p.frag != FRAG_LATER and reject(buf, p) == 0:
             return Verdict(XDP_TX, bytes(buf), reason)
-        return Verdict(XDP_DROP if reason in _DROPS else XDP_PASS, bytes(buf), reason)
+        return Verdict(XDP_DROP if reason in DROPS else XDP_PASS, bytes(buf), reason)
 
     def tc_lb_from_pod(self, frame: bytes) -> Verdict:
         buf = bytearray(frame)
         p = Pkt()
         reason, n = self._decide(p, buf, self._scope_int)
-        if reason in _REWRITES and n is not None and nat_skb(buf, p, n):
+        if reason in REWRITES and n is not None and nat_skb(buf, p, n):
             reason = _STAT["ERROR"]
         # Egress policy of the sending pod, on the translated flow; replies
         # (reverse NAT) belong to a connection judged already.
-        if reason in _POLICED:
+        if reason in POLICED:
             front = Flow(p.saddr, p.daddr, p.sport, p.dport, p.proto)
-            dnat = reason in _REWRITES and n is not None
+            dnat = reason in REWRITES and n is not None
             f = Flow(n.saddr, n.daddr, n.sport, n.dport, p.proto) if dnat and n else front
             if self._policy(f, front if dnat else None, p.saddr, _POL_EGRESS, p.tcp_flags,
                             p.len):
                 reason = _STAT["DROP_POLICY"]
         self._count(reason, p.len)
-        if reason in _REJECTS and p.frag != FRAG_LATER and reject(buf, p) == 0:
+        if reason in REJECTS and p.frag != FRAG_LATER and reject(buf, p) == 0:
             # bpf_redirect back out of the device it came in on.
             return Verdict(TC_ACT_REDIRECT, bytes(buf), reason)
-        return Verdict(TC_ACT_SHOT if reason in _DROPS else TC_ACT_OK, bytes(buf), reason)
+        return Verdict(TC_ACT_SHOT if reason in DROPS else TC_ACT_OK, bytes(buf), reason)
 
     def tc_lb_to_pod(self, frame: bytes) -> Verdict:
         """What is about to enter a local pod: reverse NAT of replies of

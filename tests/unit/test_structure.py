@@ -98,3 +98,20 @@ def test_no_function_is_longer_than_80_lines() -> None:
                     if lines > MAX_FUNCTION_LINES:
                         long.append(f"{module_name(path)}.{node.name}: {lines} lines")
     assert long == []
+
+
+def test_verdict_classes_are_the_datapaths() -> None:
+    """lb/verdicts.py's classes name the reasons bpf/lib/verdict.h tests."""
+    import re
+
+    from lb import verdicts
+    from loader.layout import CONSTS
+
+    text = (REPO / "bpf" / "lib" / "verdict.h").read_text()
+    classes = {"lb_rewrites": verdicts.REWRITES, "lb_policed": verdicts.POLICED,
+               "lb_rejects": verdicts.REJECTS, "lb_drops": verdicts.DROPS}
+    for fn, python in classes.items():
+        body = re.search(rf"LB_INLINE int {fn}\(int reason\)\s*\{{(.*?)\}}", text, re.S)
+        assert body is not None, fn
+        c = {CONSTS[n] for n in re.findall(r"LB_STAT_[A-Z_]+", body.group(1))}
+        assert c == python, fn
