@@ -161,11 +161,11 @@ def in_netns(ns: str, argv: Sequence[str], *, input: str | None = None,
 @contextlib.contextmanager
 def datapath(sizes: Any, tag: str) -> Iterator[Any]:
     """A freshly compiled datapath in its own pin directory, unpinned afterwards."""
-    from loader.build import BPFFS, Datapath, remove_pins
+    from loader.build import BPFFS, BuildOptions, Datapath, remove_pins
 
     pin_dir = BPFFS / unique(tag)
     try:
-        with Datapath(sizes.options(pin_dir)) as dp:
+        with Datapath(BuildOptions(pin_dir, sizes)) as dp:
             yield dp
     finally:
         remove_pins(pin_dir)

@@ -325,7 +325,7 @@ def one_round(b: Bench, node: Node0, bare: Cluster, full: Cluster) -> dict[tuple
 
 def measure(repeat: int, trials: int, singles: int, rounds: int,
             say: Callable[[str], None] = print) -> dict[str, Any]:
-    from loader.build import BPFFS, Datapath, remove_pins
+    from loader.build import BPFFS, BuildOptions, Datapath, remove_pins
 
     pin_dir = BPFFS / f"lbbench-policy-{os.getpid()}"
     info: dict[str, Any] = {}
@@ -333,7 +333,7 @@ def measure(repeat: int, trials: int, singles: int, rounds: int,
     results: list[dict[tuple[str, str], float]] = []
     bare, full = cluster(False), cluster(True)
     try:
-        with Datapath(SMALL.options(pin_dir)) as dp:
+        with Datapath(BuildOptions(pin_dir, SMALL)) as dp:
             b = Bench(dp, repeat, trials, singles)
             b.problems = problems
             node = Node0(dp)

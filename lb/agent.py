@@ -31,7 +31,6 @@ from lb.attach import CLSACT_EGRESS, Attachments, attach_tc, attach_xdp, detach_
 from lb.healthcheck import HealthServers, health_checks
 from lb.instance import (
     DEFAULT_INSTANCE,
-    Sizes,
     pin_dir_of,
     policy_writer_for,
     reconciler_for,
@@ -41,8 +40,9 @@ from lb.manifests import ManifestError, load
 from lb.model import Cluster, Node
 from lb.netns import call_in, iproute, write_sysctl
 from lb.nodeflags import UsageError, add_node_args, node_from_args
-from loader.build import Datapath, LayoutMismatch, remove_pins
+from loader.build import BuildOptions, Datapath, LayoutMismatch, remove_pins
 from loader.programs import TC_FROM_POD, TC_TO_EXTERNAL, TC_TO_POD, XDP_EXTERNAL
+from loader.sizes import SIZE_FLAGS, Sizes
 
 if TYPE_CHECKING:
     from lb.metrics import Metrics
@@ -166,17 +166,6 @@ def allow_local_source(netns: str | None) -> None:
 
 
 # kube-proxy's flags for the same settings, mapped to the datapath's defines.
-# Map sizes an operator may raise (Cilium's --bpf-lb-map-max, --bpf-ct-global-*-max):
-# flag -> lb.instance.Sizes field. Pinned maps keep their size: a new size
-# needs `lbctl down` (the agent refuses mismatched pins and says so).
-SIZE_FLAGS = {
-    "max_services": ("max_services", "service frontends (address, port, protocol, scope)"),
-    "max_backends": ("max_backends", "backends (one per endpoint and service port)"),
-    "maglev_slots": ("maglev_slots", "Maglev slots of all services together"),
-    "conntrack_size": ("ct_size", "connection-tracking entries (LRU)"),
-    "policy_max_pods": ("pol_endpoints", "local pods that NetworkPolicy isolates"),
-}
-
 CONNTRACK_FLAGS = {
     "conntrack_tcp_timeout_established": "LB_CT_TCP_LIFETIME_S",
     "conntrack_tcp_timeout_syn": "LB_CT_TCP_SYN_S",
@@ -341,7 +330,7 @@ class Agent:
             self.metrics.watch_source(self.source)
             self.source.start()  # the first lists run while the programs compile
         allow_local_source(self.netns)
-        self.dp = Datapath(self.sizes.options(pin_dir_of(self.instance), self.defines))
+        self.dp = Datapath(BuildOptions(pin_dir_of(self.instance), self.sizes, self.defines))
         if self.cgroup:
             # Socket hooks act only on sockets of the node's namespace.
             self.node = replace(self.node, netns_cookie=socklb.netns_cookie(self.netns))
@@ -430,8 +419,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def sizes_from_args(args: argparse.Namespace) -> Sizes:
-    given = {field: getattr(args, flag) for flag, (field, _) in SIZE_FLAGS.items()
-             if getattr(args, flag, None) is not None}
+    given = {f.field: getattr(args, f.flag.replace("-", "_")) for f in SIZE_FLAGS
+             if getattr(args, f.flag.replace("-", "_"), None) is not None}
     return replace(Sizes(), **given)
 
 
@@ -462,9 +451,9 @@ def add_agent_commands(sub: Any) -> None:
     for flag in CONNTRACK_FLAGS:
         r.add_argument("--" + flag.replace("_", "-"), type=positive_seconds, metavar="SECONDS")
     defaults = Sizes()
-    for flag, (field_name, what) in SIZE_FLAGS.items():
-        r.add_argument("--" + flag.replace("_", "-"), type=map_size, metavar="N",
-                       help=f"room for this many {what} (default {getattr(defaults, field_name)})")
+    for f in SIZE_FLAGS:
+        r.add_argument("--" + f.flag, type=map_size, metavar="N",
+                       help=f"room for this many {f.what} (default {getattr(defaults, f.field)})")
     r.add_argument("--kubernetes", action="store_true",
                    help="watch the API server (in-cluster, or --kubeconfig / $KUBECONFIG); "
                         "--node-name defaults to the hostname, --node-ip to the Node's "

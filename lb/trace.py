@@ -22,7 +22,7 @@ from lb.instance import SMALL, local_pod_ips, policy_writer_for, reconciler_for
 from lb.model import Cluster, Node
 from lb.verdicts import reason
 from loader import layout, libbpf
-from loader.build import BPFFS, Datapath, remove_pins
+from loader.build import BPFFS, BuildOptions, Datapath, remove_pins
 from loader.programs import TC_FROM_POD, TC_TO_POD, XDP_EXTERNAL
 
 ENTRIES = {"pod": TC_FROM_POD.name, "external": XDP_EXTERNAL.name}
@@ -192,7 +192,7 @@ def tracer(cluster: Cluster, node: Node) -> Iterator[Tracer]:
     state for `cluster`, and remove every pin afterwards."""
     pin_dir = BPFFS / f"lbtrace-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with Datapath(SMALL.options(pin_dir)) as dp:
+        with Datapath(BuildOptions(pin_dir, SMALL)) as dp:
             res = reconciler_for(dp).sync(desired.compute(cluster, node))
             policy = policy_writer_for(dp)
             errors = res.errors + [str(r) for r in policy.sync(cluster, node)]

@@ -16,8 +16,9 @@ from types import TracebackType
 from typing import Any
 
 from loader import layout, libbpf
-from loader.maps import BpfMap, kernel_type, specs
+from loader.maps import BpfMap, kernel_type, max_entries, specs
 from loader.programs import PROGRAMS
+from loader.sizes import Sizes
 
 MAIN_SOURCE = layout.BPF_DIR / "lb.c"
 BPFFS = Path("/sys/fs/bpf")
@@ -33,52 +34,16 @@ class BuildOptions:
     """Node-specific compile-time settings, passed to the C as -D defines."""
 
     pin_dir: Path
-    max_services: int = 65536
-    max_backends: int = 65536
-    maglev_slots: int = 1 << 22
-    ct_size: int = 262144
-    affinity_size: int = 65536
-    pol_endpoints: int = 4096
-    pol_ipcache: int = 262144
-    pol_rules: int = 1 << 20
-    pol_portsets: int = 65536  # also the policy ids (the drop counters)
+    sizes: Sizes = field(default_factory=Sizes)
     defines: dict[str, str] = field(default_factory=dict)
 
     def max_entries(self) -> dict[str, int]:
-        return {
-            "lb_meta": 1,
-            "lb_services": self.max_services,
-            "lb_backends": self.max_backends,
-            "lb_maglev": self.maglev_slots,
-            "lb_rev_nat": self.max_services,
-            "lb_ct": self.ct_size,
-            "lb_affinity": self.affinity_size,
-            "lb_stats": layout.const("LB_STAT_MAX"),
-            "lb_config": 1,
-            "lb_sock_rev": self.affinity_size,
-            "lb_pol_endpoints": self.pol_endpoints,
-            "lb_pol_ipcache": self.pol_ipcache,
-            "lb_pol_rules": self.pol_rules,
-            "lb_pol_portsets": self.pol_portsets,
-            "lb_pol_drops": self.pol_portsets,
-            "lb_vips": self.max_services,
-            "lb_svc_cidrs": 16,
-            "lb_source_ranges": 16384,
-            "lb_frags": layout.const("LB_FRAG_SIZE"),
-        }
+        return max_entries(self.sizes.defines())
 
     def cflags(self) -> list[str]:
         flags = {
             "LB_PIN_DIR": f'"{self.pin_dir}"',
-            "LB_MAX_SERVICES": str(self.max_services),
-            "LB_MAX_BACKENDS": str(self.max_backends),
-            "LB_MAGLEV_SLOTS": str(self.maglev_slots),
-            "LB_CT_SIZE": str(self.ct_size),
-            "LB_AFFINITY_SIZE": str(self.affinity_size),
-            "LB_POL_MAX_ENDPOINTS": str(self.pol_endpoints),
-            "LB_POL_IPCACHE_SIZE": str(self.pol_ipcache),
-            "LB_POL_RULES_SIZE": str(self.pol_rules),
-            "LB_POL_PORTSETS": str(self.pol_portsets),
+            **{k: str(v) for k, v in self.sizes.defines().items()},
             **self.defines,
         }
         return [f"-D{k}={v}" for k, v in flags.items()] + ["-Wno-macro-redefined"]

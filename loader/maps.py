@@ -41,6 +41,7 @@ class MapSpec:
     kind: str
     key_type: str
     value_type: str
+    size: str  # as declared: a number, or a define of loader/sizes.py or bpf/lb_maps.h
 
     @property
     def percpu(self) -> bool:
@@ -52,9 +53,22 @@ def specs() -> dict[str, MapSpec]:
     """Every pinned map declared in bpf/lib/maps.h, by name."""
     text = re.sub(r"/\*.*?\*/", "", MAPS_H.read_text(), flags=re.S)
     found = re.finditer(
-        r'BPF_TABLE_PINNED\(\s*"(\w+)"\s*,\s*([^,]+?)\s*,\s*([^,]+?)\s*,\s*(\w+)\s*,', text
+        r'BPF_TABLE_PINNED\(\s*"(\w+)"\s*,\s*([^,]+?)\s*,\s*([^,]+?)\s*,\s*(\w+)\s*,'
+        r'\s*(\w+)\s*,', text
     )
-    return {m.group(4): MapSpec(m.group(4), m.group(1), m.group(2), m.group(3)) for m in found}
+    return {m.group(4): MapSpec(m.group(4), m.group(1), m.group(2), m.group(3), m.group(5))
+            for m in found}
+
+
+def max_entries(defines: dict[str, int]) -> dict[str, int]:
+    """Each map's capacity: its declared size, with the build's `defines`
+    (loader.sizes.Sizes.defines) and the fixed sizes of bpf/lb_maps.h."""
+    def size(expr: str) -> int:
+        if expr.isdigit():
+            return int(expr)
+        return defines[expr] if expr in defines else layout.const(expr)
+
+    return {name: size(spec.size) for name, spec in specs().items()}
 
 
 @cache

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lb.instance import SMALL, Sizes
-from loader.build import BPFFS, Datapath, remove_pins
+from loader.build import BPFFS, BuildOptions, Datapath, remove_pins
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,7 +33,7 @@ def datapath() -> Iterator[Datapath]:
     require_root()
     pin_dir = new_pin_dir()
     try:
-        with Datapath(SMALL.options(pin_dir)) as dp:
+        with Datapath(BuildOptions(pin_dir, SMALL)) as dp:
             yield dp
     finally:
         remove_pins(pin_dir)

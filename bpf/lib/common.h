@@ -14,37 +14,37 @@
 
 #define LB_NSEC_PER_SEC 1000000000ULL
 
-/* Node-specific values come in as -D defines from loader/build.py; these
- * defaults keep the file compilable on its own. */
+/* Map sizes come in as -D defines from loader/sizes.py, their only
+ * definition. */
 #ifndef LB_MAX_SERVICES
-#define LB_MAX_SERVICES 65536
+#error "LB_MAX_SERVICES: a -D define of loader/sizes.py"
 #endif
 #ifndef LB_MAX_BACKENDS
-#define LB_MAX_BACKENDS 65536
+#error "LB_MAX_BACKENDS: a -D define of loader/sizes.py"
 #endif
 #ifndef LB_MAGLEV_SLOTS
-#define LB_MAGLEV_SLOTS (1 << 22)
+#error "LB_MAGLEV_SLOTS: a -D define of loader/sizes.py"
 #endif
 #ifndef LB_CT_SIZE
-#define LB_CT_SIZE 262144
+#error "LB_CT_SIZE: a -D define of loader/sizes.py"
 #endif
 #ifndef LB_MAX_SOURCE_RANGES
-#define LB_MAX_SOURCE_RANGES 16384
+#error "LB_MAX_SOURCE_RANGES: a -D define of loader/sizes.py"
 #endif
 #ifndef LB_POL_MAX_ENDPOINTS
-#define LB_POL_MAX_ENDPOINTS 4096
+#error "LB_POL_MAX_ENDPOINTS: a -D define of loader/sizes.py"
 #endif
 #ifndef LB_POL_IPCACHE_SIZE
-#define LB_POL_IPCACHE_SIZE 262144
+#error "LB_POL_IPCACHE_SIZE: a -D define of loader/sizes.py"
 #endif
 #ifndef LB_POL_RULES_SIZE
-#define LB_POL_RULES_SIZE (1 << 20)
+#error "LB_POL_RULES_SIZE: a -D define of loader/sizes.py"
 #endif
 #ifndef LB_POL_PORTSETS
-#define LB_POL_PORTSETS 65536
+#error "LB_POL_PORTSETS: a -D define of loader/sizes.py"
 #endif
 #ifndef LB_AFFINITY_SIZE
-#define LB_AFFINITY_SIZE 65536
+#error "LB_AFFINITY_SIZE: a -D define of loader/sizes.py"
 #endif
 /* Connection-tracking lifetimes, as Cilium's defaults: established TCP 6 h,
  * TCP not yet answered 60 s, TCP after FIN or RST 10 s, everything else 60 s

@@ -94,6 +94,7 @@ from lb.policy.contents import (
     mask,
 )
 from lb.refusal import Refusal
+from loader.sizes import Sizes
 
 # A selector peer as written, with the namespace it means when it has no
 # namespaceSelector: (namespace or None, namespaceSelector, podSelector).
@@ -123,11 +124,18 @@ class Limits:
     """Capacities of the maps; a compile that exceeds one says so in
     `errors` (the agent refuses to apply it rather than apply half)."""
 
-    endpoints: int = 4096
-    ipcache: int = 262144
-    rules: int = 1 << 20
-    portsets: int = 65536  # slots, slot 0 unused
-    policies: int = 65536  # ids, 0 unused
+    endpoints: int = Sizes.pol_endpoints
+    ipcache: int = Sizes.pol_ipcache
+    rules: int = Sizes.pol_rules
+    portsets: int = Sizes.pol_portsets  # slots, slot 0 unused
+    policies: int = Sizes.pol_portsets  # ids, 0 unused (one drop counter per slot)
+
+    @classmethod
+    def of(cls, sizes: Sizes) -> Limits:
+        """The capacities of the policy maps of an instance of `sizes`."""
+        return cls(endpoints=sizes.pol_endpoints, ipcache=sizes.pol_ipcache,
+                   rules=sizes.pol_rules, portsets=sizes.pol_portsets,
+                   policies=sizes.pol_portsets)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ _CT_POLICY, _CT_POLICY_INGRESS = _C["LB_CT_POLICY"], _C["LB_CT_POLICY_INGRESS"]
 
 
 def c_defaults(overrides: Mapping[str, str] | None = None) -> dict[str, int]:
-    """The integer defaults of bpf/lib/common.h (lifetimes and sizes), with
+    """The integer defaults of bpf/lib/common.h (the conntrack lifetimes), with
     -D style overrides, so the lifetimes are written in one place only."""
     text = (layout.BPF_DIR / "lib" / "common.h").read_text()
     found = {m.group(1): int(m.group(2), 0) for m in

@@ -17,13 +17,12 @@ import os
 import sys
 from collections import OrderedDict
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-from lb.instance import Sizes
 from loader import layout
 from loader.libbpf import BPF_ANY, BPF_EXIST, BPF_NOEXIST, BpfError
-from loader.maps import BpfMap, MapSpec, specs, update_error
+from loader.maps import BpfMap, MapSpec, max_entries, specs, update_error
+from loader.sizes import Sizes
 
 
 def _error(code: int, what: str) -> BpfError:
@@ -265,5 +264,5 @@ class DictMap(BpfMap):
 
 def new_userspace_maps(sizes: Sizes) -> dict[str, DictMap]:
     """Every map of the datapath, sized as a kernel instance of `sizes`."""
-    entries = sizes.options(Path("userspace")).max_entries()
+    entries = max_entries(sizes.defines())
     return {name: DictMap(spec, entries[name]) for name, spec in specs().items()}

@@ -58,7 +58,7 @@ from lb.userspace.datapath import (
 from lb.userspace.maps import DictMap, new_userspace_maps
 from lb.verdicts import reason
 from loader import layout, libbpf
-from loader.build import Datapath, remove_pins
+from loader.build import BuildOptions, Datapath, remove_pins
 from loader.maps import BpfMap, possible_cpus, specs
 from tests.conftest import REPO, new_pin_dir, require_root
 
@@ -202,7 +202,7 @@ def kernel() -> Iterator[KernelSide]:
         return cached(tuple(names), size, None if labels is None else tuple(labels))
 
     try:
-        with pytest.MonkeyPatch.context() as mp, Datapath(SIZES.options(pin_dir)) as dp:
+        with pytest.MonkeyPatch.context() as mp, Datapath(BuildOptions(pin_dir, SIZES)) as dp:
             mp.setattr(maglev, "populate", populate_cached)
             yield KernelSide(dp)
     finally:

@@ -20,7 +20,7 @@ from lb.lab import objects
 from lb.lab.topology import Topology, TopologySpec
 from lb.manifests import build_cluster
 from lb.model import Node
-from loader.build import Datapath, remove_pins
+from loader.build import BuildOptions, Datapath, remove_pins
 from tests.conftest import new_pin_dir, require_root
 
 VIP = "10.96.0.10"
@@ -66,7 +66,7 @@ def test_host_network_client_reaches_clusterip_through_socket_hooks(cgroup: Path
     pin_dir = new_pin_dir("socklb")
     try:
         with Topology.build(TopologySpec.single(pods=2)) as topo, \
-                Datapath(SMALL.options(pin_dir)) as dp:
+                Datapath(BuildOptions(pin_dir, SMALL)) as dp:
             for pod in topo.pods:
                 topo.start_http(pod, 8080)
                 topo.start_udp(pod, 5353)
@@ -141,7 +141,7 @@ def test_agent_attaches_socket_hooks_and_down_removes_them(cgroup: Path, tmp_pat
             # second node on the machine): down removes what it attached.
             other = new_pin_dir("socklb-other")
             try:
-                with Datapath(SMALL.options(other)):
+                with Datapath(BuildOptions(other, SMALL)):
                     agent.down()
             finally:
                 remove_pins(other)

@@ -12,7 +12,7 @@ import pytest
 from lb import packets
 from lb.instance import SMALL
 from loader import layout, libbpf
-from loader.build import Datapath, remove_pins
+from loader.build import BuildOptions, Datapath, remove_pins
 from tests.conftest import new_pin_dir, require_root
 from tests.packet.test_datapath import TC, VIP, program, web
 
@@ -25,7 +25,7 @@ def short_ct() -> Iterator[Datapath]:
     require_root()
     pin_dir = new_pin_dir("ct")
     try:
-        with Datapath(SMALL.options(pin_dir, SHORT)) as dp:
+        with Datapath(BuildOptions(pin_dir, SMALL, SHORT)) as dp:
             program(dp, web(["10.244.1.10"]))
             yield dp
     finally:

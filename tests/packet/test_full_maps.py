@@ -19,7 +19,7 @@ from lb.policy.kernel import PolicyWriter
 from lb.reconcile import Reconciler, SyncResult
 from lb.trace import Probe, Tracer
 from loader import layout, libbpf
-from loader.build import Datapath, remove_pins
+from loader.build import BuildOptions, Datapath, remove_pins
 from tests.conftest import new_pin_dir, require_root
 from tests.packet.test_datapath import NODE, TC, TC_ACT_OK, endpoint_slice, service
 from tests.unit.test_policy import MATRIX_IP, NODE1, POD_A, matrix_cluster, netpol
@@ -35,7 +35,7 @@ def tiny() -> Iterator[Datapath]:
     require_root()
     pin_dir = new_pin_dir("full")
     try:
-        with Datapath(TINY.options(pin_dir)) as dp:
+        with Datapath(BuildOptions(pin_dir, TINY)) as dp:
             yield dp
     finally:
         remove_pins(pin_dir)

@@ -13,7 +13,7 @@ from lb import desired
 from lb.instance import SMALL, reconciler_for
 from lb.manifests import load
 from lb.model import Node
-from loader.build import Datapath, remove_pins
+from loader.build import BuildOptions, Datapath, remove_pins
 from tests.conftest import REPO, new_pin_dir, require_root
 
 TOMCAT = REPO / "deploy" / "examples" / "tomcat.yaml"
@@ -85,7 +85,7 @@ def test_maps_lists_the_service_from_a_second_process() -> None:
     require_root()
     pin_dir = new_pin_dir("maps")
     try:
-        with Datapath(SMALL.options(pin_dir)) as dp:
+        with Datapath(BuildOptions(pin_dir, SMALL)) as dp:
             dp.prog_fd("xdp_lb_external")
             dp.prog_fd("tc_lb_from_pod")
             cluster = load([TOMCAT]).cluster

@@ -30,7 +30,7 @@ from lb.policy.kernel import MAPS as POLICY_MAPS
 from lb.policy.kernel import PolicyWriter
 from lb.trace import TC_ACT_SHOT, TO_POD, Probe, Tracer
 from loader import layout, libbpf
-from loader.build import Datapath, remove_pins
+from loader.build import BuildOptions, Datapath, remove_pins
 from tests.conftest import new_pin_dir, require_root
 from tests.unit.test_policy import MATRIX_IP, MATRIX_PODS, POD_A, matrix_cluster, netpol
 
@@ -131,7 +131,7 @@ def kernel() -> Iterator[KernelNode]:
     require_root()
     pin_dir = new_pin_dir("policy")
     try:
-        with Datapath(SMALL.options(pin_dir)) as dp:
+        with Datapath(BuildOptions(pin_dir, SMALL)) as dp:
             yield KernelNode(dp)
     finally:
         remove_pins(pin_dir)

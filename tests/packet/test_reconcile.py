@@ -6,7 +6,7 @@ from __future__ import annotations
 from lb import packets
 from lb.instance import reconciler_for
 from lb.reconcile import Reconciler
-from loader.build import Datapath
+from loader.build import BuildOptions, Datapath
 from tests.packet.test_datapath import TC, VIP, program, run, web
 
 
@@ -74,8 +74,8 @@ def test_full_services_map_refuses_extra_entries_and_keeps_the_rest() -> None:
     require_root()
     pin_dir = new_pin_dir("limits")
     try:
-        with Datapath(Sizes(max_services=8, max_backends=64, maglev_slots=1 << 14,
-                            ct_size=1024).options(pin_dir)) as dp:
+        with Datapath(BuildOptions(pin_dir, Sizes(max_services=8, max_backends=64,
+                                                  maglev_slots=1 << 14, ct_size=1024))) as dp:
             docs = []
             for i in range(12):
                 docs.append(service(f"s{i}", f"10.96.1.{i + 1}", [{"name": "p", "port": 80}]))
