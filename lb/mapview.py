@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from lb.counters import count
+from lb.encoding import ip_str, port_host
 from lb.model import PROTO_NAMES
 from lb.policy import view as policy_view
-from lb.reconcile import ip_str, port_host
 from lb.verdicts import reason
 from loader import layout
 from loader.maps import BpfMap

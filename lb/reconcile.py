@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from lb import maglev
 from lb.allocators import Exhausted, IdAllocator, SlabAllocator
 from lb.desired import Backend, DesiredState, Frontend, FrontendEntry
+from lb.encoding import ip_be, ip_str, lpm4_key, port_be, port_host, source_range_key
 from lb.refusal import Refusal
 from loader import layout
 from loader.libbpf import BpfError, MapFull
@@ -40,23 +41,6 @@ log = logging.getLogger(__name__)
 
 BackendKey = tuple[int, str, int, int]  # group id, ip, port, proto
 FrontendAddr = tuple[str, int, int]  # ip, port, proto
-
-
-def ip_be(ip: str) -> int:
-    """An IPv4 address as the u32 that holds it in network order."""
-    return int.from_bytes(socket.inet_aton(ip), "little")
-
-
-def ip_str(value: int) -> str:
-    return str(ipaddress.IPv4Address(value.to_bytes(4, "little")))
-
-
-def port_be(port: int) -> int:
-    return socket.htons(port)
-
-
-def port_host(value: int) -> int:
-    return socket.ntohs(value)
 
 
 def svc_key(f: Frontend) -> object:
@@ -412,14 +396,12 @@ class Reconciler:
 
 def _lpm4(cidr: str) -> object:
     net = ipaddress.IPv4Network(cidr)
-    return layout.new("struct lb_lpm4_key", prefixlen=net.prefixlen,
-                      addr=ip_be(str(net.network_address)))
+    return lpm4_key(str(net.network_address), net.prefixlen)
 
 
 def _range_key(svc_id: int, cidr: str) -> object:
     net = ipaddress.IPv4Network(cidr)
-    return layout.new("struct lb_src_range_key", prefixlen=32 + net.prefixlen,
-                      svc_id=socket.htonl(svc_id), addr=ip_be(str(net.network_address)))
+    return source_range_key(svc_id, str(net.network_address), net.prefixlen)
 
 
 def _backend_flags(b: Backend) -> int:

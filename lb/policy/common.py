@@ -10,10 +10,10 @@ their address back, possibly to another pod."""
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from lb.encoding import ip_int
 from lb.model import (
     NAMESPACE_NAME_LABEL,
     POLICY_EGRESS,
@@ -82,14 +82,6 @@ def proto_number(proto: int | str) -> int:
     if isinstance(proto, int):
         return proto
     return PROTO_NUMBERS[proto.upper()]
-
-
-def ip_int(ip: str | int) -> int:
-    return ip if isinstance(ip, int) else int(ipaddress.IPv4Address(ip))
-
-
-def ip_text(ip: int) -> str:
-    return str(ipaddress.IPv4Address(ip))
 
 
 def policy_pod(pod: Pod) -> bool:

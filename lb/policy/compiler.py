@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from lb.encoding import ip_int
 from lb.model import (
     Cluster,
     IPBlock,
@@ -71,7 +72,6 @@ from lb.policy.common import (
     INGRESS,
     POLICY_TYPES,
     PROTO_ANY,
-    ip_int,
     namespace_labels,
     pods_by_ip,
     proto_number,

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from lb.policy.common import DIRECTION_NAMES, EGRESS, INGRESS, ip_text
+from lb.encoding import ip_text
+from lb.policy.common import DIRECTION_NAMES, EGRESS, INGRESS
 from lb.policy.compiler import CompiledPolicy
 from lb.policy.contents import IDENTITY_ANY, ISOLATED, prefix_text
 from lb.policy.lookup import policy_name

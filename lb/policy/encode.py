@@ -10,6 +10,7 @@ import socket
 import sys
 from typing import Any
 
+from lb.encoding import ip_be, lpm4_key
 from lb.policy.contents import (
     MAP_ENDPOINTS,
     MAP_IPCACHE,
@@ -36,21 +37,17 @@ def _int(data: bytes) -> int:
     return int.from_bytes(data, sys.byteorder)
 
 
-def _be(addr: int) -> int:
-    """The u32 that holds an address (an int, as ipaddress gives it) in
-    network order in memory."""
-    return socket.htonl(addr)
 
 
 def encode_key(map_name: str, key: Any) -> bytes:
     if map_name == MAP_ENDPOINTS:
-        return _u32(_be(key))
+        return _u32(ip_be(key))
     if map_name == MAP_IPCACHE:
         net, plen = key
-        return layout.to_bytes(layout.new("struct lb_lpm4_key", prefixlen=plen, addr=_be(net)))
+        return layout.to_bytes(lpm4_key(net, plen))
     if map_name == MAP_RULES:
         ep, ident, direction = key
-        return layout.to_bytes(layout.new("struct lb_pol_rule_key", ep_addr=_be(ep),
+        return layout.to_bytes(layout.new("struct lb_pol_rule_key", ep_addr=ip_be(ep),
                                           identity=ident, dir=direction))
     if map_name == MAP_PORTSETS:
         return _u32(key)

@@ -4,6 +4,7 @@ evaluator; the programs are held against it."""
 
 from __future__ import annotations
 
+from lb.encoding import ip_int
 from lb.policy.common import (
     ALLOWED,
     DENIED,
@@ -16,7 +17,6 @@ from lb.policy.common import (
     SELF,
     Verdict,
     combine,
-    ip_int,
     proto_number,
 )
 from lb.policy.compiler import CompiledPolicy

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
+from lb.encoding import ip_int
 from lb.model import Cluster, NetworkPolicy, Node, Pod, PolicyRule
 from lb.policy.common import (
     ALLOWED,
@@ -30,7 +31,6 @@ from lb.policy.common import (
     SELF,
     Verdict,
     combine,
-    ip_int,
     namespace_labels,
     pods_by_ip,
     proto_number,

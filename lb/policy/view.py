@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from lb.counters import count
-from lb.policy.common import DIRECTION_NAMES, EGRESS, INGRESS, ip_text
+from lb.encoding import ip_text
+from lb.policy.common import DIRECTION_NAMES, EGRESS, INGRESS
 from lb.policy.contents import (
     IDENTITY_ANY,
     ISOLATED,

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 
 from lb import desired, packets
+from lb.encoding import ip_be, port_be
 from lb.instance import reconciler_for
 from lb.manifests import build_cluster
 from lb.model import Node
-from lb.reconcile import Reconciler, ip_be, port_be
+from lb.reconcile import Reconciler
 from lb.trace import Tracer
 from loader import layout, libbpf
 from loader.build import Datapath

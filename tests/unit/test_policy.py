@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lb.encoding import ip_int
 from lb.manifests import build_cluster
 from lb.model import (
     Cluster,
@@ -44,7 +45,7 @@ from lb.policy import (
     encode,
     lookup,
 )
-from lb.policy.common import EGRESS, INGRESS, ip_int, pods_by_ip
+from lb.policy.common import EGRESS, INGRESS, pods_by_ip
 from lb.policy.compiler import normalize
 from lb.policy.contents import MAX_CHAIN, PORTS_PER_SET, PortRange
 
