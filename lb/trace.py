@@ -20,8 +20,9 @@ from lb import desired, packets
 from lb.counters import count
 from lb.instance import SMALL, local_pod_ips, policy_writer_for, reconciler_for
 from lb.model import Cluster, Node
+from lb.packet_datapath import PacketDatapath, Run
 from lb.verdicts import reason
-from loader import layout, libbpf
+from loader import layout
 from loader.build import BPFFS, BuildOptions, Datapath, remove_pins
 from loader.programs import TC_FROM_POD, TC_TO_POD, XDP_EXTERNAL
 
@@ -116,7 +117,7 @@ class Tracer:
     or the node device), then, when it is bound for a local pod, that pod's
     own (its ingress policy)."""
 
-    def __init__(self, dp: Datapath, local_pods: set[str] | None = None,
+    def __init__(self, dp: PacketDatapath, local_pods: set[str] | None = None,
                  policy_names: dict[int, str] | None = None) -> None:
         self.dp = dp
         self.stats = dp.map("lb_stats")
@@ -130,15 +131,11 @@ class Tracer:
     def _drop_counts(self) -> dict[int, int]:
         return {i: count(self.drops, i).packets for i in self.policy_names}
 
-    def _exec(self, prog: str, frame: bytes) -> libbpf.TestRun:
-        """One program on one frame: BPF_PROG_TEST_RUN."""
-        return libbpf.prog_test_run(self.dp.prog_fd(prog), frame)
-
-    def _hop(self, prog: str, frame: bytes) -> tuple[libbpf.TestRun, int | None, str | None]:
+    def _hop(self, prog: str, frame: bytes) -> tuple[Run, int | None, str | None]:
         """Run one program: its result, the stat reason that moved, and the
         policy blamed when it dropped for policy."""
         before, pol_before = self._counts(), self._drop_counts()
-        run = self._exec(prog, frame)
+        run = self.dp.run(prog, frame)
         after, pol_after = self._counts(), self._drop_counts()
         moved = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if b > a]
         blamed = [self.policy_names[i] for i in pol_after if pol_after[i] > pol_before[i]]

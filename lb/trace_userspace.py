@@ -4,7 +4,7 @@ instead of the kernel. Needs neither root nor BPF."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from time import monotonic_ns
 
 from lb.desired import DesiredState
@@ -13,7 +13,6 @@ from lb.model import Cluster, Node
 from lb.trace import Probe, Tracer, TraceResult
 from lb.userspace.datapath import UserspaceDatapath
 from lb.userspace.maps import DictMap, new_userspace_maps
-from loader.libbpf import TestRun
 
 
 def userspace_datapath(state: DesiredState, sizes: Sizes = SMALL,
@@ -26,25 +25,6 @@ def userspace_datapath(state: DesiredState, sizes: Sizes = SMALL,
     if res.errors:
         raise RuntimeError("; ".join(res.errors))
     return UserspaceDatapath(maps, clock), maps
-
-
-class UserspaceTracer(Tracer):
-    """lb.trace.Tracer with the programs run in Python: the same hops, the
-    same counters read, the same results."""
-
-    def __init__(self, dp: UserspaceDatapath, maps: Mapping[str, DictMap],
-                 local_pods: set[str] | None = None,
-                 policy_names: dict[int, str] | None = None) -> None:
-        # No kernel Datapath behind it; the counters are the DictMaps'.
-        self.udp = dp
-        self.stats = maps["lb_stats"]
-        self.drops = maps["lb_pol_drops"]
-        self.local_pods = local_pods or set()
-        self.policy_names = policy_names or {}
-
-    def _exec(self, prog: str, frame: bytes) -> TestRun:
-        v = self.udp.run(prog, frame)
-        return TestRun(retval=v.retval, data=v.data, duration_ns=0)
 
 
 def run_userspace(state: DesiredState, probes: list[Probe], cluster: Cluster | None = None,
@@ -62,5 +42,5 @@ def run_userspace(state: DesiredState, probes: list[Probe], cluster: Cluster | N
         if errors:
             raise RuntimeError("; ".join(map(str, errors)))
         local_pods, names = local_pod_ips(cluster, node), dict(policy.current.policies)
-    tracer = UserspaceTracer(dp, maps, local_pods, names)
+    tracer = Tracer(dp, local_pods, names)
     return [tracer.run(p) for p in probes]

@@ -426,6 +426,9 @@ class UserspaceDatapath:
 
     # --- entry points -----------------------------------------------------------
 
+    def map(self, name: str) -> DictMap:
+        return self.maps[name]
+
     def run(self, program: str, frame: bytes) -> Verdict:
         # Each program of loader/programs.py is the method of its name.
         if program not in PROGRAMS:
