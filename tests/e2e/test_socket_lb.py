@@ -126,7 +126,8 @@ def test_agent_attaches_socket_hooks_and_down_removes_them(cgroup: Path, tmp_pat
             # attached (they outlive it), instead of stacking a second set.
             agent.stop()
             assert len(hooks_on(cgroup)) == 3
-            agent = LabAgent(topo, topo.node, [manifest], extra=("--cgroup", str(cgroup))).start()
+            agent = LabAgent(topo, topo.node, [manifest], extra=("--cgroup", str(cgroup)),
+                             instance=agent.instance).start()
             agent.wait_for("socket hooks")
             attached = hooks_on(cgroup)
             assert sorted(attached.values()) == ["sock_connect4", "sock_recvmsg4",
