@@ -109,20 +109,11 @@ def _probes(args: argparse.Namespace) -> list[Any]:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from lb import desired
+    from lb.trace import tracer
 
     probes = _probes(args)
-    cluster = _load_cluster(args.file)
-    state = desired.compute(cluster, _node(args))
-    if args.datapath == "userspace":
-        from lb.trace_userspace import run_userspace
-
-        results = run_userspace(state, probes, cluster, _node(args))
-    else:
-        from lb.trace import tracer
-
-        with tracer(cluster, _node(args)) as t:
-            results = [t.run(p) for p in probes]
+    with tracer(_load_cluster(args.file), _node(args), args.datapath) as t:
+        results = [t.run(p) for p in probes]
     for r in results:
         if args.batch or args.output == "json":
             print(json.dumps(r.as_json()) if args.batch else dump_json(r.as_json()))

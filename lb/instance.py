@@ -1,22 +1,31 @@
-"""One datapath instance: its pin directory, compiled programs and the
-reconciler that keeps its maps in step. Shared by `lbctl run`, `lbctl
-trace`, the demo and the benchmarks."""
+"""One datapath instance: its pin directory, the writers that keep its maps
+in step, and throwaway instances (lbctl trace, tests, the demo, the
+benchmarks) in the kernel or in userspace, programmed the one same way."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from lb import desired
 from lb.model import Cluster, Node
+from lb.packet_datapath import PacketDatapath
 from lb.policy.compiler import Limits
 from lb.policy.kernel import MAPS as POLICY_MAPS
 from lb.policy.kernel import PolicyWriter
 from lb.reconcile import Reconciler
-from loader.build import BPFFS, Datapath
-from loader.maps import BpfMap
+from lb.userspace.datapath import UserspaceDatapath
+from loader.build import BPFFS, BuildOptions, Datapath, remove_pins
 from loader.sizes import Sizes as Sizes
 
 DEFAULT_INSTANCE = "lb"
+Kind = Literal["kernel", "userspace"]
+KINDS: tuple[Kind, ...] = ("kernel", "userspace")
 
 
 def pin_dir_of(instance: str) -> Path:
@@ -26,33 +35,24 @@ def pin_dir_of(instance: str) -> Path:
 # Throwaway instances (lbctl trace, tests, the demo).
 SMALL = Sizes(max_services=4096, max_backends=16384, maglev_slots=1 << 20, ct_size=65536)
 
-
-
 RECONCILER_MAPS = ("lb_services", "lb_backends", "lb_maglev", "lb_rev_nat", "lb_config",
                    "lb_vips", "lb_svc_cidrs", "lb_source_ranges")
 POLICY_WRITER_MAPS = (*POLICY_MAPS, "lb_pol_drops")
 
 
-def reconciler_over(maps: Mapping[str, BpfMap], sizes: Sizes) -> Reconciler:
-    """A reconciler for the maps (kernel or userspace) of an instance of `sizes`."""
-    return Reconciler({name: maps[name] for name in RECONCILER_MAPS},
-                      max_services=sizes.max_services, max_backends=sizes.max_backends,
-                      maglev_slots=sizes.maglev_slots)
+def reconciler_for(dp: PacketDatapath) -> Reconciler:
+    """The reconciler of an instance's service maps (kernel or userspace)."""
+    s = dp.sizes
+    return Reconciler({name: dp.map(name) for name in RECONCILER_MAPS},
+                      max_services=s.max_services, max_backends=s.max_backends,
+                      maglev_slots=s.maglev_slots)
 
 
-def policy_writer_over(maps: Mapping[str, BpfMap], sizes: Sizes) -> PolicyWriter:
-    """A policy writer for those maps; with the drop counters, so a reused
+def policy_writer_for(dp: PacketDatapath) -> PolicyWriter:
+    """The policy writer of an instance; with the drop counters, so a reused
     policy id starts its count at zero. The compiler refuses what the maps
     could not hold."""
-    return PolicyWriter({name: maps[name] for name in POLICY_WRITER_MAPS}, Limits.of(sizes))
-
-
-def reconciler_for(dp: Datapath) -> Reconciler:
-    return reconciler_over({name: dp.map(name) for name in RECONCILER_MAPS}, dp.opts.sizes)
-
-
-def policy_writer_for(dp: Datapath) -> PolicyWriter:
-    return policy_writer_over({name: dp.map(name) for name in POLICY_WRITER_MAPS}, dp.opts.sizes)
+    return PolicyWriter({name: dp.map(name) for name in POLICY_WRITER_MAPS}, Limits.of(dp.sizes))
 
 
 def local_pod_ips(cluster: Cluster, node: Node) -> set[str]:
@@ -60,3 +60,39 @@ def local_pod_ips(cluster: Cluster, node: Node) -> set[str]:
     receiving pod's own (its ingress policy)."""
     return {ip for pod in cluster.pods.values() if not pod.host_network
             and (node.name is None or pod.node_name == node.name) for ip in pod.ips}
+
+
+@dataclass
+class Programmed:
+    """What a throwaway instance was given: the node's pods (whose own hook a
+    packet bound to them crosses) and the policy behind each policy id."""
+
+    local_pods: set[str] = field(default_factory=set)
+    policy_names: dict[int, str] = field(default_factory=dict)
+
+
+def program(dp: PacketDatapath, cluster: Cluster, node: Node) -> Programmed:
+    """Write the node's whole state for `cluster` (services and policy) into
+    an empty instance; any refusal is an error here, as nothing is live."""
+    res = reconciler_for(dp).sync(desired.compute(cluster, node))
+    policy = policy_writer_for(dp)
+    errors = res.errors + [str(r) for r in policy.sync(cluster, node)]
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return Programmed(local_pod_ips(cluster, node), dict(policy.current.policies))
+
+
+@contextmanager
+def throwaway(kind: Kind = "kernel", sizes: Sizes = SMALL) -> Iterator[PacketDatapath]:
+    """An empty instance: the compiled programs in a pin directory of their
+    own, removed afterwards (kernel), or the Python model (userspace, which
+    needs neither root nor BPF)."""
+    if kind == "userspace":
+        yield UserspaceDatapath.new(sizes)
+        return
+    pin_dir = BPFFS / f"lbtrace-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with Datapath(BuildOptions(pin_dir, sizes)) as dp:
+            yield dp
+    finally:
+        remove_pins(pin_dir)

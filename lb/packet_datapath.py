@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from loader.sizes import Sizes
+
 
 class Run(Protocol):
     """A program's result on one frame."""
@@ -19,6 +21,11 @@ class Run(Protocol):
 
 
 class PacketDatapath(Protocol):
+    @property
+    def sizes(self) -> Sizes:
+        """The map sizes the instance was built with."""
+        ...
+
     def map(self, name: str) -> Any:
         """The map `name` (a loader.maps.BpfMap, or a userspace DictMap)."""
         ...

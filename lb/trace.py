@@ -1,5 +1,6 @@
 """`lbctl trace`: send one crafted packet (or a batch) through the real
-programs with BPF_PROG_TEST_RUN and say what the datapath did with it.
+programs with BPF_PROG_TEST_RUN (or through their userspace twin) and say
+what the datapath did with it.
 
 The verdict is read from the datapath's own per-reason counters (the one
 that moved during the run), so trace needs no trace-only code path in the
@@ -8,22 +9,19 @@ programs: it observes exactly what production packets get."""
 from __future__ import annotations
 
 import ipaddress
-import os
 import random
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from lb import desired, packets
+from lb import packets
 from lb.counters import count
-from lb.instance import SMALL, local_pod_ips, policy_writer_for, reconciler_for
+from lb.instance import Kind, program, throwaway
 from lb.model import Cluster, Node
 from lb.packet_datapath import PacketDatapath, Run
 from lb.verdicts import reason
 from loader import layout
-from loader.build import BPFFS, BuildOptions, Datapath, remove_pins
 from loader.programs import TC_FROM_POD, TC_TO_POD, XDP_EXTERNAL
 
 ENTRIES = {"pod": TC_FROM_POD.name, "external": XDP_EXTERNAL.name}
@@ -184,17 +182,8 @@ def trace_result(probe: Probe, reason_index: int | None, out: bytes,
 
 
 @contextmanager
-def tracer(cluster: Cluster, node: Node) -> Iterator[Tracer]:
-    """Load the programs into their own pin directory, program the node's
-    state for `cluster`, and remove every pin afterwards."""
-    pin_dir = BPFFS / f"lbtrace-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with Datapath(BuildOptions(pin_dir, SMALL)) as dp:
-            res = reconciler_for(dp).sync(desired.compute(cluster, node))
-            policy = policy_writer_for(dp)
-            errors = res.errors + [str(r) for r in policy.sync(cluster, node)]
-            if errors:
-                raise RuntimeError("; ".join(errors))
-            yield Tracer(dp, local_pod_ips(cluster, node), dict(policy.current.policies))
-    finally:
-        remove_pins(pin_dir)
+def tracer(cluster: Cluster, node: Node, kind: Kind = "kernel") -> Iterator[Tracer]:
+    """A throwaway instance of `kind` holding the node's state for `cluster`."""
+    with throwaway(kind) as dp:
+        got = program(dp, cluster, node)
+        yield Tracer(dp, got.local_pods, got.policy_names)

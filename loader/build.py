@@ -139,6 +139,10 @@ class Datapath:
             self._progs[name] = fn.fd
         return self._progs[name]
 
+    @property
+    def sizes(self) -> Sizes:
+        return self.opts.sizes
+
     def run(self, program: str, frame: bytes) -> libbpf.TestRun:
         """`frame` through `program`, in the kernel (BPF_PROG_TEST_RUN)."""
         return libbpf.prog_test_run(self.prog_fd(program), frame)

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from lb.model import PROTO_NUMBERS
-from lb.userspace.maps import DictMap
+from lb.userspace.maps import DictMap, new_userspace_maps
 from lb.verdicts import DROPS, POLICED, REJECTS, REWRITES
 from loader import layout
 from loader.programs import PACKET_PROGRAMS
+from loader.sizes import Sizes
 
 XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
@@ -393,10 +394,12 @@ class UserspaceDatapath:
     bpf_ktime_get_coarse_ns, which policy uses (the same clock by default);
     tests drive them."""
 
-    def __init__(self, maps: Mapping[str, DictMap], clock: Callable[[], int] = time.monotonic_ns,
+    def __init__(self, maps: Mapping[str, DictMap], sizes: Sizes,
+                 clock: Callable[[], int] = time.monotonic_ns,
                  defines: Mapping[str, str] | None = None,
                  coarse_clock: Callable[[], int] | None = None) -> None:
         self.maps = maps
+        self.sizes = sizes
         self.clock = clock
         self.coarse_clock = coarse_clock or clock
         self._services = maps["lb_services"]
@@ -423,6 +426,11 @@ class UserspaceDatapath:
         self._other_life = d["LB_CT_OTHER_LIFETIME_S"] * _NSEC_PER_SEC
         self._scope_ext = _C["LB_SCOPE_EXTERNAL"]
         self._scope_int = _C["LB_SCOPE_INTERNAL"]
+
+    @classmethod
+    def new(cls, sizes: Sizes, clock: Callable[[], int] = time.monotonic_ns) -> UserspaceDatapath:
+        """An empty instance with every map, sized as a kernel instance of `sizes`."""
+        return cls(new_userspace_maps(sizes), sizes, clock)
 
     # --- entry points -----------------------------------------------------------
 

@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 
 from lb import maglev, packets
 from lb.desired import DesiredState, compute
-from lb.instance import Sizes, policy_writer_over, reconciler_over
+from lb.instance import Sizes, policy_writer_for, reconciler_for
 from lb.manifests import build_cluster
 from lb.model import Cluster, Node
 from lb.reconcile import Reconciler
@@ -55,7 +55,7 @@ from lb.userspace.datapath import (
     nat_xdp,
     parse,
 )
-from lb.userspace.maps import DictMap, new_userspace_maps
+from lb.userspace.maps import DictMap
 from lb.verdicts import reason
 from loader import layout, libbpf
 from loader.build import BuildOptions, Datapath, remove_pins
@@ -136,6 +136,7 @@ class KernelSide:
     """The compiled programs; the verdict's reason is the counter that moved."""
 
     def __init__(self, dp: Datapath) -> None:
+        self.dp = dp
         self.maps = {name: dp.map(name) for name in specs()}
         self.fds = {p: dp.prog_fd(p) for p in PROGRAMS}
         # The userspace maps of the last example: which slots it wrote.
@@ -664,12 +665,12 @@ class Pair:
         kernel.counts = kernel.read_stats()
         self.k = kernel
         self.clock = Clock()
-        self.umaps = kernel.twin = new_userspace_maps(SIZES)
-        self.u = UserspaceDatapath(self.umaps, self.clock)
-        self.krec: Reconciler = reconciler_over(kernel.maps, SIZES)
-        self.urec: Reconciler = reconciler_over(self.umaps, SIZES)
-        self.kpol = policy_writer_over(kernel.maps, SIZES)
-        self.upol = policy_writer_over(self.umaps, SIZES)
+        self.u = UserspaceDatapath.new(SIZES, self.clock)
+        self.umaps = kernel.twin = dict(self.u.maps)
+        self.krec: Reconciler = reconciler_for(kernel.dp)
+        self.urec: Reconciler = reconciler_for(self.u)
+        self.kpol = policy_writer_for(kernel.dp)
+        self.upol = policy_writer_for(self.u)
         self.flows: list[Flow] = []
         self.sent = 0
 
@@ -1141,11 +1142,11 @@ def _svc(**kw: Any) -> tuple[SvcSpec, ...]:
 
 def _userspace(services: tuple[SvcSpec, ...], sizes: Sizes = SIZES
                ) -> tuple[UserspaceDatapath, dict[str, DictMap], Clock]:
-    maps = new_userspace_maps(sizes)
-    res = reconciler_over(maps, sizes).sync(desired_of(services, (NODE_IPS[0],)))
-    assert not res.errors
     clock = Clock()
-    return UserspaceDatapath(maps, clock), maps, clock
+    dp = UserspaceDatapath.new(sizes, clock)
+    res = reconciler_for(dp).sync(desired_of(services, (NODE_IPS[0],)))
+    assert not res.errors
+    return dp, dict(dp.maps), clock
 
 
 def _reason(v: Verdict) -> str:
@@ -1294,16 +1295,16 @@ def test_dictmap_lpm_tries_match_the_longest_prefix() -> None:
 
 def test_reconciler_reports_a_full_service_map() -> None:
     sizes = Sizes(max_services=3, max_backends=64, maglev_slots=1 << 12, ct_size=64)
-    maps = new_userspace_maps(sizes)
     services = tuple(SvcSpec(cluster_ip=f"10.96.0.{i}", endpoints=(EpSpec("10.244.0.1"),))
                      for i in range(1, 4))
-    res = reconciler_over(maps, sizes).sync(desired_of(services, (NODE_IPS[0],)))
+    res = reconciler_for(UserspaceDatapath.new(sizes)).sync(
+        desired_of(services, (NODE_IPS[0],)))
     # Ids run out first (ids are 1..limit-1): the third frontend is refused.
     assert len(res.errors) == 1 and res.added == 2, res
     assert res.refusals[0].map_name == "lb_services", res
-    hash_full = new_userspace_maps(sizes)
-    hash_full["lb_services"].max_entries = 1
-    res = reconciler_over(hash_full, sizes).sync(desired_of(services[:2], (NODE_IPS[0],)))
+    hash_full = UserspaceDatapath.new(sizes)
+    hash_full.maps["lb_services"].max_entries = 1
+    res = reconciler_for(hash_full).sync(desired_of(services[:2], (NODE_IPS[0],)))
     assert len(res.errors) == 1 and "Argument list too long" in res.errors[0], res
     assert "map lb_services is full" in res.errors[0], res
 
