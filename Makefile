@@ -9,7 +9,7 @@ setup:
 	@bash tools/setup.sh
 
 demo: setup
-	@$(PY) -m lb.demo
+	@$(PY) -m lab.demo
 
 test: setup k8s lint
 	$(PYTEST) -q -p no:cacheprovider tests
@@ -24,8 +24,8 @@ test-e2e: setup
 	$(PYTEST) -q tests/e2e
 
 lint: setup
-	.venv/bin/ruff check lb loader tests bench
-	.venv/bin/mypy --strict lb loader
+	.venv/bin/ruff check lb loader lab tests bench
+	.venv/bin/mypy --strict lb loader lab
 
 test-cluster: setup k8s
 	$(PYTEST) -q tests/cluster

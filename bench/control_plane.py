@@ -81,9 +81,9 @@ def _changed_specs(specs: list[workload.SvcSpec], k: int) -> tuple[int, workload
 # -- this project (worker side) --------------------------------------------------------------
 
 def ours_worker(services: int) -> dict[str, Any]:
-    from lb import desired
-    from lb.instance import Sizes, reconciler_for
-    from lb.maglev import table_size
+    from lb.datapath.instance import Sizes, reconciler_for
+    from lb.service import desired
+    from lb.service.maglev import table_size
 
     needed = (services + CHANGES + 1) * table_size(ENDPOINTS)
     sizes = Sizes(max_services=1 << max(12, math.ceil(math.log2(services * 1.2))),

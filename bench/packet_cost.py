@@ -60,8 +60,8 @@ from bench.common import (
     write_result,
 )
 from bench.workload import SvcSpec
-from lb import packets
-from lb.instance import Sizes, reconciler_for
+from lb.datapath.instance import Sizes, reconciler_for
+from lb.inspect import packets
 from loader import layout, libbpf
 from loader.programs import TC_FROM_POD, XDP_EXTERNAL
 

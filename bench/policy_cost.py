@@ -64,8 +64,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.common import one_cpu
-from lb import desired, packets
-from lb.instance import SMALL, local_pod_ips, policy_writer_for, reconciler_for
+from lb.datapath.instance import SMALL, local_pod_ips, policy_writer_for, reconciler_for
+from lb.inspect import packets
 from lb.model import (
     NAMESPACE_NAME_LABEL,
     Cluster,
@@ -81,6 +81,7 @@ from lb.model import (
     PolicyRule,
     SelectorRequirement,
 )
+from lb.service import desired
 from loader import layout, libbpf
 from loader.programs import TC_FROM_POD, TC_TO_POD
 

@@ -203,7 +203,7 @@ def _requests_section(doc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     out = ["## 1. Requests through a service (wrk)", "",
            f"wrk `{method['wrk']}` from a client pod to the ClusterIP (and from the outside "
            "namespace to the NodePort) of a service with two backend pods running "
-           f"`lb.lab.servers http` ({method['backend_workers']} workers each, TCP_NODELAY, "
+           f"`lab.servers http` ({method['backend_workers']} workers each, TCP_NODELAY, "
            f"backlog 1024). Median of {method['repetitions']} repetition(s); within a "
            "repetition the kinds take turns on every row (in an order rotating per "
            "repetition), so a change in background load hits all of them alike. Each kind "

@@ -1,7 +1,7 @@
 """HTTP requests/s and new connections/s through a ClusterIP and a NodePort (wrk).
 
 Four kinds, each in its own lab topology (node, outside client, a client pod, two backend
-pods running lb.lab.servers http), so no kind ever sees another's rules or programs:
+pods running lab.servers http), so no kind ever sees another's rules or programs:
 
 * direct: no translation at all, wrk's two threads each pinned to one backend pod (the
   limit; from outside, the outside namespace routes the pod CIDR via the node);
@@ -47,9 +47,9 @@ from bench.common import (
     write_result,
 )
 from bench.workload import SvcSpec
-from lb.instance import Sizes, reconciler_for
-from lb.lab.clients import curl
-from lb.lab.topology import Node, Pod, Topology, TopologySpec
+from lab.clients import curl
+from lab.topology import Node, Pod, Topology, TopologySpec
+from lb.datapath.instance import Sizes, reconciler_for
 from loader.programs import TC_FROM_POD, XDP_EXTERNAL
 
 KINDS = ("direct", "xdplb", "iptables", "nftables")
@@ -94,11 +94,11 @@ class Lab:
 
 
 # Runs inside the node namespace (`ip netns exec`), with the program fds inherited: the
-# attachment cannot land anywhere else, and it is lb.attach, as the agent uses it.
+# attachment cannot land anywhere else, and it is lb.datapath.attach, as the agent uses it.
 _ATTACH = """
 import sys
 from pyroute2 import IPRoute
-from lb.attach import attach_tc, attach_xdp
+from lb.datapath.attach import attach_tc, attach_xdp
 from loader.programs import TC_FROM_POD
 fd, kind, devs = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 with IPRoute() as ipr:
@@ -130,7 +130,7 @@ def _build(kind: str, specs: Sequence[SvcSpec], dp: Any) -> Lab:
             topo.exec(topo.external, ["ip", "route", "add", node.pod_cidr, "via", node.ip])
         elif kind == "xdplb":
             # NodePort replies are reverse-translated before routing with the node's address
-            # as source; the agent sets the same (see lb.agent.allow_local_source).
+            # as source; the agent sets the same (see lb.agent.loop.allow_local_source).
             topo.exec(node, ["sysctl", "-q", "-w", "net.ipv4.conf.all.accept_local=1"])
             _attach(node, dp.prog_fd(NODE_PROGRAM), "xdp", ["eth0"])
         elif kind == "iptables":

@@ -12,8 +12,8 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from lb import desired
 from lb.model import Cluster, Endpoint, EndpointPort, EndpointSlice, Node, Service, ServicePort
+from lb.service import desired
 
 SERVICE_CIDR = "10.96.0.0/12"
 CLUSTER_CIDR = "10.244.0.0/16"

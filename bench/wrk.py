@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BenchError
-from lb.lab.topology import NsRef, Topology
+from lab.topology import NsRef, Topology
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lb.instance import SMALL, Sizes
+from lb.datapath.instance import SMALL, Sizes
 from loader.build import BPFFS, BuildOptions, Datapath, remove_pins
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
 /* Bob Jenkins' lookup3 final mix over three words (the kernel's
- * jhash_3words). lb/userspace/datapath.py computes the same function so
+ * jhash_3words). lb/datapath/userspace/programs.py computes the same function so
  * the userspace datapath agrees with the kernel on which
  * Maglev slot a flow lands in. */
 #ifndef LB_HASH_H

@@ -10,7 +10,7 @@ import pytest
 
 from bench import kuberules, packet_cost, workload, wrk
 from bench.common import Mode, throwaway_netns
-from lb.instance import Sizes
+from lb.datapath.instance import Sizes
 from tests.conftest import require_root
 
 NODE_IP = "192.0.2.1"

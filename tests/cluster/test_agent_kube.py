@@ -26,12 +26,12 @@ import pytest
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
-from lb import mapview
-from lb.instance import pin_dir_of
-from lb.kube import KubeSource
-from lb.lab.agent import LabAgent
-from lb.lab.clients import FAILED, curl_many
-from lb.lab.topology import Pod, Topology, TopologySpec
+from lab.agent import LabAgent
+from lab.clients import FAILED, curl_many
+from lab.topology import Pod, Topology, TopologySpec
+from lb.datapath.instance import pin_dir_of
+from lb.inspect import mapview
+from lb.sources.kube import KubeSource
 from loader.maps import BpfMap
 from tests.cluster.controlplane import ControlPlane, free_ports
 from tests.cluster.objects import (

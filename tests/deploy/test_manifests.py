@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 # Paths the agent uses on the node; the DaemonSet must share them with the host.
-from lb.attach import STATE_DIR
+from lb.datapath.attach import STATE_DIR
 from loader.build import BPFFS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -317,7 +317,7 @@ def test_daemonset_host_mounts() -> None:
         assert mount.get("readOnly") is True, path
     _, cgroup = mounts["/sys/fs/cgroup"]
     assert cgroup["hostPath"]["path"] == "/sys/fs/cgroup"
-    # lb.attach records what it attached here; a container-local copy would be
+    # lb.datapath.attach records what it attached here; a container-local copy would be
     # lost on restart, leaving programs nobody knows to detach.
     _, state = mounts[str(STATE_DIR)]
     assert state["hostPath"]["path"] == str(STATE_DIR)

@@ -1,4 +1,4 @@
-"""The kernel programs against lb.userspace, packet by packet.
+"""The kernel programs against lb.datapath.userspace, packet by packet.
 
 Every frame of a scenario goes through the kernel (BPF_PROG_TEST_RUN) and
 through the userspace datapath, in the same order, both programmed by the
@@ -39,13 +39,9 @@ import yaml
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from lb import maglev, packets
-from lb.desired import DesiredState, compute
-from lb.instance import Sizes, policy_writer_for, reconciler_for
-from lb.manifests import build_cluster
-from lb.model import Cluster, Node
-from lb.reconcile import Reconciler
-from lb.userspace.datapath import (
+from lb.datapath.instance import Sizes, policy_writer_for, reconciler_for
+from lb.datapath.userspace.maps import DictMap
+from lb.datapath.userspace.programs import (
     PROGRAMS,
     Nat,
     Pkt,
@@ -55,7 +51,12 @@ from lb.userspace.datapath import (
     nat_xdp,
     parse,
 )
-from lb.userspace.maps import DictMap
+from lb.inspect import packets
+from lb.model import Cluster, Node
+from lb.service import maglev
+from lb.service.desired import DesiredState, compute
+from lb.service.reconcile import Reconciler
+from lb.sources.manifests import build_cluster
 from lb.verdicts import reason
 from loader import layout, libbpf
 from loader.build import BuildOptions, Datapath, remove_pins
@@ -378,7 +379,7 @@ def node_of(node_ips: tuple[str, ...], service_cidrs: tuple[str, ...] = ()) -> N
 
 def desired_of(services: tuple[SvcSpec, ...], node_ips: tuple[str, ...],
                service_cidrs: tuple[str, ...] = ()) -> DesiredState:
-    with _quiet("lb.desired"):
+    with _quiet("lb.service.desired"):
         return compute(cluster_of(services), node_of(node_ips, service_cidrs))
 
 
@@ -676,7 +677,7 @@ class Pair:
 
     def program(self, state: DesiredState, cluster: Cluster | None = None,
                 node: Node | None = None) -> None:
-        with _quiet("lb.reconcile"):
+        with _quiet("lb.service.reconcile"):
             kr, ur = self.krec.sync(state), self.urec.sync(state)
         assert kr == ur, f"the reconcilers disagree: kernel {kr} userspace {ur}"
         if cluster is not None and node is not None:
@@ -751,7 +752,7 @@ def run_scenario(kernel: KernelSide, sc: Scenario) -> None:
 
     def program(services: tuple[SvcSpec, ...]) -> None:
         cluster = cluster_of(services, sc.policies)
-        with _quiet("lb.desired"):
+        with _quiet("lb.service.desired"):
             state = compute(cluster, node)
         pair.program(state, cluster, node)
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lb.lab.topology import list_namespaces
+from lab.topology import list_namespaces
 
 TOOLS = ("ip", "curl", "ethtool", "sysctl")
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from lb.instance import pin_dir_of
-from lb.lab import objects
-from lb.lab.agent import LabAgent
-from lb.lab.clients import FAILED, curl, curl_many, udp_many, udp_request
-from lb.lab.topology import Pod, Topology, TopologySpec
+from lab import objects
+from lab.agent import LabAgent
+from lab.clients import FAILED, curl, curl_many, udp_many, udp_request
+from lab.topology import Pod, Topology, TopologySpec
+from lb.datapath.instance import pin_dir_of
 from loader.layout import const
 from loader.maps import BpfMap
 from tests.conftest import require_root

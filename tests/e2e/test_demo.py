@@ -11,7 +11,7 @@ from tests.conftest import REPO, require_root
 
 def test_demo_serves_the_tomcat_example_and_cleans_up() -> None:
     require_root()
-    out = subprocess.run([sys.executable, "-m", "lb.demo"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "lab.demo"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     text = out.stdout

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from lb.lab.clients import curl, curl_many, udp_many, udp_request
-from lb.lab.topology import (
+from lab.clients import curl, curl_many, udp_many, udp_request
+from lab.topology import (
     WIRINGS,
     LabError,
     NodeSpec,

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from lb.lab import objects
-from lb.lab.agent import LabAgent
-from lb.lab.clients import curl_many
-from lb.lab.topology import LabError, Topology, TopologySpec
+from lab import objects
+from lab.agent import LabAgent
+from lab.clients import curl_many
+from lab.topology import LabError, Topology, TopologySpec
 from tests.conftest import require_root
 
 HTTP = objects.Port("http", 80, 8080)

@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from lb.lab import objects
-from lb.lab.agent import LabAgent
-from lb.lab.topology import NodeSpec, Pod, Topology, TopologySpec
+from lab import objects
+from lab.agent import LabAgent
+from lab.topology import NodeSpec, Pod, Topology, TopologySpec
 from tests.conftest import require_root
 from tests.packet.test_policy_kernel import MATRICES, Matrix, side_by_side
 from tests.unit.test_policy import (

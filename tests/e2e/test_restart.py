@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from lb.lab import objects
-from lb.lab.agent import LabAgent
-from lb.lab.topology import Pod, Topology, TopologySpec
+from lab import objects
+from lab.agent import LabAgent
+from lab.topology import Pod, Topology, TopologySpec
 from tests.conftest import require_root
 
 VIP = "10.96.0.10"

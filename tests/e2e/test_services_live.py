@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from lb.lab import objects
-from lb.lab.agent import LabAgent
-from lb.lab.clients import FAILED, curl, curl_many, udp_request
-from lb.lab.topology import Topology, TopologySpec
+from lab import objects
+from lab.agent import LabAgent
+from lab.clients import FAILED, curl, curl_many, udp_request
+from lab.topology import Topology, TopologySpec
 from tests.conftest import require_root
 
 VIP = "10.96.0.10"

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from lb import desired, socklb
-from lb.instance import SMALL, reconciler_for
-from lb.lab import objects
-from lb.lab.topology import Topology, TopologySpec
-from lb.manifests import build_cluster
+from lab import objects
+from lab.topology import Topology, TopologySpec
+from lb.datapath import socklb
+from lb.datapath.instance import SMALL, reconciler_for
 from lb.model import Node
+from lb.service import desired
+from lb.sources.manifests import build_cluster
 from loader.build import BuildOptions, Datapath, remove_pins
 from tests.conftest import new_pin_dir, require_root
 
@@ -109,7 +110,7 @@ def hooks_on(cgroup: Path) -> dict[int, str]:
 
 
 def test_agent_attaches_socket_hooks_and_down_removes_them(cgroup: Path, tmp_path: Path) -> None:
-    from lb.lab.agent import LabAgent
+    from lab.agent import LabAgent
 
     with Topology.build(TopologySpec.single(pods=2)) as topo:
         for pod in topo.pods:

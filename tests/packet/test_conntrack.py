@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from lb import packets
-from lb.instance import SMALL
+from lb.datapath.instance import SMALL
+from lb.inspect import packets
 from loader import layout, libbpf
 from loader.build import BuildOptions, Datapath, remove_pins
 from tests.conftest import new_pin_dir, require_root

@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 
-from lb import desired, packets
+from lb.datapath.instance import reconciler_for
 from lb.encoding import ip_be, port_be
-from lb.instance import reconciler_for
-from lb.manifests import build_cluster
+from lb.inspect import packets
+from lb.inspect.trace import Tracer
 from lb.model import Node
-from lb.reconcile import Reconciler
-from lb.trace import Tracer
+from lb.service import desired
+from lb.service.reconcile import Reconciler
+from lb.sources.manifests import build_cluster
 from loader import layout, libbpf
 from loader.build import Datapath
 from loader.programs import TC_FROM_POD, TC_TO_EXTERNAL, TC_TO_POD, XDP_EXTERNAL
@@ -254,7 +255,7 @@ def test_nodeport_served_by_this_nodes_host_network_backend(datapath: Datapath) 
 def test_service_without_endpoints_is_rejected(datapath: Datapath) -> None:
     program(datapath, web([]))
     t = Tracer(datapath)
-    from lb.trace import Probe
+    from lb.inspect.trace import Probe
 
     r = t.run(Probe("10.244.1.5", 1000, VIP, 80, "tcp", "pod"))
     assert r.line() == "REJECT no-endpoints"

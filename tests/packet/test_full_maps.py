@@ -10,14 +10,15 @@ from typing import Any
 
 import pytest
 
-from lb import desired, packets
-from lb.instance import Sizes, policy_writer_for, reconciler_for
-from lb.manifests import build_cluster
-from lb.metrics import Metrics
+from lb.agent.metrics import Metrics
+from lb.datapath.instance import Sizes, policy_writer_for, reconciler_for
+from lb.inspect import packets
+from lb.inspect.trace import Probe, Tracer
 from lb.model import Cluster
 from lb.policy.kernel import PolicyWriter
-from lb.reconcile import Reconciler, SyncResult
-from lb.trace import Probe, Tracer
+from lb.service import desired
+from lb.service.reconcile import Reconciler, SyncResult
+from lb.sources.manifests import build_cluster
 from loader import layout, libbpf
 from loader.build import BuildOptions, Datapath, remove_pins
 from tests.conftest import new_pin_dir, require_root
@@ -97,7 +98,7 @@ def test_full_backend_map_refuses_what_does_not_fit_and_keeps_the_rest(
 
     # A new service finds no ids: refused whole, logged, counted; a and b
     # untouched; its ClusterIP is not programmed (no REJECT: it passes as is).
-    caplog.set_level(logging.ERROR, logger="lb.reconcile")
+    caplog.set_level(logging.ERROR, logger="lb.service.reconcile")
     res = sync(rec, m, cluster_of({"a": 4, "b": 4, "c": 2}))
     assert [r.map_name for r in res.refusals] == ["lb_backends"], res.refusals
     assert "default/c" in res.errors[0] and "not programmed" in res.errors[0]

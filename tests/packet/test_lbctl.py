@@ -9,10 +9,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from lb import desired
-from lb.instance import SMALL, reconciler_for
-from lb.manifests import load
+from lb.datapath.instance import SMALL, reconciler_for
 from lb.model import Node
+from lb.service import desired
+from lb.sources.manifests import load
 from loader.build import BuildOptions, Datapath, remove_pins
 from tests.conftest import REPO, new_pin_dir, require_root
 

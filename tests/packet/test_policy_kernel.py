@@ -20,15 +20,17 @@ from unittest import mock
 import pytest
 
 import tests.unit.test_policy as upstream
-from lb import desired, packets
-from lb.instance import SMALL, local_pod_ips, policy_writer_for, reconciler_for
-from lb.lab import objects
+from lab import objects
+from lb.datapath.instance import SMALL, local_pod_ips, policy_writer_for, reconciler_for
+from lb.encoding import ip_text
+from lb.inspect import packets
+from lb.inspect.trace import TC_ACT_SHOT, TO_POD, Probe, Tracer
 from lb.model import Cluster, Node
 from lb.policy import compile_policy, describe, lookup
 from lb.policy import view as policy_view
 from lb.policy.kernel import MAPS as POLICY_MAPS
 from lb.policy.kernel import PolicyWriter
-from lb.trace import TC_ACT_SHOT, TO_POD, Probe, Tracer
+from lb.service import desired
 from loader import layout, libbpf
 from loader.build import BuildOptions, Datapath, remove_pins
 from tests.conftest import new_pin_dir, require_root
@@ -392,8 +394,9 @@ def test_policy_view_reads_back_what_the_compiler_wrote(kernel: KernelNode) -> N
     ids = {name: pid for pid, name in names.items()}
 
     # The same rules as the compile describes, numbers for names.
-    want = {(r["ip"], r["direction"], x["peer"].split()[0], x["ports"], x["policy"])
-            for r in describe(compiled) if r["isolated"] for x in r["rules"]}
+    ip_of = {name: ip_text(addr) for addr, name in compiled.local_pods.items()}
+    want = {(ip_of[r["pod"]], r["direction"], r["peer"].split()[0], r["ports"], r["policy"])
+            for r in describe(compiled) if r["policy"] is not None}
     seen = {(r["pod"], r["direction"], r["peer"].split()[0], r["ports"], names[r["policy"]])
             for r in got if r["policy"] is not None}
     assert seen == want and want

@@ -3,9 +3,9 @@ restarted agent adopts what the pins hold, limits refuse cleanly."""
 
 from __future__ import annotations
 
-from lb import packets
-from lb.instance import reconciler_for
-from lb.reconcile import Reconciler
+from lb.datapath.instance import reconciler_for
+from lb.inspect import packets
+from lb.service.reconcile import Reconciler
 from loader.build import BuildOptions, Datapath
 from tests.packet.test_datapath import TC, VIP, program, run, web
 
@@ -17,8 +17,8 @@ def test_second_sync_of_the_same_state_changes_nothing(datapath: Datapath) -> No
 
 
 def rec_state(rec: Reconciler, dp: Datapath):  # type: ignore[no-untyped-def]
-    from lb import desired
-    from lb.manifests import build_cluster
+    from lb.service import desired
+    from lb.sources.manifests import build_cluster
     from tests.packet.test_datapath import NODE
 
     cluster = build_cluster((d, "t") for d in web(["10.244.1.10", "10.244.1.11"])).cluster
@@ -64,9 +64,9 @@ def test_backend_change_switches_to_a_new_maglev_range(datapath: Datapath) -> No
 
 
 def test_full_services_map_refuses_extra_entries_and_keeps_the_rest() -> None:
-    from lb import desired
-    from lb.instance import Sizes
-    from lb.manifests import build_cluster
+    from lb.datapath.instance import Sizes
+    from lb.service import desired
+    from lb.sources.manifests import build_cluster
     from loader.build import remove_pins
     from tests.conftest import new_pin_dir, require_root
     from tests.packet.test_datapath import NODE, endpoint_slice, service

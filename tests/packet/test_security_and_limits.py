@@ -8,9 +8,10 @@ import stat
 import subprocess
 import sys
 
-from lb import desired, packets
-from lb.instance import reconciler_for
-from lb.manifests import build_cluster
+from lb.datapath.instance import reconciler_for
+from lb.inspect import packets
+from lb.service import desired
+from lb.sources.manifests import build_cluster
 from loader import libbpf
 from loader.build import Datapath
 from loader.maps import specs

@@ -7,13 +7,14 @@ import struct
 import time
 from typing import Any
 
-from lb import desired, packets
-from lb.instance import reconciler_for
-from lb.lab import objects
-from lb.manifests import build_cluster
+from lab import objects
+from lb.datapath.instance import reconciler_for
+from lb.inspect import packets
+from lb.inspect.trace import Probe, Tracer
 from lb.model import Node
-from lb.reconcile import Reconciler
-from lb.trace import Probe, Tracer
+from lb.service import desired
+from lb.service.reconcile import Reconciler
+from lb.sources.manifests import build_cluster
 from loader import libbpf
 from loader.build import Datapath
 

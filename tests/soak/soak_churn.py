@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from lb.lab.agent import LabAgent
-from lb.lab.topology import Pod, Topology, TopologySpec
+from lab.agent import LabAgent
+from lab.topology import Pod, Topology, TopologySpec
 from tests.conftest import require_root
 from tests.e2e.test_restart import VIP, write, wrk_result
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from lb.allocators import Exhausted, IdAllocator, SlabAllocator
+from lb.service.allocators import Exhausted, IdAllocator, SlabAllocator
 
 
 def test_ids_start_at_one_and_are_reused() -> None:

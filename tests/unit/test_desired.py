@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from lb import desired
-from lb.desired import SCOPE_EXTERNAL, SCOPE_INTERNAL, Frontend
-from lb.manifests import build_cluster
 from lb.model import Node
+from lb.service import desired
+from lb.service.desired import SCOPE_EXTERNAL, SCOPE_INTERNAL, Frontend
+from lb.sources.manifests import build_cluster
 from loader.layout import const
 
 NODE = Node(name="node-a", ips=("192.0.2.1",))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from lb import desired
-from lb.healthcheck import HealthCheck, answer, health_checks
-from lb.manifests import build_cluster
+from lb.agent.healthcheck import HealthCheck, answer, health_checks
+from lb.service import desired
+from lb.sources.manifests import build_cluster
 from tests.unit.test_desired import NODE, ep, eps, svc
 
 HC_PORT = 32000

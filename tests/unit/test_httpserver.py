@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from lb.httpserver import http_server
+from lb.agent.httpserver import http_server
 
 
 class Hello(BaseHTTPRequestHandler):

@@ -1,4 +1,4 @@
-"""lb.kube without a server: the store, the reflector's list/watch loop
+"""lb.sources.kube without a server: the store, the reflector's list/watch loop
 against a scripted API (410 relists, reconnects keep the resourceVersion,
 partial lists change nothing), backoff and the Node defaults."""
 
@@ -14,7 +14,8 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import ProtocolError
 
-from lb.kube import (
+from lb.model import Node
+from lb.sources.kube import (
     ENDPOINT_SLICES,
     NODES,
     SERVICES,
@@ -27,8 +28,7 @@ from lb.kube import (
     Store,
     parse_time,
 )
-from lb.manifests import build_cluster
-from lb.model import Node
+from lb.sources.manifests import build_cluster
 
 
 def service(name: str, rv: str, ip: str = "10.96.0.10", ns: str = "default") -> dict[str, Any]:

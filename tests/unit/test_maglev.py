@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lb.maglev import (
+from lb.service.maglev import (
     MAX_BACKENDS,
     SLOTS_PER_BACKEND,
     TABLE_SIZES,
@@ -345,7 +345,7 @@ def test_table_pinned() -> None:
 @pytest.mark.parametrize("seed", ["0", "12345"])
 def test_table_independent_of_python_hash_seed(seed: str) -> None:
     code = (
-        "import hashlib; from lb.maglev import populate; "
+        "import hashlib; from lb.service.maglev import populate; "
         f"print(hashlib.sha256(bytes(populate({PINNED_BACKENDS!r}, 251))).hexdigest())"
     )
     env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}

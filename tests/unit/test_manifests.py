@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lb.manifests import ManifestError, load
+from lb.sources.manifests import ManifestError, load
 
 GOOD = """
 apiVersion: v1

@@ -1,4 +1,4 @@
-"""lb.metrics without a datapath: the HTTP endpoints, health rules and the
+"""lb.agent.metrics without a datapath: the HTTP endpoints, health rules and the
 metrics the agent sets after a sync."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lb.desired import FrontendEntry
-from lb.kube import node_eligible
-from lb.manifests import ManifestError
-from lb.metrics import Metrics, MetricsServer, parse_addr, proxy_health_routes
-from lb.reconcile import SyncResult
+from lb.agent.metrics import Metrics, MetricsServer, parse_addr, proxy_health_routes
 from lb.refusal import Refusal
+from lb.service.desired import FrontendEntry
+from lb.service.reconcile import SyncResult
+from lb.sources.kube import node_eligible
+from lb.sources.manifests import ManifestError
 
 
 def get(url: str) -> tuple[int, str]:

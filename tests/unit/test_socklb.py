@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lb.socklb import node_cgroup
+from lb.datapath.socklb import node_cgroup
 
 ROOT = Path("/sys/fs/cgroup/unified")
 

@@ -1,6 +1,6 @@
 """Client helpers that run inside a lab namespace: curl for HTTP, a tiny Python UDP client.
 
-Backends from ``lb.lab.servers`` answer ``f"{name} {client_ip}\\n"``; ``backend_of`` splits
+Backends from ``lab.servers`` answer ``f"{name} {client_ip}\\n"``; ``backend_of`` splits
 that, the ``*_many`` helpers count backend names.
 """
 

@@ -18,10 +18,10 @@ from functools import partial
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from lb.desired import SCOPE_EXTERNAL, DesiredState
-from lb.httpserver import HTTPServer, http_server
+from lb.agent.httpserver import HTTPServer, http_server
+from lb.datapath.netns import call_in
 from lb.model import Cluster
-from lb.netns import call_in
+from lb.service.desired import SCOPE_EXTERNAL, DesiredState
 
 log = logging.getLogger(__name__)
 

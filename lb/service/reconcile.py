@@ -28,11 +28,11 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from lb import maglev
-from lb.allocators import Exhausted, IdAllocator, SlabAllocator
-from lb.desired import Backend, DesiredState, Frontend, FrontendEntry
 from lb.encoding import ip_be, ip_str, lpm4_key, port_be, port_host, source_range_key
 from lb.refusal import Refusal
+from lb.service import maglev
+from lb.service.allocators import Exhausted, IdAllocator, SlabAllocator
+from lb.service.desired import Backend, DesiredState, Frontend, FrontendEntry
 from loader import layout
 from loader.libbpf import BpfError, MapFull
 from loader.maps import BpfMap

@@ -11,7 +11,7 @@ listed afresh anyway, to heal anything a watch could have missed.
 Objects are kept as the API serves them (plain JSON dicts: the generated
 client's models cost far more to build and are not needed), so a snapshot
 is exactly what a manifest file would hold and goes through the same
-lb.manifests.build_cluster (object by object, see ParsedObjects): bad
+lb.sources.manifests.build_cluster (object by object, see ParsedObjects): bad
 objects are logged and skipped alike.
 
 Fail static: a kind's objects are replaced only by a complete, successful
@@ -37,8 +37,8 @@ from typing import Any
 
 import yaml
 
-from lb.manifests import LoadResult, ManifestError, build_cluster
 from lb.model import Cluster, Node
+from lb.sources.manifests import LoadResult, ManifestError, build_cluster
 
 log = logging.getLogger("lbctl.kube")
 

@@ -9,9 +9,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from lb.lab.agent import LabAgent
-from lb.lab.clients import FAILED, curl_many
-from lb.lab.topology import NodeSpec, Topology, TopologySpec
+from lab.agent import LabAgent
+from lab.clients import FAILED, curl_many
+from lab.topology import NodeSpec, Topology, TopologySpec
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "deploy" / "examples" / "tomcat.yaml"

@@ -58,8 +58,9 @@ POD_IFNAME = "eth0"
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 _COUNTER = itertools.count()
-# Parent of the ``lb`` package: lets ``python -m lb.lab.servers`` import inside any namespace.
-_SOURCE_ROOT = Path(__file__).resolve().parents[2]
+# The repository root (parent of ``lb`` and ``lab``): lets ``python -m lab.servers`` import
+# inside any namespace.
+_SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
 class LabError(RuntimeError):
@@ -539,8 +540,8 @@ class Topology:
     def start_server(self, where: Place, mode: str, ports: Sequence[int], *,
                      name: str | None = None, extra: Sequence[str] = (),
                      timeout: float = 10.0) -> subprocess.Popen[bytes]:
-        """Run ``lb.lab.servers`` in ``where``'s namespace and wait for its ready line."""
-        argv = [sys.executable, "-m", "lb.lab.servers", mode, "--name", name or where.name]
+        """Run ``lab.servers`` in ``where``'s namespace and wait for its ready line."""
+        argv = [sys.executable, "-m", "lab.servers", mode, "--name", name or where.name]
         for port in ports:
             argv += ["--port", str(port)]
         pythonpath = os.pathsep.join(

@@ -2,9 +2,9 @@
 
 Run inside a namespace as::
 
-    python -m lb.lab.servers http --name NAME --port PORT [--port PORT2 ...] [--workers N]
-    python -m lb.lab.servers udp --name NAME --port PORT
-    python -m lb.lab.servers tcp-echo --name NAME --port PORT [--greet]
+    python -m lab.servers http --name NAME --port PORT [--port PORT2 ...] [--workers N]
+    python -m lab.servers udp --name NAME --port PORT
+    python -m lab.servers tcp-echo --name NAME --port PORT [--greet]
 
 Every reply names the backend and the client address it saw, so tests can check both the
 backend choice and the source IP after NAT:
@@ -309,7 +309,7 @@ def _fork_workers(count: int) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lb.lab.servers", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lab.servers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("http", "udp", "tcp-echo"))
     parser.add_argument("--name", required=True, help="backend name put in every reply")

@@ -15,11 +15,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from lb import packets
 from lb.counters import count
-from lb.instance import Kind, program, throwaway
+from lb.datapath.instance import Kind, program, throwaway
+from lb.datapath.interface import PacketDatapath, Run
+from lb.inspect import packets
 from lb.model import Cluster, Node
-from lb.packet_datapath import PacketDatapath, Run
 from lb.verdicts import reason
 from loader import layout
 from loader.programs import TC_FROM_POD, TC_TO_POD, XDP_EXTERNAL

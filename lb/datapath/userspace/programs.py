@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from lb.datapath.userspace.maps import DictMap, new_userspace_maps
 from lb.model import PROTO_NUMBERS
-from lb.userspace.maps import DictMap, new_userspace_maps
 from lb.verdicts import DROPS, POLICED, REJECTS, REWRITES
 from loader import layout
 from loader.programs import PACKET_PROGRAMS

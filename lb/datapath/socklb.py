@@ -10,7 +10,7 @@ import socket
 import threading
 from pathlib import Path
 
-from lb.attach import detach_cgroup
+from lb.datapath.attach import detach_cgroup
 from loader import libbpf
 from loader.build import Datapath
 from loader.programs import SOCK_PROGRAMS

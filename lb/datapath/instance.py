@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from lb import desired
+from lb.datapath.interface import PacketDatapath
+from lb.datapath.userspace.programs import UserspaceDatapath
 from lb.model import Cluster, Node
-from lb.packet_datapath import PacketDatapath
 from lb.policy.compiler import Limits
 from lb.policy.kernel import MAPS as POLICY_MAPS
 from lb.policy.kernel import PolicyWriter
-from lb.reconcile import Reconciler
-from lb.userspace.datapath import UserspaceDatapath
+from lb.service import desired
+from lb.service.reconcile import Reconciler
 from loader.build import BPFFS, BuildOptions, Datapath, remove_pins
 from loader.sizes import Sizes as Sizes
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lb.netns import iproute
+from lb.datapath.netns import iproute
 from loader.programs import SOCK_PROGRAMS
 
 log = logging.getLogger(__name__)

@@ -43,11 +43,11 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from lb.agent.httpserver import http_server
 from lb.counters import count
-from lb.desired import DesiredState
-from lb.httpserver import http_server
-from lb.reconcile import Reconciler, SyncResult
 from lb.refusal import BOUNDED_MAPS
+from lb.service.desired import DesiredState
+from lb.service.reconcile import Reconciler, SyncResult
 from lb.verdicts import REASONS, reason
 from loader import layout, libbpf
 from loader.maps import BpfMap
@@ -178,7 +178,7 @@ class DatapathCollector(Collector):
 
 
 class KubeStats(Protocol):
-    """What lb.kube.KubeSource offers to metrics (kept as a protocol so that
+    """What lb.sources.kube.KubeSource offers to metrics (kept as a protocol so that
     metrics does not import the Kubernetes client)."""
 
     def stats(self) -> Mapping[str, Any]: ...

@@ -1,6 +1,6 @@
 """The one interface of a datapath that packets run through: the kernel's
 (loader.build.Datapath, BPF_PROG_TEST_RUN) and the userspace twin's
-(lb.userspace.datapath.UserspaceDatapath). The tracer, and anything else
+(lb.datapath.userspace.programs.UserspaceDatapath). The tracer, and anything else
 that runs frames and reads maps, takes either."""
 
 from __future__ import annotations

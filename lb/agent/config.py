@@ -1,0 +1,30 @@
+"""The agent's typed configuration: what `lbctl run` was asked to do, once
+its flags are checked (lb/cli/run.py makes it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lb.model import Node
+from loader.sizes import Sizes
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """What `lbctl run` was asked to do, checked: the agent's only input."""
+
+    instance: str
+    node: Node
+    ifaces: tuple[str, ...]
+    min_sync_period: float
+    files: tuple[Path, ...]  # the file source; empty with kubernetes
+    kubernetes: bool
+    kubeconfig: str | None
+    resync_period: float
+    metrics_addr: str | None
+    healthz_addr: str | None
+    netns: str | None
+    sizes: Sizes
+    conntrack_defines: dict[str, str]
+    cgroup: str | None  # a path, or "auto"

@@ -1,0 +1,221 @@
+"""The node agent (`lbctl run`): compile and load the programs (reusing
+pinned maps, so established flows survive a restart), program the maps from
+the source, attach XDP to the node devices and tc to every pod veth
+(following pods as they come and go), then keep the maps in step with the
+source. Bursts of changes are coalesced: at most one sync per
+min_sync_period, like kube-proxy's minSyncPeriod. On SIGTERM it exits and
+leaves programs and pins in place: the datapath keeps forwarding with the
+last state until the next agent takes over."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lb.agent.config import AgentConfig
+from lb.agent.healthcheck import HealthServers, health_checks
+from lb.agent.links import LinkWatcher
+from lb.datapath import socklb
+from lb.datapath.attach import CLSACT_EGRESS, Attachments, attach_tc, attach_xdp
+from lb.datapath.instance import pin_dir_of, policy_writer_for, reconciler_for
+from lb.datapath.netns import iproute, write_sysctl
+from lb.model import Cluster
+from lb.service import desired
+from lb.sources.files import FileSource
+from lb.sources.kube import KubeSource
+from loader.build import BuildOptions, Datapath
+from loader.programs import TC_FROM_POD, TC_TO_EXTERNAL, TC_TO_POD, XDP_EXTERNAL
+
+if TYPE_CHECKING:
+    from lb.agent.metrics import Metrics, MetricsServer
+
+log = logging.getLogger("lbctl.agent")
+
+POD_PROGRAM = TC_FROM_POD.name
+TO_POD_PROGRAM = TC_TO_POD.name
+NODE_PROGRAM = XDP_EXTERNAL.name
+NODE_EGRESS_PROGRAM = TC_TO_EXTERNAL.name
+# A sync that raised is retried with the same cluster after this long.
+SYNC_RETRY_DELAY = 1.0
+
+
+def allow_local_source(netns: str | None) -> None:
+    """A NodePort reply is reverse-translated at tc ingress on the backend's
+    veth, so it enters routing with the node's own address as its source;
+    the kernel drops such packets as martians unless accept_local is set
+    ("all" counts for every device, bridges included). kube-proxy likewise
+    sets route_localnet for its NodePorts."""
+    write_sysctl(netns, "net/ipv4/conf/all/accept_local", "1")
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        # The node as programmed: run() adds the namespace cookie.
+        self.node = config.node
+        self.source: FileSource | KubeSource = (
+            KubeSource.connect(config.kubeconfig, config.node.name, config.resync_period)
+            if config.kubernetes else FileSource(list(config.files)))
+        from lb.agent.metrics import Metrics  # prometheus_client: not for every lbctl command
+
+        self.metrics: Metrics = Metrics()
+        self._retry: Cluster | None = None
+        self.cgroup: Path | None = socklb.resolve_cgroup(config.cgroup) if config.cgroup else None
+        self.stopping = threading.Event()
+        self.attachments = Attachments(netns=config.netns)
+        self.health = HealthServers(netns=config.netns)
+        self._tc_lock = threading.Lock()
+
+    def _attach_veths(self, devs: set[str]) -> None:
+        """Attach to the pod devices not attached yet; forget the ones gone."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        with self._tc_lock:
+            known = set(self.attachments.tc)
+            if known == devs:
+                return
+            attached = [d for d in self.attachments.tc if d in devs]
+            new = sorted(devs - known)
+            if new:
+                # One netlink socket for the whole burst of new pods.
+                with iproute(self.config.netns) as ipr:
+                    for dev in new:
+                        try:
+                            attach_tc(ipr, dev, self.dp.prog_fd(POD_PROGRAM), POD_PROGRAM)
+                            # Egress of the host-side veth is what enters the pod.
+                            attach_tc(ipr, dev, self.dp.prog_fd(TO_POD_PROGRAM),
+                                      TO_POD_PROGRAM, CLSACT_EGRESS)
+                        except (LookupError, NetlinkError) as e:
+                            # Gone already (a short-lived pod), or not ready: the
+                            # next listing tries again if it is still there.
+                            log.debug("pod device %s: not attached: %s", dev, e)
+                            continue
+                        attached.append(dev)
+                        log.info("attached %s to pod device %s", POD_PROGRAM, dev)
+            self.attachments.tc = attached
+            self.attachments.save(self.config.instance)
+
+    def sync(self, cluster: Cluster) -> bool:
+        """Program the maps for `cluster`; False (counted, logged) if it raised."""
+        kube = self.source if isinstance(self.source, KubeSource) else None
+        start = time.monotonic()
+        try:
+            node = kube.node(self.node) if kube else self.node
+            self.metrics.health.node_eligible = node.eligible
+            state = desired.compute(cluster, node)
+            res = self.reconciler.sync(state)
+            res.refusals += self.policy.sync(cluster, node)
+            self.health.update(health_checks(cluster, state))
+        except Exception:
+            log.exception("sync failed; retrying in %.0f s", SYNC_RETRY_DELAY)
+            self.metrics.sync_failed(time.monotonic() - start)
+            return False
+        took = time.monotonic() - start
+        self.metrics.synced(took, res, state, self.reconciler)
+        self.metrics.refused(self.source.errors)
+        if kube:
+            self.metrics.programmed(kube.programmed())
+        log.info("synced %d frontends in %.1f ms: %d added, %d updated, %d removed, "
+                 "%d backends added, %d removed, %d errors", len(state.entries), took * 1000,
+                 res.added, res.updated, res.removed, res.backends_added,
+                 res.backends_removed, len(res.errors))
+        return True
+
+    def _servers(self) -> list[MetricsServer]:
+        from lb.agent.metrics import MetricsServer, proxy_health_routes
+
+        c = self.config
+        servers = [MetricsServer(self.metrics, c.metrics_addr)] if c.metrics_addr else []
+        if c.healthz_addr:
+            servers.append(MetricsServer(self.metrics, c.healthz_addr,
+                                         proxy_health_routes(self.metrics)))
+        return servers
+
+    def _load(self) -> None:
+        """Compile and load the programs over the pinned maps, and take up the
+        state a previous agent left in them."""
+        c = self.config
+        allow_local_source(c.netns)
+        self.dp = Datapath(BuildOptions(pin_dir_of(c.instance), c.sizes, c.conntrack_defines))
+        if self.cgroup:
+            # Socket hooks act only on sockets of the node's namespace.
+            self.node = replace(self.node, netns_cookie=socklb.netns_cookie(c.netns))
+        self.reconciler = reconciler_for(self.dp)
+        found = self.reconciler.recover()
+        self.policy = policy_writer_for(self.dp)
+        self.policy.recover()
+        log.info("loaded the datapath; pinned maps in %s held %d service entries",
+                 self.dp.opts.pin_dir, found)
+        self.metrics.datapath_loaded(self.dp.opts.pin_dir)
+
+    def _attach_node(self) -> None:
+        """XDP and tc egress on the node devices; the socket hooks on the cgroup."""
+        with iproute(self.config.netns) as ipr:
+            for dev in self.config.ifaces:
+                mode = attach_xdp(ipr, dev, self.dp.prog_fd(NODE_PROGRAM))
+                self.attachments.xdp[dev] = mode
+                log.info("attached %s to node device %s (%s)", NODE_PROGRAM, dev, mode)
+                # Replies of hostNetwork backends leave by the node device.
+                attach_tc(ipr, dev, self.dp.prog_fd(NODE_EGRESS_PROGRAM), NODE_EGRESS_PROGRAM,
+                          CLSACT_EGRESS)
+                if dev not in self.attachments.node_tc:
+                    self.attachments.node_tc.append(dev)
+        if self.cgroup:
+            socklb.attach(self.dp, self.cgroup)
+            self.attachments.cgroup = str(self.cgroup)
+            log.info("attached the socket hooks to cgroup %s", self.cgroup)
+        self.attachments.save(self.config.instance)
+
+    def _loop(self) -> None:
+        """Sync whenever the source changed, at most once per min_sync_period."""
+        last_sync = time.monotonic()
+        while not self.stopping.wait(0.1):
+            self.metrics.tick()
+            if time.monotonic() - last_sync < self.config.min_sync_period:
+                continue
+            cluster = self.source.poll()
+            if cluster is None:
+                cluster = self._retry
+            if cluster is not None:
+                ok = self.sync(cluster)
+                self._retry = None if ok else cluster
+                last_sync = time.monotonic() + (0 if ok else SYNC_RETRY_DELAY)
+
+    def run(self) -> int:
+        # The process stays in its own namespace (its API and metrics sockets
+        # live there); only netlink, sysctls and node-facing listeners are
+        # made inside the node's namespace.
+        servers = self._servers()
+        if isinstance(self.source, KubeSource):
+            self.metrics.watch_source(self.source)
+            self.source.start()  # the first lists run while the programs compile
+        self._load()
+        cluster = self.source.poll()
+        # The API source offers nothing before every kind is listed: syncing
+        # an empty cluster then would wipe the maps a previous agent left.
+        if cluster is not None or isinstance(self.source, FileSource):
+            cluster = cluster if cluster is not None else Cluster()
+            self._retry = None if self.sync(cluster) else cluster
+        self._attach_node()
+        watcher = LinkWatcher(set(self.config.ifaces) | {"lo"}, self._attach_veths,
+                              self.config.netns)
+        watcher.existing()
+        watcher.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        log.info("ready")
+        self._loop()
+        watcher.stop.set()
+        self.health.close()
+        if isinstance(self.source, KubeSource):
+            self.source.stop()
+        for server in servers:
+            server.close()
+        self.metrics.close()
+        log.info("stopping; programs and pinned maps stay in place for the next start")
+        return 0

@@ -1,0 +1,2 @@
+"""lbctl: one module per subcommand (`maps`, `trace`, `run`), the node flags
+they share (`nodeflags`), and kubectl-style output (`table`)."""

@@ -1,0 +1,161 @@
+"""`lbctl run` and `lbctl down`: the node agent's flags, checked into an
+AgentConfig, and taking an instance down.
+
+down: detach every program the agent attached and remove the pins."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from lb.agent.config import AgentConfig
+from lb.agent.loop import Agent
+from lb.cli.nodeflags import UsageError, add_node_args, node_from_args
+from lb.datapath.attach import Attachments, detach_all
+from lb.datapath.instance import DEFAULT_INSTANCE, pin_dir_of
+from lb.sources.kube import DEFAULT_RESYNC_PERIOD, ConfigError, kubeconfig_path
+from loader.build import LayoutMismatch, remove_pins
+from loader.sizes import SIZE_FLAGS, Sizes
+
+log = logging.getLogger("lbctl.agent")
+
+# kube-proxy's flags for the same settings, mapped to the datapath's defines.
+CONNTRACK_FLAGS = {
+    "conntrack_tcp_timeout_established": "LB_CT_TCP_LIFETIME_S",
+    "conntrack_tcp_timeout_syn": "LB_CT_TCP_SYN_S",
+    "conntrack_tcp_timeout_close": "LB_CT_TCP_CLOSING_S",
+    "conntrack_udp_timeout": "LB_CT_OTHER_LIFETIME_S",
+}
+
+
+def agent_config(args: argparse.Namespace) -> AgentConfig:
+    """Raises UsageError for flags that contradict each other or do not parse."""
+    problem = _flag_problem(args)
+    if problem:
+        raise UsageError(f"run: {problem}")
+    return AgentConfig(
+        instance=args.instance, node=node_from_args(args), ifaces=tuple(args.iface or ()),
+        min_sync_period=float(args.min_sync_period),
+        files=tuple(Path(f) for f in args.file), kubernetes=bool(args.kubernetes),
+        kubeconfig=args.kubeconfig, resync_period=float(args.resync_period),
+        metrics_addr=args.metrics_addr, healthz_addr=args.healthz_addr, netns=args.netns,
+        sizes=sizes_from_args(args), conntrack_defines=conntrack_defines(args),
+        cgroup=args.cgroup)
+
+
+def conntrack_defines(args: argparse.Namespace) -> dict[str, str]:
+    """Compile-time conntrack lifetimes; changing one loads a changed program
+    over the same pinned maps."""
+    return {define: str(int(getattr(args, flag))) for flag, define in CONNTRACK_FLAGS.items()
+            if getattr(args, flag, None) is not None}
+
+
+
+
+def _flag_problem(args: argparse.Namespace) -> str | None:
+    if args.kubernetes and args.file:
+        return "--file and --kubernetes are alternatives: give one"
+    if not args.kubernetes and not args.file:
+        return "give the objects with --file, or --kubernetes to watch the API server"
+    if args.kubeconfig and not args.kubernetes:
+        return "--kubeconfig: only with --kubernetes"
+    if args.resync_period < 0:
+        return "--resync-period: must be >= 0 (0: never)"
+    from lb.agent.metrics import parse_addr  # prometheus_client: not for every lbctl command
+
+    for flag, value in (("--metrics-addr", args.metrics_addr),
+                        ("--healthz-addr", args.healthz_addr)):
+        if value:
+            try:
+                parse_addr(value)
+            except ValueError as e:
+                return f"{flag}: {e}"
+    return None
+
+
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        agent = Agent(agent_config(args))
+    except ConfigError as e:
+        print(f"lbctl: run: --kubernetes: {e}", file=sys.stderr)
+        return 2
+    try:
+        return agent.run()
+    except LayoutMismatch as e:
+        # Pins of another layout or size: nothing was changed.
+        print(f"lbctl: run: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    state = Attachments.load(args.instance)
+    problems: list[str] = []
+    if state:
+        problems = detach_all(state)
+        Attachments.path(args.instance).unlink(missing_ok=True)
+    remove_pins(pin_dir_of(args.instance))
+    for p in problems:
+        log.warning("down: %s", p)
+    log.info("removed instance %s", args.instance)
+    return 0
+
+
+def sizes_from_args(args: argparse.Namespace) -> Sizes:
+    given = {f.field: getattr(args, f.flag.replace("-", "_")) for f in SIZE_FLAGS
+             if getattr(args, f.flag.replace("-", "_"), None) is not None}
+    return replace(Sizes(), **given)
+
+
+def map_size(value: str) -> int:
+    if not value.isdigit() or not 2 <= int(value) <= 1 << 26:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a map size in [2, {1 << 26}]")
+    return int(value)
+
+
+def positive_seconds(value: str) -> int:
+    if not value.isdigit() or int(value) <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return int(value)
+
+
+def add_commands(sub: Any) -> None:
+    r = sub.add_parser("run", help="run the node agent")
+    r.add_argument("-f", "--file", action="append", default=[], metavar="FILE")
+    r.add_argument("--iface", action="append", metavar="DEV",
+                   help="node-facing device for XDP (repeatable)")
+    r.add_argument("--netns", help="network namespace of the node (for labs and tests)")
+    r.add_argument("--instance", default=DEFAULT_INSTANCE)
+    r.add_argument("--min-sync-period", default=0.2, type=float, metavar="SECONDS")
+    r.add_argument("--cgroup", metavar="PATH",
+                   help="cgroup v2 directory for the socket-level load balancer (the node's "
+                        "processes and hostNetwork pods; e.g. the cgroup2 mount), or 'auto' "
+                        "in a pod: the directory above kubelet's kubepods level")
+    for flag in CONNTRACK_FLAGS:
+        r.add_argument("--" + flag.replace("_", "-"), type=positive_seconds, metavar="SECONDS")
+    defaults = Sizes()
+    for f in SIZE_FLAGS:
+        r.add_argument("--" + f.flag, type=map_size, metavar="N",
+                       help=f"room for this many {f.what} (default {getattr(defaults, f.field)})")
+    r.add_argument("--kubernetes", action="store_true",
+                   help="watch the API server (in-cluster, or --kubeconfig / $KUBECONFIG); "
+                        "--node-name defaults to the hostname, --node-ip to the Node's "
+                        "InternalIPs")
+    r.add_argument("--kubeconfig", type=kubeconfig_path, metavar="PATH")
+    r.add_argument("--resync-period", type=float, default=DEFAULT_RESYNC_PERIOD,
+                   metavar="SECONDS", help="list everything afresh this often (0: never)")
+    r.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve /metrics, /healthz, /readyz and /proxyMode here")
+    r.add_argument("--healthz-addr", metavar="HOST:PORT",
+                   help="serve kube-proxy's node health (/healthz, /livez) here")
+    add_node_args(r)
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("down", help="detach the programs and remove the pinned maps")
+    d.add_argument("--instance", default=DEFAULT_INSTANCE)
+    d.set_defaults(func=cmd_down)

@@ -1,0 +1,2 @@
+"""Looking into the datapath: `lbctl trace` (`trace`, over crafted
+`packets`), and `lbctl maps` (`mapview`)."""
