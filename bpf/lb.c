@@ -54,9 +54,7 @@ int tc_lb_from_pod(struct __sk_buff *skb)
 	void *data, *data_end;
 	int reason;
 
-	lb_pull(skb);
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
+	lb_pull(skb, &data, &data_end);
 	reason = lb_decide(&p, data, data_end, skb->len, LB_SCOPE_INTERNAL, &n);
 
 	if (lb_rewrites(reason) && lb_nat_skb(skb, &p, &n))
@@ -92,9 +90,7 @@ int tc_lb_to_pod(struct __sk_buff *skb)
 	void *data, *data_end;
 	int reason, verdict;
 
-	lb_pull(skb);
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
+	lb_pull(skb, &data, &data_end);
 	reason = lb_parse_ports(data, data_end, skb->len, &p);
 	if (reason != -1 && reason != LB_STAT_PASS_OTHER_PROTO)
 		return TC_ACT_OK;
@@ -128,13 +124,13 @@ int tc_lb_to_external(struct __sk_buff *skb)
 	__u32 zero = 0;
 	int verdict;
 
-	lb_pull(skb);
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	if (lb_parse_ports(data, data_end, skb->len, &p) != -1)
+	lb_pull(skb, &data, &data_end);
+	/* Only replies on the node's own address are ours: the rest (everything
+	 * the node forwards) leaves untouched and records no fragment. */
+	if (lb_parse(data, data_end, skb->len, &p) != -1)
 		return TC_ACT_OK;
 	cfg = lb_config.lookup(&zero);
-	if (!cfg || p.saddr != cfg->node_ip)
+	if (!cfg || p.saddr != cfg->node_ip || lb_frag_ports(&p) != -1)
 		return TC_ACT_OK;
 	verdict = lb_reverse_skb(skb, &p);
 	return verdict >= 0 ? verdict : TC_ACT_OK;

@@ -46,7 +46,9 @@ class BuildOptions:
             **{k: str(v) for k, v in self.sizes.defines().items()},
             **self.defines,
         }
-        return [f"-D{k}={v}" for k, v in flags.items()] + ["-Wno-macro-redefined"]
+        # A call of an undeclared function is a header that misses an include.
+        return [f"-D{k}={v}" for k, v in flags.items()] + [
+            "-Wno-macro-redefined", "-Werror=implicit-function-declaration"]
 
 
 def expand_source(path: Path = MAIN_SOURCE, seen: set[Path] | None = None) -> str:

@@ -9,6 +9,7 @@
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
 
+#include "../lb_maps.h"
 #include "common.h"
 
 /* Header lengths and offsets (an Ethernet frame with IPv4 inside). */
@@ -135,14 +136,17 @@ LB_INLINE int lb_parse(void *data, void *data_end, __u32 len, struct lb_pkt *p)
 	return -1;
 }
 
-/* tc: make the headers readable (see LB_PULL_LEN). */
-LB_INLINE void lb_pull(struct __sk_buff *skb)
+/* tc: make the headers readable (see LB_PULL_LEN) and give the bounds of
+ * the linear part, which a pull moves. */
+LB_INLINE void lb_pull(struct __sk_buff *skb, void **data, void **data_end)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-
-	if (data + LB_PULL_LEN > data_end && skb->len > data_end - data)
+	*data = (void *)(long)skb->data;
+	*data_end = (void *)(long)skb->data_end;
+	if (*data + LB_PULL_LEN > *data_end && skb->len > *data_end - *data) {
 		bpf_skb_pull_data(skb, skb->len < LB_PULL_LEN ? skb->len : LB_PULL_LEN);
+		*data = (void *)(long)skb->data;
+		*data_end = (void *)(long)skb->data_end;
+	}
 }
 
 #endif

@@ -15,7 +15,6 @@ from typing import Literal
 from lb.datapath.interface import PacketDatapath
 from lb.datapath.userspace.programs import UserspaceDatapath
 from lb.model import Cluster, Node
-from lb.policy.compiler import Limits
 from lb.policy.kernel import MAPS as POLICY_MAPS
 from lb.policy.kernel import PolicyWriter
 from lb.service import desired
@@ -52,7 +51,7 @@ def policy_writer_for(dp: PacketDatapath) -> PolicyWriter:
     """The policy writer of an instance; with the drop counters, so a reused
     policy id starts its count at zero. The compiler refuses what the maps
     could not hold."""
-    return PolicyWriter({name: dp.map(name) for name in POLICY_WRITER_MAPS}, Limits.of(dp.sizes))
+    return PolicyWriter({name: dp.map(name) for name in POLICY_WRITER_MAPS}, dp.sizes)
 
 
 def local_pod_ips(cluster: Cluster, node: Node) -> set[str]:

@@ -5,7 +5,7 @@ maps (`lookup`, `check`) and the one view for people (`view`: `rows` of the
 kernel's maps, `describe` of a compile)."""
 
 from lb.policy.common import Verdict, combine
-from lb.policy.compiler import CompiledPolicy, Limits, compile_incremental, compile_policy
+from lb.policy.compiler import CompiledPolicy, compile_incremental, compile_policy
 from lb.policy.contents import PolicyDiff, PolicyMaps, apply, diff
 from lb.policy.encode import decode, encode
 from lb.policy.lookup import check, lookup
@@ -14,7 +14,6 @@ from lb.policy.view import describe
 
 __all__ = [
     "CompiledPolicy",
-    "Limits",
     "PolicyDiff",
     "PolicyMaps",
     "Verdict",

@@ -96,6 +96,8 @@ from lb.policy.contents import (
 from lb.refusal import Refusal
 from loader.sizes import Sizes
 
+DEFAULT_SIZES = Sizes()
+
 # A selector peer as written, with the namespace it means when it has no
 # namespaceSelector: (namespace or None, namespaceSelector, podSelector).
 PeerKey = tuple[str | None, LabelSelector | None, LabelSelector | None]
@@ -117,25 +119,6 @@ class PeerClass:
 
 
 EMPTY_CLASS = PeerClass()
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Capacities of the maps; a compile that exceeds one says so in
-    `errors` (the agent refuses to apply it rather than apply half)."""
-
-    endpoints: int = Sizes.pol_endpoints
-    ipcache: int = Sizes.pol_ipcache
-    rules: int = Sizes.pol_rules
-    portsets: int = Sizes.pol_portsets  # slots, slot 0 unused
-    policies: int = Sizes.pol_portsets  # ids, 0 unused (one drop counter per slot)
-
-    @classmethod
-    def of(cls, sizes: Sizes) -> Limits:
-        """The capacities of the policy maps of an instance of `sizes`."""
-        return cls(endpoints=sizes.pol_endpoints, ipcache=sizes.pol_ipcache,
-                   rules=sizes.pol_rules, portsets=sizes.pol_portsets,
-                   policies=sizes.pol_portsets)
 
 
 @dataclass(frozen=True)
@@ -617,27 +600,29 @@ def _local_rules(local: set[int], pods: dict[int, Pod],
     return rules_out, endpoints
 
 
-def _over_limits(maps: PolicyMaps, pids: dict[int, int], limits: Limits) -> list[Refusal]:
-    """What does not fit the maps: refused, so that the writer fails closed."""
+def _over_limits(maps: PolicyMaps, pids: dict[int, int], sizes: Sizes) -> list[Refusal]:
+    """What does not fit the maps of an instance of `sizes`: refused, so that
+    the writer fails closed. Policy ids share the port-set slots' bound:
+    lb_pol_drops has one counter per slot, slot and id 0 unused."""
     errors = []
     subject = "NetworkPolicy for this node"
     for name, what, count, limit in (
-            ("lb_pol_endpoints", "isolated pods", len(maps.endpoints), limits.endpoints),
-            ("lb_pol_ipcache", "ipcache entries", len(maps.ipcache), limits.ipcache),
-            ("lb_pol_rules", "rules", len(maps.rules), limits.rules)):
+            ("lb_pol_endpoints", "isolated pods", len(maps.endpoints), sizes.pol_endpoints),
+            ("lb_pol_ipcache", "ipcache entries", len(maps.ipcache), sizes.pol_ipcache),
+            ("lb_pol_rules", "rules", len(maps.rules), sizes.pol_rules)):
         if count > limit:
             errors.append(Refusal(subject, f"{count} {what}, the map holds {limit}", name))
-    if maps.portsets and max(maps.portsets) >= limits.portsets:
+    if maps.portsets and max(maps.portsets) >= sizes.pol_portsets:
         errors.append(Refusal(subject, f"port-set slot {max(maps.portsets)} beyond the "
-                              f"{limits.portsets} slots", "lb_pol_portsets"))
-    if pids and max(pids.values()) >= limits.policies:
+                              f"{sizes.pol_portsets} slots", "lb_pol_portsets"))
+    if pids and max(pids.values()) >= sizes.pol_portsets:
         errors.append(Refusal(subject, f"policy id {max(pids.values())} beyond the "
-                              f"{limits.policies} ids", "lb_pol_drops"))
+                              f"{sizes.pol_portsets} ids", "lb_pol_drops"))
     return errors
 
 
 def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None = None,
-                   limits: Limits = Limits()) -> CompiledPolicy:
+                   sizes: Sizes = DEFAULT_SIZES) -> CompiledPolicy:
     """This node's policy maps. Local pods are the pods whose nodeName is
     node.name (every pod when node.name is None: a one-node view); their
     ingress and egress are enforced here. node.ips and node.hairpin_ip are
@@ -667,7 +652,7 @@ def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None
         portsets=sets.portsets,
         policies={pid: ranked[rank].key for rank, pid in pids.items()},
     )
-    errors += _over_limits(maps, pids, limits)
+    errors += _over_limits(maps, pids, sizes)
     return CompiledPolicy(
         maps=maps,
         node_name=node.name,
@@ -681,10 +666,10 @@ def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None
 
 
 def compile_incremental(previous: CompiledPolicy, cluster: Cluster, node: Node,
-                        limits: Limits = Limits()) -> tuple[CompiledPolicy, PolicyDiff]:
+                        sizes: Sizes = DEFAULT_SIZES) -> tuple[CompiledPolicy, PolicyDiff]:
     """The next compile, numbered after `previous`, and the changes that
     turn the maps of `previous` into it (apply them in `steps()` order)."""
-    new = compile_policy(cluster, node, previous, limits)
+    new = compile_policy(cluster, node, previous, sizes)
     return new, diff(previous.maps, new.maps)
 
 

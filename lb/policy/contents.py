@@ -9,7 +9,7 @@ import ipaddress
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 from lb.model import PROTO_NAMES
 from lb.policy.common import EGRESS, INGRESS, PROTO_ANY
@@ -24,12 +24,27 @@ MAP_DROPS = "lb_pol_drops"
 
 PORTS_PER_SET = const("LB_POL_PORTS_PER_SET")
 MAX_CHAIN = const("LB_POL_MAX_CHAIN")
+T = TypeVar("T")
 IDENTITY_ANY = const("LB_POL_IDENTITY_ANY")
 PEER_HOST = const("LB_POL_PEER_HOST")
 ISOLATED = {INGRESS: const("LB_POL_ISOLATED_INGRESS"), EGRESS: const("LB_POL_ISOLATED_EGRESS")}
 
 Prefix = tuple[int, int]  # (network address as an int, prefix length)
 RuleKey = tuple[int, int, int]  # (local pod address, identity, direction)
+
+
+def walk_chain(slot: int, lookup: Callable[[int], T | None], next_of: Callable[[T], int]
+               ) -> Iterator[tuple[int, T]]:
+    """The slots of a port set chain from `slot`, each with its value, as the
+    datapath follows them (lb_pol_ports_allow): slot 0 or a missing slot
+    ends it, and at most MAX_CHAIN slots are read."""
+    for _ in range(MAX_CHAIN):
+        value = lookup(slot) if slot else None
+        if value is None:
+            return
+        yield slot, value
+        slot = next_of(value)
+
 
 
 def mask(plen: int) -> int:
@@ -98,16 +113,9 @@ class PolicyMaps:
         return tuple(sorted({plen for _, plen in self.ipcache}, reverse=True))
 
     def chain(self, slot: int) -> list[PortRange]:
-        """The ranges of the port set starting at `slot`, following `next`
-        as the datapath does: at most MAX_CHAIN slots, slot 0 is none."""
-        out: list[PortRange] = []
-        for _ in range(MAX_CHAIN):
-            ps = self.portsets.get(slot) if slot else None
-            if ps is None:
-                break
-            out.extend(ps.ranges)
-            slot = ps.next
-        return out
+        """The ranges of the port set starting at `slot`."""
+        return [r for _, ps in walk_chain(slot, self.portsets.get, lambda ps: ps.next)
+                for r in ps.ranges]
 
     @cached_property
     def _rules_by_endpoint(self) -> dict[tuple[int, int], list[tuple[int, int]]]:

@@ -10,21 +10,22 @@ from collections.abc import Mapping
 from typing import Any
 
 from lb.model import Cluster, Node
-from lb.policy.compiler import CompiledPolicy, Limits, compile_policy
+from lb.policy.compiler import CompiledPolicy, compile_policy
 from lb.policy.contents import (
     MAP_DROPS,
     MAP_ENDPOINTS,
     MAP_IPCACHE,
     MAP_PORTSETS,
     MAP_RULES,
-    MAX_CHAIN,
     PolicyMaps,
     diff,
+    walk_chain,
 )
 from lb.policy.encode import decode, encode_key, encode_value
 from lb.refusal import Refusal
 from loader import layout
 from loader.maps import BpfMap, possible_cpus
+from loader.sizes import Sizes
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +53,12 @@ def read(maps: Mapping[str, BpfMap]) -> PolicyMaps:
                for name in (MAP_ENDPOINTS, MAP_IPCACHE, MAP_RULES)}
     portsets: dict[bytes, bytes] = {}
     for raw in entries[MAP_RULES].values():
-        slot = int.from_bytes(raw, sys.byteorder)
-        for _ in range(MAX_CHAIN):
+        start = int.from_bytes(raw, sys.byteorder)
+        for slot, value in walk_chain(start, maps[MAP_PORTSETS].lookup, lambda v: int(v.next)):
             key = encode_key(MAP_PORTSETS, slot)
-            if not slot or key in portsets:
-                break
-            value = maps[MAP_PORTSETS].lookup(slot)
-            if value is None:
-                break
+            if key in portsets:
+                break  # the rest of this chain is read already
             portsets[key] = layout.to_bytes(layout.ffi.addressof(value))
-            slot = value.next
     entries[MAP_PORTSETS] = portsets
     return decode(entries)
 
@@ -71,9 +68,9 @@ class PolicyWriter:
     a policy id is zeroed when the id comes to stand for another policy
     (ids are reused), so a policy's count never starts with another's."""
 
-    def __init__(self, maps: Mapping[str, BpfMap], limits: Limits | None = None) -> None:
+    def __init__(self, maps: Mapping[str, BpfMap], sizes: Sizes | None = None) -> None:
         self.maps = maps
-        self.limits = limits or Limits()
+        self.sizes = sizes or Sizes()
         self.current = PolicyMaps()
         self.compiled: CompiledPolicy | None = None
 
@@ -88,7 +85,7 @@ class PolicyWriter:
         whole and the maps keep the last good policy (half a policy could
         open what it means to close). Cilium likewise keeps an endpoint's
         last policy when its new one overflows the policy map."""
-        new = compile_policy(cluster, node, previous=self.compiled, limits=self.limits)
+        new = compile_policy(cluster, node, previous=self.compiled, sizes=self.sizes)
         if new.errors:
             for e in new.errors:
                 log.error("refused %s; the maps keep the previous policy", e)

@@ -420,8 +420,10 @@ import_images() {
         in_node "$node" ctr --address /run/containerd/containerd.sock -n k8s.io images import \
             "$f" >/dev/null
         done_+=("$id")
+        # After each import: an interrupted run resumes where it stopped.
         printf '%s\n' "${done_[@]}" >"$mark"
     done
+    # And once more: tarballs gone from $IMAGES are forgotten.
     printf '%s\n' "${done_[@]}" >"$mark"
     log "images: $node: $((${#done_[@]} - kept)) imported, $kept there already"
 }

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 from lb.datapath.userspace.maps import DictMap, new_userspace_maps
 from lb.model import PROTO_NUMBERS
+from lb.policy.contents import walk_chain
 from lb.verdicts import DROPS, POLICED, REJECTS, REWRITES
 from loader import layout
 from loader.programs import PACKET_PROGRAMS
@@ -499,8 +500,9 @@ class UserspaceDatapath:
         replies of backends on the node's own address; only that is counted."""
         p = Pkt()
         cfg = self._config.ref(_u32key(0))
-        if (self._parse_ports(frame, p) != -1 or cfg is None
-                or p.saddr != _ffi.from_buffer("struct lb_config *", cfg).node_ip):
+        if (parse(frame, p) != -1 or cfg is None
+                or p.saddr != _ffi.from_buffer("struct lb_config *", cfg).node_ip
+                or self._frag_ports(p) != -1):
             return Verdict(TC_ACT_OK, bytes(frame), None)
         verdict = self._reverse_skb(frame, p)
         return verdict if verdict is not None else Verdict(TC_ACT_OK, bytes(frame), None)
@@ -816,13 +818,11 @@ class UserspaceDatapath:
 
     def _pol_ports_allow(self, slot: int, proto: int, port: int) -> bool:
         """lb_pol_ports_allow: the chain of port sets from `slot`."""
-        for _ in range(_C["LB_POL_MAX_CHAIN"]):
-            if not slot:
-                return False
-            raw = self._pol_portsets.ref(_u32key(slot))
-            if raw is None:
-                return False
-            ps = _ffi.from_buffer("struct lb_pol_portset *", raw)
+        def lookup(at: int) -> Any:
+            raw = self._pol_portsets.ref(_u32key(at))
+            return None if raw is None else _ffi.from_buffer("struct lb_pol_portset *", raw)
+
+        for _, ps in walk_chain(slot, lookup, lambda ps: int(ps.next)):
             for i in range(_C["LB_POL_PORTS_PER_SET"]):
                 if i >= ps.count:
                     break
@@ -830,7 +830,6 @@ class UserspaceDatapath:
                 if (r.proto in (_C["LB_POL_PROTO_ANY"], proto)
                         and r.port_lo <= port <= r.port_hi):
                     return True
-            slot = int(ps.next)
         return False
 
     def _pol_judge(self, local: int, remote: int, proto: int, dport: int, direction: int,
