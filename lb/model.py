@@ -271,6 +271,9 @@ class NetworkPolicy:
     ingress: tuple[PolicyRule, ...] = ()
     egress: tuple[PolicyRule, ...] = ()
     policy_types: tuple[str, ...] = (POLICY_INGRESS,)  # as defaulted by the API
+    # Why the object could not be read: it then isolates what it selects
+    # (failing closed) with no rule, until it is fixed.
+    broken: str | None = None
 
     @property
     def key(self) -> str:

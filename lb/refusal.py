@@ -6,6 +6,7 @@ entry when its backend ids run out)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # The maps whose capacity can refuse an object (lb_services also stands for
@@ -25,3 +26,13 @@ class Refusal:
     def __str__(self) -> str:
         room = f" (no room in {self.map_name})" if self.map_name else ""
         return f"{self.subject}: {self.reason}{room}"
+
+
+def bounded(lines: Sequence[str], limit: int = 10, width: int = 300) -> list[str]:
+    """At most `limit` lines of at most `width` characters, then how many
+    more there were: a service with thousands of ports is refused in a
+    screenful, not a megabyte."""
+    out = [ln if len(ln) <= width else ln[:width - 3] + "..." for ln in lines[:limit]]
+    if len(lines) > limit:
+        out.append(f"... and {len(lines) - limit} more")
+    return out

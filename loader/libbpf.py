@@ -58,7 +58,8 @@ class MapFull(BpfError):
     whatever else the map holds."""
 
     def __init__(self, map_name: str, err: int, what: str) -> None:
-        super().__init__(err, f"{what}: map {map_name} is full ({os.strerror(err)})")
+        # Not strerror: E2BIG reads "Argument list too long".
+        super().__init__(err, f"{what}: map {map_name} is full")
         self.map_name = map_name
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lb.model import Node
+from lb.sources.manifests import Rules
 from loader.sizes import Sizes
 
 
@@ -19,6 +20,7 @@ class AgentConfig:
     ifaces: tuple[str, ...]
     min_sync_period: float
     files: tuple[Path, ...]  # the file source; empty with kubernetes
+    rules: Rules  # what the file source checks objects against
     kubernetes: bool
     kubeconfig: str | None
     resync_period: float

@@ -28,9 +28,12 @@ class LinkWatcher(threading.Thread):
     unnoticed)."""
 
     def __init__(self, ignore: set[str], on_veths: Callable[[set[str]], None],
-                 netns: str | None = None) -> None:
+                 netns: str | None = None, node_ips: frozenset[str] = frozenset()) -> None:
         super().__init__(name="link-watcher", daemon=True)
         self.ignore = ignore
+        # A device holding a node address faces the node's network, never a
+        # pod, whatever its kind (a kind node's uplink is a veth).
+        self.node_ips = node_ips
         self.netns = netns
         self.on_veths = on_veths
         self.stop = threading.Event()
@@ -44,8 +47,11 @@ class LinkWatcher(threading.Thread):
 
     def existing(self) -> None:
         with iproute(self.netns) as ipr:
-            names = {self._veth_name(msg) for msg in ipr.get_links()}
-        self.on_veths({n for n in names if n and n not in self.ignore})
+            links = {msg["index"]: self._veth_name(msg) for msg in ipr.get_links()}
+            node_devs = {links.get(msg["index"]) for msg in ipr.get_addr(family=socket.AF_INET)
+                         if msg.get_attr("IFA_ADDRESS") in self.node_ips}
+        self.on_veths({n for n in links.values()
+                       if n and n not in self.ignore and n not in node_devs})
 
     def _events(self) -> socket.socket:
         def open_socket() -> socket.socket:

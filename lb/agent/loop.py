@@ -23,8 +23,10 @@ from lb.agent.links import LinkWatcher
 from lb.datapath import socklb
 from lb.datapath.attach import CLSACT_EGRESS, Attachments, attach_tc, attach_xdp
 from lb.datapath.instance import pin_dir_of, policy_writer_for, reconciler_for
+from lb.datapath.lock import lock_instance
 from lb.datapath.netns import iproute, write_sysctl
 from lb.model import Cluster
+from lb.refusal import bounded
 from lb.service import desired
 from lb.sources.files import FileSource
 from lb.sources.kube import KubeSource
@@ -60,7 +62,7 @@ class Agent:
         self.node = config.node
         self.source: FileSource | KubeSource = (
             KubeSource.connect(config.kubeconfig, config.node.name, config.resync_period)
-            if config.kubernetes else FileSource(list(config.files)))
+            if config.kubernetes else FileSource(list(config.files), config.rules))
         from lb.agent.metrics import Metrics  # prometheus_client: not for every lbctl command
 
         self.metrics: Metrics = Metrics()
@@ -107,8 +109,11 @@ class Agent:
         try:
             node = kube.node(self.node) if kube else self.node
             self.metrics.health.node_eligible = node.eligible
+            self.metrics.failed_closed.set(sum(1 for p in cluster.policies.values() if p.broken))
             state = desired.compute(cluster, node)
             res = self.reconciler.sync(state)
+            for line in bounded(res.errors):
+                log.error("refused %s", line)
             res.refusals += self.policy.sync(cluster, node)
             self.health.update(health_checks(cluster, state))
         except Exception:
@@ -120,10 +125,11 @@ class Agent:
         self.metrics.refused(self.source.errors)
         if kube:
             self.metrics.programmed(kube.programmed())
-        log.info("synced %d frontends in %.1f ms: %d added, %d updated, %d removed, "
-                 "%d backends added, %d removed, %d errors", len(state.entries), took * 1000,
-                 res.added, res.updated, res.removed, res.backends_added,
-                 res.backends_removed, len(res.errors))
+        # What the maps hold, not what was asked: a refused frontend is not synced.
+        log.info("synced %d of %d frontends in %.1f ms: %d added, %d updated, %d removed, "
+                 "%d backends added, %d removed, %d refused", len(self.reconciler.applied),
+                 len(state.entries), took * 1000, res.added, res.updated, res.removed,
+                 res.backends_added, res.backends_removed, len(res.refusals))
         return True
 
     def _servers(self) -> list[MetricsServer]:
@@ -190,20 +196,22 @@ class Agent:
         # The process stays in its own namespace (its API and metrics sockets
         # live there); only netlink, sysctls and node-facing listeners are
         # made inside the node's namespace.
+        # One writer per instance's maps: a second agent refuses here.
+        self._lock = lock_instance(self.config.instance)
         servers = self._servers()
         if isinstance(self.source, KubeSource):
             self.metrics.watch_source(self.source)
             self.source.start()  # the first lists run while the programs compile
         self._load()
         cluster = self.source.poll()
-        # The API source offers nothing before every kind is listed: syncing
-        # an empty cluster then would wipe the maps a previous agent left.
-        if cluster is not None or isinstance(self.source, FileSource):
-            cluster = cluster if cluster is not None else Cluster()
+        # Nothing yet (the API source before every kind is listed, files that
+        # do not parse): syncing an empty cluster would wipe the maps a
+        # previous agent left, so they keep serving until there is one.
+        if cluster is not None:
             self._retry = None if self.sync(cluster) else cluster
         self._attach_node()
         watcher = LinkWatcher(set(self.config.ifaces) | {"lo"}, self._attach_veths,
-                              self.config.netns)
+                              self.config.netns, frozenset(self.config.node.ips))
         watcher.existing()
         watcher.start()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -317,6 +317,9 @@ class Metrics:
             self.map_refusals.labels(name)
         self.invalid = Gauge("xdplb_objects_invalid", "Objects skipped as malformed in the "
                              "current state of the source.", registry=r)
+        self.failed_closed = Gauge(
+            "xdplb_policies_failed_closed", "NetworkPolicies that could not be read: each "
+            "isolates what it selects, with no rule, until it is fixed.", registry=r)
         self.programming = Histogram(
             "xdplb_network_programming_duration_seconds", "From an EndpointSlice change "
             "(its endpoints.kubernetes.io/last-change-trigger-time annotation, else the "

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
 from lb.cli import maps, run, trace
 from lb.cli.nodeflags import UsageError
@@ -17,9 +18,17 @@ from lb.cli.nodeflags import UsageError
 log = logging.getLogger("lbctl")
 
 
+def _version() -> str:
+    try:
+        return metadata.version("xdplb")
+    except metadata.PackageNotFoundError:  # run from a checkout without installing
+        return "unknown"
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lbctl", description=__doc__.splitlines()[0])
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
     maps.add_command(sub)
     trace.add_command(sub)

@@ -8,18 +8,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from lb.agent.config import AgentConfig
 from lb.agent.loop import Agent
-from lb.cli.nodeflags import UsageError, add_node_args, node_from_args
+from lb.cli.nodeflags import UsageError, add_node_args, node_from_args, rules_from_args
+from lb.cli.sizeflags import add_size_args, sizes_from_args
 from lb.datapath.attach import Attachments, detach_all
 from lb.datapath.instance import DEFAULT_INSTANCE, pin_dir_of
+from lb.datapath.lock import InstanceBusy, lock_instance, release
 from lb.sources.kube import DEFAULT_RESYNC_PERIOD, ConfigError, kubeconfig_path
 from loader.build import LayoutMismatch, remove_pins
-from loader.sizes import SIZE_FLAGS, Sizes
+from loader.sizes import Sizes
 
 log = logging.getLogger("lbctl.agent")
 
@@ -40,10 +41,11 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
     return AgentConfig(
         instance=args.instance, node=node_from_args(args), ifaces=tuple(args.iface or ()),
         min_sync_period=float(args.min_sync_period),
-        files=tuple(Path(f) for f in args.file), kubernetes=bool(args.kubernetes),
+        files=tuple(Path(f) for f in args.file), rules=rules_from_args(args),
+        kubernetes=bool(args.kubernetes),
         kubeconfig=args.kubeconfig, resync_period=float(args.resync_period),
         metrics_addr=args.metrics_addr, healthz_addr=args.healthz_addr, netns=args.netns,
-        sizes=sizes_from_args(args), conntrack_defines=conntrack_defines(args),
+        sizes=sizes_from_args(args, Sizes()), conntrack_defines=conntrack_defines(args),
         cgroup=args.cgroup)
 
 
@@ -74,6 +76,10 @@ def _flag_problem(args: argparse.Namespace) -> str | None:
                 parse_addr(value)
             except ValueError as e:
                 return f"{flag}: {e}"
+    if not args.iface:
+        # Without them every veth would look like a pod's, a node uplink
+        # that is a veth (kind, namespaces) included.
+        return "--iface: give the node-facing devices (repeatable)"
     return None
 
 
@@ -87,35 +93,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     try:
         return agent.run()
-    except LayoutMismatch as e:
-        # Pins of another layout or size: nothing was changed.
+    except (LayoutMismatch, InstanceBusy) as e:
+        # Pins of another layout or size, or another agent on them: nothing
+        # was changed.
         print(f"lbctl: run: {e}", file=sys.stderr)
         return 1
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    try:
+        lock = lock_instance(args.instance)
+    except InstanceBusy as e:
+        print(f"lbctl: down: {e} (lbctl run): stop it first", file=sys.stderr)
+        return 1
     state = Attachments.load(args.instance)
+    pins = pin_dir_of(args.instance)
+    if state is None and not pins.exists():
+        release(args.instance, lock)
+        print(f"lbctl: down: no instance {args.instance}: nothing to remove", file=sys.stderr)
+        return 0
     problems: list[str] = []
     if state:
         problems = detach_all(state)
         Attachments.path(args.instance).unlink(missing_ok=True)
-    remove_pins(pin_dir_of(args.instance))
+    remove_pins(pins)
+    release(args.instance, lock)
     for p in problems:
         log.warning("down: %s", p)
     log.info("removed instance %s", args.instance)
     return 0
-
-
-def sizes_from_args(args: argparse.Namespace) -> Sizes:
-    given = {f.field: getattr(args, f.flag.replace("-", "_")) for f in SIZE_FLAGS
-             if getattr(args, f.flag.replace("-", "_"), None) is not None}
-    return replace(Sizes(), **given)
-
-
-def map_size(value: str) -> int:
-    if not value.isdigit() or not 2 <= int(value) <= 1 << 26:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a map size in [2, {1 << 26}]")
-    return int(value)
 
 
 def positive_seconds(value: str) -> int:
@@ -138,10 +144,7 @@ def add_commands(sub: Any) -> None:
                         "in a pod: the directory above kubelet's kubepods level")
     for flag in CONNTRACK_FLAGS:
         r.add_argument("--" + flag.replace("_", "-"), type=positive_seconds, metavar="SECONDS")
-    defaults = Sizes()
-    for f in SIZE_FLAGS:
-        r.add_argument("--" + f.flag, type=map_size, metavar="N",
-                       help=f"room for this many {f.what} (default {getattr(defaults, f.field)})")
+    add_size_args(r, Sizes())
     r.add_argument("--kubernetes", action="store_true",
                    help="watch the API server (in-cluster, or --kubeconfig / $KUBECONFIG); "
                         "--node-name defaults to the hostname, --node-ip to the Node's "

@@ -5,25 +5,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lb.cli.nodeflags import UsageError, add_node_args, node_from_args
+from lb.cli.nodeflags import UsageError, add_node_args, node_from_args, rules_from_args
+from lb.cli.sizeflags import add_size_args, given_sizes
 from lb.cli.table import dump_json
-from lb.datapath.instance import KINDS
-from lb.model import Cluster
-from lb.sources.manifests import ManifestError, load
+from lb.datapath.instance import KINDS, SMALL
+from lb.inspect.trace import Probe
+from lb.model import Cluster, Node
+from lb.refusal import bounded
+from lb.sources.manifests import ManifestError, Rules, load
 
 
-def _load_cluster(files: Sequence[str]) -> Cluster:
+def _load_cluster(files: Sequence[str], rules: Rules) -> Cluster:
     try:
-        result = load(Path(f) for f in files)
+        result = load((Path(f) for f in files), rules)
     except ManifestError as e:
         raise UsageError(str(e)) from e
     for err in result.errors:
         print(f"lbctl: skipped: {err}", file=sys.stderr)
+    for err in result.warnings:
+        print(f"lbctl: warning: {err}", file=sys.stderr)
     return result.cluster
 
 
@@ -60,11 +67,42 @@ def _probes(args: argparse.Namespace) -> list[Any]:
         raise UsageError(f"--{e.field}: {e}") from e
 
 
+def _warnings(probes: list[Probe], cluster: Cluster, node: Node) -> list[str]:
+    """Probes whose answer depends on a node flag that was not given."""
+    out = []
+    node_ports = {p.node_port for s in cluster.services.values() for p in s.ports
+                  if p.node_port}
+    local = any(s.external_traffic_local or s.internal_traffic_local
+                for s in cluster.services.values())
+    if not node.ips and any(p.entry == "external" and p.dport in node_ports for p in probes):
+        out.append("a probe is to a NodePort, but no --node-ip says where NodePorts answer")
+    if node.name is None and local:
+        out.append("a service has a Local traffic policy, but no --node-name says which "
+                   "endpoints are this node's")
+    return out
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the throwaway instance's pins go too."""
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from lb.inspect.trace import tracer
 
     probes = _probes(args)
-    with tracer(_load_cluster(args.file), node_from_args(args), args.datapath) as t:
+    cluster, node = _load_cluster(args.file, rules_from_args(args)), node_from_args(args)
+    for w in _warnings(probes, cluster, node):
+        print(f"lbctl: warning: {w}", file=sys.stderr)
+    given = given_sizes(args)
+    sizes = replace(SMALL, **given) if given else None
+    _stop_on_sigterm()
+    with tracer(cluster, node, args.datapath, sizes) as t:
+        for line in bounded(t.refused):
+            print(f"lbctl: refused: {line}", file=sys.stderr)
         results = [t.run(p) for p in probes]
     for r in results:
         if args.batch or args.output == "json":
@@ -79,10 +117,16 @@ def add_command(sub: Any) -> None:
     t.add_argument("-f", "--file", action="append", required=True, metavar="FILE")
     t.add_argument("--src", help="IP[:PORT]")
     t.add_argument("--dst", help="IP:PORT")
-    t.add_argument("--proto", default="tcp")
-    t.add_argument("--from", dest="entry", default="pod")
+    t.add_argument("--proto", default="tcp", choices=("tcp", "udp"),
+                   help="(default %(default)s)")
+    t.add_argument("--from", dest="entry", default="pod", choices=("pod", "external"),
+                   help="where the packet enters: a pod's veth, or a node device "
+                        "(default %(default)s)")
     t.add_argument("--batch", metavar="FILE", help="JSON lines of probes")
-    t.add_argument("--datapath", choices=KINDS, default="kernel")
+    t.add_argument("--datapath", choices=KINDS, default="kernel",
+                   help="the kernel's programs (root, BPF) or their userspace twin "
+                        "(default %(default)s)")
     t.add_argument("-o", "--output", choices=("table", "json"), default="table")
     add_node_args(t)
+    add_size_args(t, None)
     t.set_defaults(func=cmd_trace)

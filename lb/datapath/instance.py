@@ -8,7 +8,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -17,7 +17,7 @@ from lb.datapath.userspace.programs import UserspaceDatapath
 from lb.model import Cluster, Node
 from lb.policy.kernel import MAPS as POLICY_MAPS
 from lb.policy.kernel import PolicyWriter
-from lb.service import desired
+from lb.service import desired, maglev
 from lb.service.reconcile import Reconciler
 from loader.build import BPFFS, BuildOptions, Datapath, remove_pins
 from loader.sizes import Sizes as Sizes
@@ -61,24 +61,66 @@ def local_pod_ips(cluster: Cluster, node: Node) -> set[str]:
             and (node.name is None or pod.node_name == node.name) for ip in pod.ips}
 
 
+def sizes_for(state: desired.DesiredState, floor: Sizes = SMALL) -> Sizes:
+    """Room for `state` in a throwaway instance: what the reconciler will
+    take of each map, or `floor`, whichever is more."""
+    entries = list(state.entries.values())
+    need = {
+        # Ids run 1..limit-1; frontends and service ports each take one.
+        "max_services": max(len(entries), len({e.group for e in entries})) + 1,
+        "max_backends": len({(e.group, b) for e in entries for b in (*e.backends, *e.draining)})
+        + 1,
+        "maglev_slots": sum(maglev.table_size(len(e.backends)) for e in entries),
+        "source_ranges": sum(len(e.source_ranges) for e in entries),
+    }
+    return replace(floor, **{k: max(v, getattr(floor, k)) for k, v in need.items()})
+
+
 @dataclass
 class Programmed:
     """What a throwaway instance was given: the node's pods (whose own hook a
-    packet bound to them crosses) and the policy behind each policy id."""
+    packet bound to them crosses), the policy behind each policy id, and
+    what the maps refused (as a node would refuse it)."""
 
     local_pods: set[str] = field(default_factory=set)
     policy_names: dict[int, str] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)
 
 
-def program(dp: PacketDatapath, cluster: Cluster, node: Node) -> Programmed:
+def program(dp: PacketDatapath, cluster: Cluster, node: Node,
+            state: desired.DesiredState | None = None) -> Programmed:
     """Write the node's whole state for `cluster` (services and policy) into
-    an empty instance; any refusal is an error here, as nothing is live."""
-    res = reconciler_for(dp).sync(desired.compute(cluster, node))
+    an empty instance; what does not fit is refused, as on a node, and said
+    in `refused`."""
+    res = reconciler_for(dp).sync(state or desired.compute(cluster, node))
     policy = policy_writer_for(dp)
-    errors = res.errors + [str(r) for r in policy.sync(cluster, node)]
-    if errors:
-        raise RuntimeError("; ".join(errors))
-    return Programmed(local_pod_ips(cluster, node), dict(policy.current.policies))
+    refused = res.errors + [str(r) for r in policy.sync(cluster, node)]
+    return Programmed(local_pod_ips(cluster, node), dict(policy.current.policies), refused)
+
+
+THROWAWAY_PREFIX = "lbtrace-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphans() -> list[Path]:
+    """Remove the throwaway instances whose process is gone (killed before it
+    could remove its pins); returns their pin directories."""
+    gone = []
+    for d in BPFFS.glob(f"{THROWAWAY_PREFIX}*"):
+        pid = d.name[len(THROWAWAY_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            remove_pins(d)
+            gone.append(d)
+    return gone
 
 
 @contextmanager
@@ -89,7 +131,8 @@ def throwaway(kind: Kind = "kernel", sizes: Sizes = SMALL) -> Iterator[PacketDat
     if kind == "userspace":
         yield UserspaceDatapath.new(sizes)
         return
-    pin_dir = BPFFS / f"lbtrace-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_orphans()
+    pin_dir = BPFFS / f"{THROWAWAY_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with Datapath(BuildOptions(pin_dir, sizes)) as dp:
             yield dp

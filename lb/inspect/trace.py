@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from lb.counters import count
-from lb.datapath.instance import Kind, program, throwaway
+from lb.datapath.instance import Kind, program, sizes_for, throwaway
 from lb.datapath.interface import PacketDatapath, Run
 from lb.inspect import packets
 from lb.model import Cluster, Node
+from lb.service import desired
 from lb.verdicts import reason
 from loader import layout
 from loader.programs import TC_FROM_POD, TC_TO_POD, XDP_EXTERNAL
+from loader.sizes import Sizes
 
 ENTRIES = {"pod": TC_FROM_POD.name, "external": XDP_EXTERNAL.name}
 TO_POD = TC_TO_POD.name
@@ -94,9 +96,7 @@ class TraceResult:
     def line(self) -> str:
         if self.verdict == "DNAT":
             return f"DNAT {self.backend}" + (" masq" if self.masquerade else "")
-        if self.verdict in ("REJECT", "DROP"):
-            return f"{self.verdict} {self.reason}"
-        return "PASS"
+        return f"{self.verdict} {self.reason}" if self.reason else self.verdict
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -122,6 +122,7 @@ class Tracer:
         self.drops = dp.map("lb_pol_drops")
         self.local_pods = local_pods or set()
         self.policy_names = policy_names or {}
+        self.refused: list[str] = []
 
     def _counts(self) -> list[int]:
         return [count(self.stats, i).packets for i in range(layout.const("LB_STAT_MAX"))]
@@ -182,8 +183,14 @@ def trace_result(probe: Probe, reason_index: int | None, out: bytes,
 
 
 @contextmanager
-def tracer(cluster: Cluster, node: Node, kind: Kind = "kernel") -> Iterator[Tracer]:
-    """A throwaway instance of `kind` holding the node's state for `cluster`."""
-    with throwaway(kind) as dp:
-        got = program(dp, cluster, node)
-        yield Tracer(dp, got.local_pods, got.policy_names)
+def tracer(cluster: Cluster, node: Node, kind: Kind = "kernel",
+           sizes: Sizes | None = None) -> Iterator[Tracer]:
+    """A throwaway instance of `kind` holding the node's state for `cluster`,
+    of `sizes` (by default, room for all of it). What the maps refused is
+    in the tracer's `refused`."""
+    state = desired.compute(cluster, node)
+    with throwaway(kind, sizes or sizes_for(state)) as dp:
+        got = program(dp, cluster, node, state)
+        t = Tracer(dp, got.local_pods, got.policy_names)
+        t.refused = got.refused
+        yield t

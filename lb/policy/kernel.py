@@ -22,7 +22,7 @@ from lb.policy.contents import (
     walk_chain,
 )
 from lb.policy.encode import decode, encode_key, encode_value
-from lb.refusal import Refusal
+from lb.refusal import Refusal, bounded
 from loader import layout
 from loader.maps import BpfMap, possible_cpus
 from loader.sizes import Sizes
@@ -87,8 +87,8 @@ class PolicyWriter:
         last policy when its new one overflows the policy map."""
         new = compile_policy(cluster, node, previous=self.compiled, sizes=self.sizes)
         if new.errors:
-            for e in new.errors:
-                log.error("refused %s; the maps keep the previous policy", e)
+            for line in bounded([str(e) for e in new.errors]):
+                log.error("refused %s; the maps keep the previous policy", line)
             return list(new.errors)
         drops = self.maps.get(MAP_DROPS)
         if drops is not None:

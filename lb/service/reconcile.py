@@ -178,9 +178,8 @@ class Reconciler:
     @staticmethod
     def _refuse(res: SyncResult, subject: str, err: Exception) -> None:
         full = err.map_name if isinstance(err, (Exhausted, MapFull)) else ""
-        refusal = Refusal(subject, str(err), full)
-        log.error("refused %s", refusal)
-        res.refusals.append(refusal)
+        # The caller says what was refused, once and bounded (lb/refusal.py).
+        res.refusals.append(Refusal(subject, str(err), full))
 
     # --- node-wide entries: config, ClusterIP set, service CIDRs ---------
 

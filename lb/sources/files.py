@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lb.model import Cluster
-from lb.sources.manifests import ManifestError, load
+from lb.sources.manifests import FILE_RULES, ManifestError, Rules, load
 
 log = logging.getLogger("lbctl.agent")
+
+# How long the files must stand still before a change is read.
+SETTLE_SECONDS = 0.3
 
 
 @dataclass
@@ -18,7 +22,9 @@ class FileSource:
     """Manifest files, re-read when any of them changes on disk."""
 
     paths: list[Path]
+    rules: Rules = FILE_RULES
     _stamp: tuple[tuple[int, int, int], ...] | None = None
+    _pending: tuple[tuple[tuple[int, int, int], ...], float] | None = None
     last_good: Cluster = field(default_factory=Cluster)
     errors: tuple[ManifestError, ...] = ()
 
@@ -34,20 +40,34 @@ class FileSource:
                 out.append((0, 0, -1))
         return tuple(out)
 
+    def _settled(self, stamp: tuple[tuple[int, int, int], ...]) -> bool:
+        """A change is read once the files stood still for SETTLE_SECONDS, so
+        a file written in place is not read half-written; the first read is
+        at once."""
+        if self._stamp is None:
+            return True
+        now = time.monotonic()
+        if self._pending is None or self._pending[0] != stamp:
+            self._pending = (stamp, now)
+        return now - self._pending[1] >= SETTLE_SECONDS
+
     def poll(self) -> Cluster | None:
         """The cluster when the files changed since the last call, else None.
-        A file that does not parse keeps the last good state (fail static)."""
+        A file that does not parse, or holds no objects, keeps the last good
+        state (fail static)."""
         stamp = self._current()
-        if stamp == self._stamp:
+        if stamp == self._stamp or not self._settled(stamp):
             return None
-        self._stamp = stamp
+        self._stamp, self._pending = stamp, None
         try:
-            result = load(self.paths)
+            result = load(self.paths, self.rules)
         except ManifestError as e:
             log.error("keeping the last good state: %s", e)
             return None
         for err in result.errors:
             log.error("skipped: %s", err)
+        for err in result.warnings:
+            log.warning("%s", err)
         self.errors = result.errors
         self.last_good = result.cluster
         return result.cluster

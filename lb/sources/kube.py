@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from lb.model import Cluster, Node
-from lb.sources.manifests import LoadResult, ManifestError, build_cluster
+from lb.sources.manifests import API_RULES, LoadResult, ManifestError, build_cluster
 
 log = logging.getLogger("lbctl.kube")
 
@@ -586,7 +586,11 @@ class ParsedObjects:
             if hit is not None and (hit[0] is doc or (rv is not None and hit[1] == rv)):
                 result = hit[2]
             else:
-                result = build_cluster([(doc, SOURCE)])
+                result = build_cluster([(doc, SOURCE)], API_RULES)
+                for err in result.errors:
+                    log.error("skipped: %s", err)
+                for err in result.warnings:
+                    log.warning("%s", err)
             cache[key] = (doc, rv, result)
             for name in _CLUSTER_MAPS:
                 maps[name].update(getattr(result.cluster, name))

@@ -11,7 +11,7 @@ import ipaddress
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +53,34 @@ class ManifestError(ValueError):
         super().__init__(f"{where}: {field}: {problem}")
         self.where = where
         self.field = field
+        self.problem = problem
 
 
 @dataclass(frozen=True)
 class LoadResult:
     cluster: Cluster
-    errors: tuple[ManifestError, ...]
+    errors: tuple[ManifestError, ...]  # what was skipped: an object, or one endpoint
+    warnings: tuple[ManifestError, ...] = ()  # what was kept but looks wrong
+
+
+# kube-apiserver's --service-node-port-range default.
+DEFAULT_NODE_PORT_RANGE = (30000, 32767)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What the API server would have checked before storing an object.
+    Files have no API server in front of them; objects from one were
+    checked there already (node_port_range None: not checked again)."""
+
+    node_port_range: tuple[int, int] | None = DEFAULT_NODE_PORT_RANGE
+    # Addresses that no Service or endpoint may use, beyond the API's own
+    # rules (multicast, broadcast: the datapath cannot serve them).
+    strict_addresses: bool = True
+
+
+FILE_RULES = Rules()
+API_RULES = Rules(node_port_range=None)
 
 
 # --- field readers: each names the field it complains about -----------------
@@ -97,20 +119,65 @@ def _list(obj: Mapping[str, Any], path: str, where: str) -> list[Any]:
     return value
 
 
-def _ipv4(value: Any, field: str, where: str) -> str:
+def _address(value: Any, field: str, where: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    # A YAML integer is no address, though ipaddress would take 167772161.
+    if not isinstance(value, str):
+        raise ManifestError(where, field, f"expected an IP address string, got {value!r}")
     try:
-        return str(ipaddress.IPv4Address(value))
-    except (ipaddress.AddressValueError, ValueError) as e:
-        raise ManifestError(where, field, f"not an IPv4 address: {value!r}") from e
+        return ipaddress.ip_address(value)
+    except ValueError as e:
+        raise ManifestError(where, field, f"not an IP address: {value!r}") from e
+
+
+def _ipv4(value: Any, field: str, where: str) -> str:
+    addr = _address(value, field, where)
+    if addr.version != 4:
+        raise ManifestError(where, field, f"not an IPv4 address: {value!r}")
+    return str(addr)
 
 
 def _ip_any(value: Any, field: str, where: str) -> str | None:
     """An IPv4 address, None for a valid IPv6 one (not programmed yet)."""
-    try:
-        addr = ipaddress.ip_address(value)
-    except (ValueError, TypeError) as e:
-        raise ManifestError(where, field, f"not an IP address: {value!r}") from e
+    addr = _address(value, field, where)
     return str(addr) if addr.version == 4 else None
+
+
+def _special(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why no Service address or endpoint may be `addr`: the API server's
+    ValidateEndpointIP (pkg/apis/core/validation/validation.go, v1.34:
+    unspecified, loopback, link-local, link-local multicast), which it also
+    applies to externalIPs, and beyond it any multicast and the broadcast
+    address, which a load balancer cannot serve."""
+    if addr.is_unspecified:
+        return "may not be unspecified"
+    if addr.is_loopback:
+        return "may not be in the loopback range (127.0.0.0/8, ::1/128)"
+    if addr.is_link_local:
+        return "may not be in the link-local range (169.254.0.0/16, fe80::/10)"
+    if addr.is_multicast:
+        return "may not be multicast (224.0.0.0/4, ff00::/8)"
+    if addr == ipaddress.IPv4Address("255.255.255.255"):
+        return "may not be the broadcast address"
+    return None
+
+
+def _usable_ip(value: Any, field: str, where: str) -> str | None:
+    """An address a Service or endpoint may have: IPv4, or None for a valid
+    IPv6 one (not programmed yet)."""
+    addr = _address(value, field, where)
+    why = _special(addr)
+    if why:
+        raise ManifestError(where, field, f"{addr}: {why}")
+    return str(addr) if addr.version == 4 else None
+
+
+def _bool(value: Any, field: str, where: str, default: bool) -> bool:
+    # bool("false") is True: a string is refused, as the API server does.
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ManifestError(where, field, f"expected true or false, got {value!r}")
+    return value
 
 
 def _protocol(value: Any, field: str, where: str) -> str:
@@ -139,14 +206,34 @@ def _where(doc: Mapping[str, Any], source: str) -> str:
 def _cluster_ips(doc: Mapping[str, Any], where: str) -> tuple[bool, tuple[str, ...]]:
     """(headless, the IPv4 ClusterIPs)."""
     cluster_ip = _get(doc, "spec.clusterIP", where)
-    raw = _list(doc, "spec.clusterIPs", where) or ([cluster_ip] if cluster_ip else [])
+    listed = _list(doc, "spec.clusterIPs", where)
+    # The API server's rule (ValidateService, pkg/apis/core/validation): if
+    # clusterIP is set, clusterIPs[0] must match.
+    if cluster_ip and listed and listed[0] != cluster_ip:
+        raise ManifestError(where, "spec.clusterIPs[0]",
+                            f"{listed[0]!r} must match spec.clusterIP {cluster_ip!r}")
+    raw = listed or ([cluster_ip] if cluster_ip else [])
     if cluster_ip == "None" or raw == ["None"]:
         return True, ()
-    ips = (_ip_any(ip, f"spec.clusterIPs[{i}]", where) for i, ip in enumerate(raw))
+    field = "spec.clusterIPs" if listed else "spec.clusterIP"
+    ips = (_usable_ip(ip, f"{field}[{i}]" if listed else field, where)
+           for i, ip in enumerate(raw))
     return False, tuple(ip for ip in ips if ip)
 
 
-def _service_port(p: Any, field: str, where: str, seen: set[tuple[str, int]]) -> ServicePort:
+def _node_port(value: Any, field: str, where: str, rules: Rules) -> int:
+    lo, hi = rules.node_port_range or (1, 65535)
+    if rules.node_port_range is None:
+        return _int(value, field, where, lo, hi)
+    number = _int(value, field, where, 1, 65535)
+    if not lo <= number <= hi:
+        raise ManifestError(where, field, f"{number} is outside the node-port range {lo}-{hi} "
+                            "(--service-node-port-range)")
+    return number
+
+
+def _service_port(p: Any, field: str, where: str, seen: set[tuple[str, int]],
+                  rules: Rules) -> ServicePort:
     """One of spec.ports; `seen`: the (protocol, port) pairs before it."""
     if not isinstance(p, Mapping):
         raise ManifestError(where, field, "expected an object")
@@ -163,18 +250,19 @@ def _service_port(p: Any, field: str, where: str, seen: set[tuple[str, int]]) ->
         target = _int(target, f"{field}.targetPort", where, 1, 65535)
     node_port = p.get("nodePort")
     if node_port is not None:
-        node_port = _int(node_port, f"{field}.nodePort", where, 1, 65535)
+        node_port = _node_port(node_port, f"{field}.nodePort", where, rules)
     pname = p.get("name", "") or ""
     if not isinstance(pname, str):
         raise ManifestError(where, f"{field}.name", f"expected a string, got {pname!r}")
     return ServicePort(pname, proto, port, target, node_port)
 
 
-def _service_ports(doc: Mapping[str, Any], where: str) -> tuple[ServicePort, ...]:
+def _service_ports(doc: Mapping[str, Any], where: str, rules: Rules
+                   ) -> tuple[ServicePort, ...]:
     ports: list[ServicePort] = []
     seen: set[tuple[str, int]] = set()
     for i, raw in enumerate(_list(doc, "spec.ports", where)):
-        ports.append(_service_port(raw, f"spec.ports[{i}]", where, seen))
+        ports.append(_service_port(raw, f"spec.ports[{i}]", where, seen, rules))
     return tuple(ports)
 
 
@@ -184,12 +272,12 @@ def _outside_addresses(doc: Mapping[str, Any], where: str
     external_ips = tuple(
         ip
         for i, raw in enumerate(_list(doc, "spec.externalIPs", where))
-        if (ip := _ip_any(raw, f"spec.externalIPs[{i}]", where))
+        if (ip := _usable_ip(raw, f"spec.externalIPs[{i}]", where))
     )
     lb_ips = []
     for i, ing in enumerate(_list(doc, "status.loadBalancer.ingress", where)):
         if isinstance(ing, Mapping) and ing.get("ip"):
-            ip = _ip_any(ing["ip"], f"status.loadBalancer.ingress[{i}].ip", where)
+            ip = _usable_ip(ing["ip"], f"status.loadBalancer.ingress[{i}].ip", where)
             if ip:
                 lb_ips.append(ip)
     ranges = []
@@ -226,20 +314,20 @@ def _traffic_local(doc: Mapping[str, Any], where: str) -> tuple[bool, bool]:
     return etp == "Local", itp == "Local"
 
 
-def parse_service(doc: Mapping[str, Any], where: str) -> Service:
+def parse_service(doc: Mapping[str, Any], where: str, rules: Rules = FILE_RULES) -> Service:
     name = _str(doc, "metadata.name", where)
     namespace = _str(doc, "metadata.namespace", where, "default")
     stype = _get(doc, "spec.type", where, "ClusterIP")
     if stype not in SERVICE_TYPES:
         raise ManifestError(where, "spec.type", f"unknown service type {stype!r}")
     headless, cluster_ips = _cluster_ips(doc, where)
-    ports = _service_ports(doc, where)
+    ports = _service_ports(doc, where, rules)
     external_ips, lb_ips, ranges = _outside_addresses(doc, where)
     affinity, timeout = _affinity(doc, where)
     etp_local, itp_local = _traffic_local(doc, where)
     hc = _get(doc, "spec.healthCheckNodePort", where)
     if hc is not None:
-        hc = _int(hc, "spec.healthCheckNodePort", where, 1, 65535)
+        hc = _node_port(hc, "spec.healthCheckNodePort", where, rules)
     return Service(
         namespace=namespace,
         name=name,
@@ -255,7 +343,8 @@ def parse_service(doc: Mapping[str, Any], where: str) -> Service:
         external_traffic_local=etp_local,
         internal_traffic_local=itp_local,
         health_check_node_port=hc,
-        publish_not_ready=bool(_get(doc, "spec.publishNotReadyAddresses", where, False)),
+        publish_not_ready=_bool(_get(doc, "spec.publishNotReadyAddresses", where),
+                                "spec.publishNotReadyAddresses", where, False),
         selector=_labels(doc, "spec.selector", where),
         labels=_labels(doc, "metadata.labels", where),
     )
@@ -277,7 +366,39 @@ def _endpoint_ports(doc: Mapping[str, Any], path: str, where: str) -> tuple[Endp
     return tuple(ports)
 
 
-def parse_endpoint_slice(doc: Mapping[str, Any], where: str) -> EndpointSlice | None:
+def _slice_endpoint(ep: Any, field: str, where: str) -> list[Endpoint]:
+    """One entry of endpoints[]: an Endpoint per address."""
+    if not isinstance(ep, Mapping):
+        raise ManifestError(where, field, "expected an object")
+    cond = ep.get("conditions") or {}
+    if not isinstance(cond, Mapping):
+        raise ManifestError(where, f"{field}.conditions", "expected an object")
+    # The API's rules: a missing `ready` means ready; `serving`
+    # defaults to `ready`; `terminating` to false.
+    ready = _bool(cond.get("ready"), f"{field}.conditions.ready", where, True)
+    serving = _bool(cond.get("serving"), f"{field}.conditions.serving", where, ready)
+    terminating = _bool(cond.get("terminating"), f"{field}.conditions.terminating", where, False)
+    node = ep.get("nodeName")
+    if node is not None and not isinstance(node, str):
+        raise ManifestError(where, f"{field}.nodeName", f"expected a string, got {node!r}")
+    addrs = ep.get("addresses")
+    if not isinstance(addrs, list) or not addrs:
+        raise ManifestError(where, f"{field}.addresses", "expected a non-empty list")
+    out = []
+    for j, a in enumerate(addrs):
+        ip = _usable_ip(a, f"{field}.addresses[{j}]", where)
+        if ip is None:
+            raise ManifestError(where, f"{field}.addresses[{j}]",
+                                f"not an IPv4 address in an IPv4 slice: {a!r}")
+        out.append(Endpoint(ip=ip, ready=ready, serving=serving, terminating=terminating,
+                            node_name=node or None))
+    return out
+
+
+def parse_endpoint_slice(doc: Mapping[str, Any], where: str,
+                         skipped: list[ManifestError] | None = None) -> EndpointSlice | None:
+    """The slice; an endpoint that does not parse is left out of it (and
+    added to `skipped`), the rest of the slice still counts."""
     name = _str(doc, "metadata.name", where)
     namespace = _str(doc, "metadata.namespace", where, "default")
     service = _get(doc, "metadata.labels", where, {}).get("kubernetes.io/service-name")
@@ -290,46 +411,29 @@ def parse_endpoint_slice(doc: Mapping[str, Any], where: str) -> EndpointSlice | 
         raise ManifestError(where, "addressType", f"unknown value {family!r}")
     if family != "IPv4":
         return None
+    ports = _endpoint_ports(doc, "ports", where)
     endpoints: list[Endpoint] = []
     for i, ep in enumerate(_list(doc, "endpoints", where)):
-        field = f"endpoints[{i}]"
-        if not isinstance(ep, Mapping):
-            raise ManifestError(where, field, "expected an object")
-        cond = ep.get("conditions") or {}
-        if not isinstance(cond, Mapping):
-            raise ManifestError(where, f"{field}.conditions", "expected an object")
-        # The API's rules: a missing `ready` means ready; `serving`
-        # defaults to `ready`; `terminating` to false.
-        ready = cond.get("ready")
-        ready = True if ready is None else bool(ready)
-        serving = cond.get("serving")
-        serving = ready if serving is None else bool(serving)
-        node = ep.get("nodeName")
-        addrs = ep.get("addresses")
-        if not isinstance(addrs, list) or not addrs:
-            raise ManifestError(where, f"{field}.addresses", "expected a non-empty list")
-        endpoints.extend(
-            Endpoint(
-                ip=_ipv4(a, f"{field}.addresses[{j}]", where),
-                ready=ready,
-                serving=serving,
-                terminating=bool(cond.get("terminating", False)),
-                node_name=str(node) if node else None,
-            )
-            for j, a in enumerate(addrs)
-        )
+        try:
+            endpoints.extend(_slice_endpoint(ep, f"endpoints[{i}]", where))
+        except ManifestError as e:
+            if skipped is None:
+                raise
+            skipped.append(e)
     return EndpointSlice(
         namespace=namespace,
         name=name,
         service_name=str(service),
-        ports=_endpoint_ports(doc, "ports", where),
+        ports=ports,
         endpoints=tuple(endpoints),
     )
 
 
-def parse_endpoints(doc: Mapping[str, Any], where: str) -> list[EndpointSlice]:
+def parse_endpoints(doc: Mapping[str, Any], where: str,
+                    skipped: list[ManifestError] | None = None) -> list[EndpointSlice]:
     """Legacy v1 Endpoints as the slices that mirror them (one per subset),
-    the way the EndpointSliceMirroring controller does."""
+    the way the EndpointSliceMirroring controller does. An address that
+    does not parse is left out (and added to `skipped`)."""
     name = _str(doc, "metadata.name", where)
     namespace = _str(doc, "metadata.namespace", where, "default")
     slices = []
@@ -341,17 +445,12 @@ def parse_endpoints(doc: Mapping[str, Any], where: str) -> list[EndpointSlice]:
         for kind, ready in (("addresses", True), ("notReadyAddresses", False)):
             for j, a in enumerate(_list(subset, kind, where)):
                 afield = f"{field}.{kind}[{j}]"
-                if not isinstance(a, Mapping):
-                    raise ManifestError(where, afield, "expected an object")
-                node = a.get("nodeName")
-                eps.append(
-                    Endpoint(
-                        ip=_ipv4(a.get("ip"), f"{afield}.ip", where),
-                        ready=ready,
-                        serving=ready,
-                        node_name=str(node) if node else None,
-                    )
-                )
+                try:
+                    eps.append(_legacy_address(a, afield, where, ready))
+                except ManifestError as e:
+                    if skipped is None:
+                        raise
+                    skipped.append(e)
         slices.append(
             EndpointSlice(
                 namespace=namespace,
@@ -364,46 +463,175 @@ def parse_endpoints(doc: Mapping[str, Any], where: str) -> list[EndpointSlice]:
     return slices
 
 
-def build_cluster(docs: Iterable[tuple[Mapping[str, Any], str]]) -> LoadResult:
-    """The model of a set of objects; bad objects are logged and skipped."""
-    services: dict[str, Service] = {}
-    slices: dict[str, EndpointSlice] = {}
-    legacy: dict[str, list[EndpointSlice]] = {}
-    errors: list[ManifestError] = []
-    policy_objects = _PolicyObjects()
+def _legacy_address(a: Any, field: str, where: str, ready: bool) -> Endpoint:
+    if not isinstance(a, Mapping):
+        raise ManifestError(where, field, "expected an object")
+    node = a.get("nodeName")
+    ip = _usable_ip(a.get("ip"), f"{field}.ip", where)
+    if ip is None:
+        raise ManifestError(where, f"{field}.ip", f"not an IPv4 address: {a.get('ip')!r}")
+    return Endpoint(ip=ip, ready=ready, serving=ready, node_name=str(node) if node else None)
+
+
+# The kinds read, and the one API version of each that is served.
+READ_KINDS = {
+    "Service": "v1",
+    "Endpoints": "v1",
+    "EndpointSlice": "discovery.k8s.io/v1",
+    "Pod": "v1",
+    "Namespace": "v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
+}
+
+# The fields of the kinds the datapath reads, as of v1.34; anything else
+# is reported (the object is still used, as the API server's
+# fieldValidation=Warn would store it).
+_OBJECT = {"apiVersion", "kind", "metadata", "spec", "status"}
+KNOWN_FIELDS: dict[str, dict[str, set[str]]] = {
+    "Service": {
+        "": _OBJECT,
+        "spec": {"ports", "selector", "clusterIP", "clusterIPs", "type", "externalIPs",
+                 "sessionAffinity", "loadBalancerIP", "loadBalancerSourceRanges",
+                 "externalName", "externalTrafficPolicy", "healthCheckNodePort",
+                 "publishNotReadyAddresses", "sessionAffinityConfig", "ipFamilies",
+                 "ipFamilyPolicy", "allocateLoadBalancerNodePorts", "loadBalancerClass",
+                 "internalTrafficPolicy", "trafficDistribution"},
+        "spec.ports[]": {"name", "protocol", "appProtocol", "port", "targetPort", "nodePort"},
+    },
+    "EndpointSlice": {
+        "": {"apiVersion", "kind", "metadata", "addressType", "endpoints", "ports"},
+        "endpoints[]": {"addresses", "conditions", "hostname", "targetRef", "nodeName",
+                        "zone", "hints", "deprecatedTopology"},
+        "endpoints[].conditions": {"ready", "serving", "terminating"},
+        "ports[]": {"name", "protocol", "appProtocol", "port"},
+    },
+}
+
+
+def _at(doc: Any, path: str) -> list[Any]:
+    """The values at a KNOWN_FIELDS path ("a.b[]" expands the list at a.b)."""
+    values = [doc]
+    for part in path.split(".") if path else []:
+        key, many = part.removesuffix("[]"), part.endswith("[]")
+        values = [v.get(key) for v in values if isinstance(v, Mapping)]
+        if many:
+            values = [x for v in values if isinstance(v, list) for x in v]
+    return values
+
+
+def unknown_fields(doc: Mapping[str, Any], where: str) -> list[ManifestError]:
+    out = []
+    for path, known in KNOWN_FIELDS.get(str(doc.get("kind")), {}).items():
+        for value in _at(doc, path):
+            if isinstance(value, Mapping):
+                out += [ManifestError(where, f"{path}.{k}" if path else str(k),
+                                      "unknown field (ignored)")
+                        for k in value if k not in known]
+    return out
+
+
+def _object_id(doc: Mapping[str, Any]) -> tuple[str, str]:
+    meta = doc.get("metadata") if isinstance(doc.get("metadata"), Mapping) else {}
+    assert isinstance(meta, Mapping)
+    ns = "" if doc.get("kind") == "Namespace" else str(meta.get("namespace") or "default")
+    return str(doc.get("kind")), f"{ns}/{meta.get('name')}"
+
+
+class _Collected:
+    """The objects of one load, as build_cluster reads them."""
+
+    def __init__(self, rules: Rules) -> None:
+        self.rules = rules
+        self.services: dict[str, Service] = {}
+        self.slices: dict[str, EndpointSlice] = {}
+        self.legacy: dict[str, list[EndpointSlice]] = {}
+        self.policy_objects = _PolicyObjects()
+        self.errors: list[ManifestError] = []
+        self.warnings: list[ManifestError] = []
+        self.seen: dict[tuple[str, str], str] = {}
+
+    def admit(self, doc: Mapping[str, Any], where: str) -> bool:
+        """Whether `doc` is an object to read: of a read kind in its served
+        version, and not one read already."""
+        kind, api = doc.get("kind"), doc.get("apiVersion")
+        if kind not in READ_KINDS:
+            return False  # Deployments and the like: not the datapath's business
+        if api != READ_KINDS[kind]:
+            raise ManifestError(where, "apiVersion",
+                                f"{api!r} is not read: {kind} is {READ_KINDS[kind]}")
+        oid = _object_id(doc)
+        if oid in self.seen:
+            raise ManifestError(where, "metadata.name",
+                                f"defined twice: the first, in {self.seen[oid]}, is kept")
+        self.seen[oid] = where.split(": ")[0]
+        return True
+
+    def add(self, doc: Mapping[str, Any], where: str) -> None:
+        kind = doc.get("kind")
+        self.warnings += unknown_fields(doc, where)
+        if kind == "Service":
+            svc = parse_service(doc, where, self.rules)
+            self.services[svc.key] = svc
+        elif kind == "EndpointSlice":
+            es = parse_endpoint_slice(doc, where, self.errors)
+            if es:
+                self.slices[es.key] = es
+        elif kind == "Endpoints":
+            for es in parse_endpoints(doc, where, self.errors):
+                self.legacy.setdefault(es.service_key, []).append(es)
+        else:
+            self.policy_objects.add(doc, where)
+
+    def cluster(self) -> Cluster:
+        # kube-proxy reads slices only; Endpoints count where no slice exists
+        # for the service (the mirroring controller would have made them).
+        have_slices = {s.service_key for s in self.slices.values()}
+        for key, mirrored in self.legacy.items():
+            if key not in have_slices:
+                self.slices.update({s.key: s for s in mirrored})
+        if self.rules.strict_addresses:
+            self._drop_own_addresses()
+        po = self.policy_objects
+        return Cluster(services=self.services, slices=self.slices, pods=po.pods,
+                       namespaces=po.namespaces, policies=po.policies)
+
+    def _drop_own_addresses(self) -> None:
+        """An endpoint at one of its own service's addresses would send the
+        service's traffic back to itself: it is left out."""
+        for key, es in list(self.slices.items()):
+            svc = self.services.get(es.service_key)
+            if svc is None:
+                continue
+            own = {*svc.cluster_ips, *svc.external_ips, *svc.load_balancer_ips}
+            bad = [ep for ep in es.endpoints if ep.ip in own]
+            if bad:
+                self.errors += [ManifestError(f"EndpointSlice {key}", "endpoints",
+                                              f"{ep.ip} is an address of service "
+                                              f"{svc.key} itself") for ep in bad]
+                self.slices[key] = replace(es, endpoints=tuple(
+                    ep for ep in es.endpoints if ep.ip not in own))
+
+
+def build_cluster(docs: Iterable[tuple[Mapping[str, Any], str]],
+                  rules: Rules = FILE_RULES) -> LoadResult:
+    """The model of a set of objects; bad objects are logged and skipped,
+    and so is an endpoint that does not parse, alone."""
+    got = _Collected(rules)
     for doc, source in docs:
         where = _where(doc, source)
-        kind, api = doc.get("kind"), doc.get("apiVersion")
         try:
-            if kind == "Service" and api == "v1":
-                svc = parse_service(doc, where)
-                services[svc.key] = svc
-            elif kind == "EndpointSlice" and api == "discovery.k8s.io/v1":
-                es = parse_endpoint_slice(doc, where)
-                if es:
-                    slices[es.key] = es
-            elif kind == "Endpoints" and api == "v1":
-                for es in parse_endpoints(doc, where):
-                    legacy.setdefault(es.service_key, []).append(es)
-            elif policy_objects.accepts(kind, api):
-                policy_objects.add(doc, where)
+            if got.admit(doc, where):
+                got.add(doc, where)
         except ManifestError as e:
-            log.error("skipping object: %s", e)
-            errors.append(e)
-    # kube-proxy reads slices only; Endpoints count where no slice exists
-    # for the service (the mirroring controller would have made them).
-    have_slices = {s.service_key for s in slices.values()}
-    for key, mirrored in legacy.items():
-        if key not in have_slices:
-            slices.update({s.key: s for s in mirrored})
-    cluster = Cluster(services=services, slices=slices, pods=policy_objects.pods,
-                      namespaces=policy_objects.namespaces, policies=policy_objects.policies)
-    return LoadResult(cluster, tuple(errors))
+            got.errors.append(e)
+    # The caller logs (once per change of what it reads).
+    return LoadResult(got.cluster(), tuple(got.errors), tuple(got.warnings))
 
 
 def read_documents(paths: Iterable[Path]) -> list[tuple[Mapping[str, Any], str]]:
     """Every object of the files, with where it came from. Lists
-    (kind: List) are flattened. A file that does not parse raises."""
+    (kind: List) are flattened. A file that does not parse, or holds no
+    document at all, raises."""
     docs: list[tuple[Mapping[str, Any], str]] = []
     for path in paths:
         try:
@@ -412,6 +640,11 @@ def read_documents(paths: Iterable[Path]) -> list[tuple[Mapping[str, Any], str]]
             raise ManifestError(str(path), "file", e.strerror or str(e)) from e
         except yaml.YAMLError as e:
             raise ManifestError(str(path), "yaml", str(e).replace("\n", " ")) from e
+        if all(doc is None for doc in loaded):
+            # Most likely a file being rewritten in place (`kubectl get >
+            # file` truncates it first): no objects is not taken for "none".
+            raise ManifestError(str(path), "file", "holds no objects (an empty set is "
+                                "written as `kind: List` with `items: []`)")
         for i, doc in enumerate(loaded):
             if doc is None:
                 continue
@@ -425,8 +658,8 @@ def read_documents(paths: Iterable[Path]) -> list[tuple[Mapping[str, Any], str]]
     return docs
 
 
-def load(paths: Iterable[Path]) -> LoadResult:
-    return build_cluster(read_documents(paths))
+def load(paths: Iterable[Path], rules: Rules = FILE_RULES) -> LoadResult:
+    return build_cluster(read_documents(paths), rules)
 
 
 # --- Pods, Namespaces and NetworkPolicies ----------------------------------------
@@ -638,6 +871,35 @@ def parse_network_policy(doc: Mapping[str, Any], where: str) -> NetworkPolicy:
     )
 
 
+def _failed_closed(doc: Mapping[str, Any], where: str, e: ManifestError
+                   ) -> dict[str, NetworkPolicy]:
+    """A NetworkPolicy that cannot be read still isolates: the pods it
+    selects, or its whole namespace when the selector is what is broken,
+    in the directions it names (both when those are broken too), with no
+    rule, until it is fixed. Skipping it would allow what it was written
+    to deny. Nothing, when even its name is unreadable."""
+    try:
+        name = _str(doc, "metadata.name", where)
+        namespace = _str(doc, "metadata.namespace", where, "default")
+    except ManifestError:
+        return {}
+    try:
+        selector = parse_selector(_get(doc, "spec.podSelector", where, {}), "spec.podSelector",
+                                  where)
+    except ManifestError:
+        selector = LabelSelector()
+    try:
+        raw = _get(doc, "spec.policyTypes", where)
+    except ManifestError:
+        raw = None
+    types: tuple[str, ...] = (POLICY_INGRESS, POLICY_EGRESS)
+    if isinstance(raw, list) and raw and all(t in types for t in raw):
+        types = tuple(t for t in types if t in raw)
+    pol = NetworkPolicy(namespace=namespace, name=name, pod_selector=selector,
+                        policy_types=types, broken=str(e))
+    return {pol.key: pol}
+
+
 _POLICY_KINDS = frozenset(
     {("Pod", "v1"), ("Namespace", "v1"), ("NetworkPolicy", "networking.k8s.io/v1")}
 )
@@ -663,5 +925,13 @@ class _PolicyObjects:
             ns = parse_namespace(doc, where)
             self.namespaces[ns.name] = ns
         else:
-            pol = parse_network_policy(doc, where)
+            try:
+                pol = parse_network_policy(doc, where)
+            except ManifestError as e:
+                closed = _failed_closed(doc, where, e)
+                self.policies.update(closed)
+                if not closed:
+                    raise
+                raise ManifestError(e.where, e.field, e.problem + "; until it is fixed, the "
+                                    "policy isolates what it selects (fails closed)") from e
             self.policies[pol.key] = pol

@@ -112,7 +112,7 @@ class PolicyLab:
         mark = len(self.agent.lines)
         objects.write(self.manifest, cluster_docs(policies))
         line = self.agent.wait_for("synced", timeout=10, after=mark)
-        assert line.endswith(" 0 errors"), line
+        assert line.endswith(" 0 refused"), line
 
     def measure(self, proto: str, port: int,
                 timeout: float = TIMEOUT) -> dict[tuple[str, str], bool]:

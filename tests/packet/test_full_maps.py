@@ -148,8 +148,8 @@ def test_full_policy_maps_keep_the_last_good_policy(
     good = matrix_cluster(only_b)
     assert writer.sync(good, NODE1) == []
     before = verdicts(good, writer)
-    assert before[(xb, xa)] == "PASS" and before[(xc, xa)] == "DROP policy x/a-from-b"
-    assert before[(xa, ya)] == "PASS" and before[(xc, xb)] == "PASS"
+    assert before[(xb, xa)] == "PASS not-service" and before[(xc, xa)] == "DROP policy x/a-from-b"
+    assert before[(xa, ya)] == "PASS not-service" and before[(xc, xb)] == "PASS not-service"
 
     # Closing namespace y as well would isolate 3 more pods: 4 > 2 slots.
     caplog.set_level(logging.ERROR, logger="lb.policy.kernel")

@@ -4,16 +4,20 @@ real kernel, the seed's Tomcat example."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
-from lb.datapath.instance import SMALL, reconciler_for
+import yaml
+
+from lb.datapath.instance import SMALL, THROWAWAY_PREFIX, reconciler_for
 from lb.model import Node
 from lb.service import desired
 from lb.sources.manifests import load
-from loader.build import BuildOptions, Datapath, remove_pins
+from loader.build import BPFFS, BuildOptions, Datapath, remove_pins
 from tests.conftest import REPO, new_pin_dir, require_root
 
 TOMCAT = REPO / "deploy" / "examples" / "tomcat.yaml"
@@ -117,3 +121,85 @@ def test_maps_lists_the_service_from_a_second_process() -> None:
 def test_maps_without_an_instance_says_so() -> None:
     out = lbctl("maps", "services", "--instance", "no-such-instance", check=False)
     assert out.returncode == 1 and "no datapath instance" in out.stderr
+
+
+def load_balancer_dump(path: Path, count: int) -> Path:
+    """`count` LoadBalancer services with two ports and two endpoints each:
+    a realistic `kubectl get svc,endpointslices -A -o yaml`."""
+    docs: list[dict[str, object]] = []
+    for i in range(count):
+        name, a, b = f"s{i}", i // 250, i % 250 + 1
+        docs.append({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "clusterIP": f"10.96.{a}.{b}", "ports": [
+                {"name": "http", "port": 80, "nodePort": 30000 + i},
+                {"name": "https", "port": 443, "nodePort": 31000 + i}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": f"203.0.{a}.{b}"}]}}})
+        docs.append({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{name}-1", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}, {"name": "https", "port": 8443}],
+            "endpoints": [{"addresses": [f"10.244.{a}.{b}"]},
+                          {"addresses": [f"10.245.{a}.{b}"]}]})
+    path.write_text(yaml.safe_dump_all(docs))
+    return path
+
+
+def test_trace_sizes_its_instance_from_the_input(tmp_path: Path) -> None:
+    """800 LoadBalancer services are 4,800 frontends: more than the smallest
+    instance holds, so trace makes room instead of failing."""
+    require_root()
+    dump = load_balancer_dump(tmp_path / "dump.yaml", 800)
+    out = lbctl("trace", "-f", str(dump), "--src", "198.51.100.10", "--dst", "203.0.3.50:443",
+                "--from", "external", "--node-ip", "192.0.2.1")
+    assert out.stdout.split()[:1] == ["DNAT"], out.stderr[-2000:]
+    assert out.stdout.split()[1] in {"10.244.3.50:8443", "10.245.3.50:8443"}
+    assert "refused" not in out.stderr
+
+
+def test_trace_with_a_nodes_sizes_shows_its_refusals_in_a_screenful(tmp_path: Path) -> None:
+    require_root()
+    dump = load_balancer_dump(tmp_path / "dump.yaml", 300)
+    out = lbctl("trace", "-f", str(dump), "--src", "10.244.9.9", "--dst", "10.96.0.1:80",
+                "--max-services", "200", check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    refused = [ln for ln in out.stderr.splitlines() if ln.startswith("lbctl: refused: ")]
+    assert len(refused) == 11 and refused[-1].startswith("lbctl: refused: ... and "), refused
+    assert "(no room in lb_services)" in refused[0]
+    assert len(out.stderr) < 10_000
+
+
+def test_a_trace_stopped_by_sigterm_removes_its_pins(tmp_path: Path) -> None:
+    require_root()
+    batch = tmp_path / "probes.jsonl"
+    batch.write_text("".join(json.dumps({"src": f"10.244.1.5:{20000 + i % 40000}",
+                                         "dst": f"{CLUSTER_IP}:8080"}) + "\n"
+                             for i in range(200_000)))
+    proc = subprocess.Popen([sys.executable, "-m", "lb.cli", "trace", "-f", str(TOMCAT),
+                             "--batch", str(batch)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    pins = BPFFS / f"{THROWAWAY_PREFIX}{proc.pid}-"
+    deadline = time.monotonic() + 60
+    while not list(BPFFS.glob(pins.name + "*")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no instance appeared"
+        time.sleep(0.05)
+    time.sleep(0.5)  # probing by now
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert not list(BPFFS.glob(pins.name + "*"))
+
+
+def test_trace_removes_instances_whose_process_is_gone() -> None:
+    require_root()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    orphan = BPFFS / f"{THROWAWAY_PREFIX}{dead.stdout.strip()}-deadbeef"
+    orphan.mkdir()
+    try:
+        lbctl("trace", "-f", str(TOMCAT), "--src", "10.244.1.5", "--dst", f"{CLUSTER_IP}:8080")
+        assert not orphan.exists()
+    finally:
+        remove_pins(orphan)

@@ -180,8 +180,8 @@ def test_matrix_through_the_kernel(kernel: KernelNode, m: Matrix) -> None:
         s, d = MATRIX_IP[src], MATRIX_IP[dst]
         got = line(tracer, s, 40000 + i, d, m.port, m.proto)
         verdict = lookup(compiled, s, d, m.proto, m.port)
-        want = "PASS" if expected[(src, dst)] else f"DROP policy {verdict.policy}"
-        measured[(src, dst)] = got == "PASS"
+        want = "PASS not-service" if expected[(src, dst)] else f"DROP policy {verdict.policy}"
+        measured[(src, dst)] = got == "PASS not-service"
         if not expected[(src, dst)]:
             blamed[str(verdict.policy)] += 1
         if got != want:
@@ -205,11 +205,11 @@ def test_reply_of_an_allowed_connection_passes_from_an_egress_isolated_pod(
                              netpol("x", "deny-ingress", policyTypes=["Ingress"]))
     for proto in ("TCP", "UDP"):
         tracer = kernel.program(cluster)
-        assert line(tracer, XA, 41000, YA, 80, proto) == "PASS"
+        assert line(tracer, XA, 41000, YA, 80, proto) == "PASS not-service"
         # The reply leaves y/a (egress-isolated) and enters x/a (ingress-isolated).
-        assert line(tracer, YA, 80, XA, 41000, proto) == "PASS"
-        assert line(tracer, XA, 41000, YA, 80, proto) == "PASS"
-        assert line(tracer, YA, 80, XA, 41000, proto) == "PASS"
+        assert line(tracer, YA, 80, XA, 41000, proto) == "PASS not-service"
+        assert line(tracer, XA, 41000, YA, 80, proto) == "PASS not-service"
+        assert line(tracer, YA, 80, XA, 41000, proto) == "PASS not-service"
         # What is not a reply is judged: a new connection of y/a, and one to x/a.
         assert line(tracer, YA, 80, XA, 41001, proto) == "DROP policy y/deny-egress"
         assert line(tracer, YA, 81, XA, 41000, proto) == "DROP policy y/deny-egress"
@@ -242,11 +242,11 @@ def test_established_connection_survives_a_policy_that_now_denies_it(
     deny = netpol("x", "deny-all", policyTypes=["Ingress"])
     for proto in ("TCP", "UDP"):
         tracer = kernel.program(matrix_cluster(allow_b))
-        assert line(tracer, XB, 43000, XA, 80, proto) == "PASS"
+        assert line(tracer, XB, 43000, XA, 80, proto) == "PASS not-service"
         assert line(tracer, XC, 43000, XA, 80, proto) == "DROP policy x/allow-b-to-a"
         tracer = kernel.program(matrix_cluster(deny), forget_flows=False)
-        assert line(tracer, XB, 43000, XA, 80, proto) == "PASS", "the second packet"
-        assert line(tracer, XA, 80, XB, 43000, proto) == "PASS", "its reply"
+        assert line(tracer, XB, 43000, XA, 80, proto) == "PASS not-service", "the second packet"
+        assert line(tracer, XA, 80, XB, 43000, proto) == "PASS not-service", "its reply"
         assert line(tracer, XB, 43001, XA, 80, proto) == "DROP policy x/deny-all"
         assert line(tracer, XC, 43000, XA, 80, proto) == "DROP policy x/deny-all"
 
@@ -277,7 +277,7 @@ def test_connection_of_pods_no_policy_isolated_is_judged_once_one_does(
     keeps their cost at one hash miss): when a policy later isolates one
     end, the flow's next packet is judged like a new one."""
     tracer = kernel.program(matrix_cluster())
-    assert line(tracer, XB, 44000, XA, 80, "TCP") == "PASS"
+    assert line(tracer, XB, 44000, XA, 80, "TCP") == "PASS not-service"
     assert kernel.policy_flows() == 0
     tracer = kernel.program(matrix_cluster(netpol("x", "deny-all", policyTypes=["Ingress"])),
                             forget_flows=False)
@@ -304,12 +304,12 @@ def test_policy_sees_the_backend_not_the_service_address(kernel: KernelNode) -> 
     for proto in ("TCP", "UDP"):
         assert line(tracer, XB, 45000, VIP, 80, proto) == f"DNAT {XA}:80"
         # The reply, reverse-translated to come from the service, enters x/b.
-        assert line(tracer, XA, 80, XB, 45000, proto) == "PASS"
+        assert line(tracer, XA, 80, XB, 45000, proto) == "PASS not-service"
         assert line(tracer, XB, 45000, VIP, 80, proto) == f"DNAT {XA}:80"
         for src in (XC, YA):
             assert line(tracer, src, 45000, VIP, 80, proto) == "DROP policy x/allow-b-to-a"
         # Straight to the backend: the same verdicts.
-        assert line(tracer, XB, 45001, XA, 80, proto) == "PASS"
+        assert line(tracer, XB, 45001, XA, 80, proto) == "PASS not-service"
         assert line(tracer, XC, 45001, XA, 80, proto) == "DROP policy x/allow-b-to-a"
     counted = kernel.drop_counts() - before
     assert counted == Counter({"x/allow-b-to-a": 6}), counted

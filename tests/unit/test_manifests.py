@@ -20,7 +20,8 @@ spec:
 
 
 @pytest.mark.parametrize(("spec", "field"), [
-    ("clusterIP: 10.96.0.300\n  ports: [{port: 80}]", "spec.clusterIPs[0]"),
+    ("clusterIP: 10.96.0.300\n  ports: [{port: 80}]", "spec.clusterIP"),
+    ("clusterIPs: [10.96.0.300]\n  ports: [{port: 80}]", "spec.clusterIPs[0]"),
     ("clusterIP: 10.96.0.21\n  ports: [{port: 70000}]", "spec.ports[0].port"),
     ("clusterIP: 10.96.0.21\n  ports: [{port: '80'}]", "spec.ports[0].port"),
     ("clusterIP: 10.96.0.21\n  ports: [{port: 80, protocol: ICMP}]", "spec.ports[0].protocol"),

@@ -827,9 +827,13 @@ def test_parse_policy_in_full() -> None:
     ({"ingress": {"from": []}}, "spec.ingress"),
     ({"egress": [{"to": [{"namespaceSelector": []}]}]}, "spec.egress[0].to[0].namespaceSelector"),
 ])
-def test_bad_policy_is_skipped_naming_the_field(spec: dict[str, Any], field: str) -> None:
+def test_bad_policy_fails_closed_naming_the_field(spec: dict[str, Any], field: str) -> None:
+    """Reported with its field, and kept as a policy without rules: what it
+    selects is isolated until it is fixed."""
     res = build_cluster([(netpol("x", "bad", **spec), "t"), (netpol("x", "good"), "t")])
-    assert list(res.cluster.policies) == ["x/good"]
+    assert sorted(res.cluster.policies) == ["x/bad", "x/good"]
+    bad = res.cluster.policies["x/bad"]
+    assert bad.broken and bad.ingress == () and bad.egress == ()
     assert len(res.errors) == 1 and res.errors[0].field == field, res.errors
 
 

@@ -1,0 +1,78 @@
+"""lbctl on operator input that used to crash: a one-line refusal (exit 2)
+or a warning, never a traceback. The userspace datapath: no root needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+TOMCAT = REPO / "deploy" / "examples" / "tomcat.yaml"
+CLUSTER_IP = "10.97.222.179"
+
+
+def lbctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lb.cli", *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=120, check=False)
+
+
+def trace(*extra: str, dst: str = f"{CLUSTER_IP}:8080") -> subprocess.CompletedProcess[str]:
+    return lbctl("trace", "-f", str(TOMCAT), "--src", "10.244.1.5", "--dst", dst,
+                 "--datapath", "userspace", *extra)
+
+
+def test_a_cidr_node_ip_is_refused_in_one_line() -> None:
+    out = trace("--node-ip", "192.0.2.1/24")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == ("lbctl: --node-ip: '192.0.2.1/24' is not an IP address "
+                                  "(an address, not a CIDR)")
+
+
+def test_a_dual_stack_node_serves_ipv4_and_says_ipv6_is_not_programmed() -> None:
+    out = trace("--node-ip", "fd00::1", "--node-ip", "192.0.2.1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("DNAT 10.244.1.1")
+    assert "--node-ip fd00::1: IPv6 is not programmed yet" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_an_ipv6_only_node_is_refused() -> None:
+    out = trace("--node-ip", "fd00::1")
+    assert out.returncode == 2
+    assert "give at least one IPv4 address" in out.stderr
+
+
+def test_an_ipv6_service_cidr_is_said_and_left_out() -> None:
+    out = trace("--service-cidr", "fd00:10:96::/112", "--service-cidr", "10.96.0.0/12")
+    assert out.returncode == 0, out.stderr
+    assert "--service-cidr fd00:10:96::/112: IPv6 is not programmed yet" in out.stderr
+
+
+def test_the_node_port_range_flag(tmp_path: Path) -> None:
+    svc = tmp_path / "np.yaml"
+    svc.write_text("""
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.50
+  ports: [{port: 80, nodePort: 8080}]
+""")
+    args = ("trace", "-f", str(svc), "--src", "198.51.100.7", "--dst", "192.0.2.1:8080",
+            "--from", "external", "--node-ip", "192.0.2.1", "--datapath", "userspace")
+    refused = lbctl(*args)
+    assert refused.returncode == 0
+    assert "outside the node-port range 30000-32767" in refused.stderr
+    assert refused.stdout.strip() == "PASS not-service"
+    taken = lbctl(*args, "--service-node-port-range", "8000-9000")
+    assert taken.stdout.strip() == "REJECT no-endpoints", taken.stderr
+    bad = lbctl(*args, "--service-node-port-range", "9000-8000")
+    assert bad.returncode == 2 and "is not LO-HI" in bad.stderr
+
+
+def test_version() -> None:
+    out = lbctl("--version")
+    assert out.returncode == 0 and out.stdout.startswith("lbctl ")
