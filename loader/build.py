@@ -25,6 +25,22 @@ BPFFS = Path("/sys/fs/bpf")
 _INCLUDE = re.compile(r'\s*#include\s+"([^"]+)"')
 
 
+class BpffsMissing(RuntimeError):
+    """No BPF filesystem where the pins go."""
+
+
+def require_bpffs(path: Path = BPFFS) -> None:
+    """Pins need a bpffs at `path`; without one, BCC's pinning fails deep in
+    a build with a message that does not say so."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return
+    if not any(f.split()[1:3] == [str(path), "bpf"] for f in mounts if len(f.split()) > 2):
+        raise BpffsMissing(f"no BPF filesystem at {path}: mount one (mount -t bpf bpf {path}); "
+                           f"in a pod, mount the host's {path}")
+
+
 class LayoutMismatch(RuntimeError):
     """Pinned maps were written by a datapath with another layout or size."""
 
@@ -113,6 +129,7 @@ class Datapath:
     def __init__(self, opts: BuildOptions) -> None:
         from bcc import BPF  # Debian's python3-bpfcc, seen through a .pth
 
+        require_bpffs()
         self.opts = opts
         self._bpf_cls = BPF
         self._progs: dict[str, int] = {}

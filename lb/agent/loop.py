@@ -46,6 +46,10 @@ NODE_EGRESS_PROGRAM = TC_TO_EXTERNAL.name
 SYNC_RETRY_DELAY = 1.0
 
 
+class StartError(RuntimeError):
+    """The agent cannot start as configured; the message names the remedy."""
+
+
 def allow_local_source(netns: str | None) -> None:
     """A NodePort reply is reverse-translated at tc ingress on the backend's
     veth, so it enters routing with the node's own address as its source;
@@ -136,10 +140,19 @@ class Agent:
         from lb.agent.metrics import MetricsServer, proxy_health_routes
 
         c = self.config
-        servers = [MetricsServer(self.metrics, c.metrics_addr)] if c.metrics_addr else []
-        if c.healthz_addr:
-            servers.append(MetricsServer(self.metrics, c.healthz_addr,
-                                         proxy_health_routes(self.metrics)))
+        servers = []
+        for flag, addr, routes in (("--metrics-addr", c.metrics_addr, None),
+                                   ("--healthz-addr", c.healthz_addr,
+                                    proxy_health_routes(self.metrics))):
+            if not addr:
+                continue
+            try:
+                servers.append(MetricsServer(self.metrics, addr, routes))
+            except OSError as e:
+                for server in servers:
+                    server.close()
+                raise StartError(f"{flag} {addr}: {e.strerror or e}: choose a free address "
+                                 "(is another agent or kube-proxy listening there?)") from e
         return servers
 
     def _load(self) -> None:
@@ -158,6 +171,14 @@ class Agent:
         log.info("loaded the datapath; pinned maps in %s held %d service entries",
                  self.dp.opts.pin_dir, found)
         self.metrics.datapath_loaded(self.dp.opts.pin_dir)
+
+    def _check_devices(self) -> None:
+        with iproute(self.config.netns) as ipr:
+            for dev in self.config.ifaces:
+                if not ipr.link_lookup(ifname=dev):
+                    where = f"namespace {self.config.netns}" if self.config.netns else "this node"
+                    raise StartError(f"--iface {dev}: no such device in {where} "
+                                     "(ip link lists them)")
 
     def _attach_node(self) -> None:
         """XDP and tc egress on the node devices; the socket hooks on the cgroup."""
@@ -198,6 +219,7 @@ class Agent:
         # made inside the node's namespace.
         # One writer per instance's maps: a second agent refuses here.
         self._lock = lock_instance(self.config.instance)
+        self._check_devices()
         servers = self._servers()
         if isinstance(self.source, KubeSource):
             self.metrics.watch_source(self.source)

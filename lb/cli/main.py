@@ -14,6 +14,7 @@ from importlib import metadata
 
 from lb.cli import maps, run, trace
 from lb.cli.nodeflags import UsageError
+from loader.build import BpffsMissing
 
 log = logging.getLogger("lbctl")
 
@@ -55,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except PermissionError as e:
         print(f"lbctl: {e} (the datapath needs root and BPF)", file=sys.stderr)
+        return 1
+    except BpffsMissing as e:
+        print(f"lbctl: {e}", file=sys.stderr)
         return 1
 
 

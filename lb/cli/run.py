@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from lb.agent.config import AgentConfig
-from lb.agent.loop import Agent
+from lb.agent.loop import Agent, StartError
 from lb.cli.nodeflags import UsageError, add_node_args, node_from_args, rules_from_args
 from lb.cli.sizeflags import add_size_args, sizes_from_args
 from lb.datapath.attach import Attachments, detach_all
 from lb.datapath.instance import DEFAULT_INSTANCE, pin_dir_of
 from lb.datapath.lock import InstanceBusy, lock_instance, release
+from lb.datapath.userspace.programs import c_defaults
 from lb.sources.kube import DEFAULT_RESYNC_PERIOD, ConfigError, kubeconfig_path
-from loader.build import LayoutMismatch, remove_pins
+from loader.build import BpffsMissing, LayoutMismatch, remove_pins
 from loader.sizes import Sizes
 
 log = logging.getLogger("lbctl.agent")
@@ -93,9 +94,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     try:
         return agent.run()
-    except (LayoutMismatch, InstanceBusy) as e:
-        # Pins of another layout or size, or another agent on them: nothing
-        # was changed.
+    except (LayoutMismatch, InstanceBusy, StartError, BpffsMissing) as e:
+        # Pins of another layout or size, another agent on them, a busy port,
+        # a missing device or no bpffs: one line, naming the remedy.
         print(f"lbctl: run: {e}", file=sys.stderr)
         return 1
 
@@ -132,18 +133,24 @@ def positive_seconds(value: str) -> int:
 
 def add_commands(sub: Any) -> None:
     r = sub.add_parser("run", help="run the node agent")
-    r.add_argument("-f", "--file", action="append", default=[], metavar="FILE")
+    r.add_argument("-f", "--file", action="append", default=[], metavar="FILE",
+                   help="manifest file to watch (repeatable); or --kubernetes")
     r.add_argument("--iface", action="append", metavar="DEV",
-                   help="node-facing device for XDP (repeatable)")
+                   help="node-facing device for XDP (repeatable; required)")
     r.add_argument("--netns", help="network namespace of the node (for labs and tests)")
-    r.add_argument("--instance", default=DEFAULT_INSTANCE)
-    r.add_argument("--min-sync-period", default=0.2, type=float, metavar="SECONDS")
+    r.add_argument("--instance", default=DEFAULT_INSTANCE,
+                   help="pin directory name under /sys/fs/bpf (default %(default)s)")
+    r.add_argument("--min-sync-period", default=0.2, type=float, metavar="SECONDS",
+                   help="at most one sync this often, as kube-proxy's minSyncPeriod "
+                        "(default %(default)s)")
     r.add_argument("--cgroup", metavar="PATH",
                    help="cgroup v2 directory for the socket-level load balancer (the node's "
                         "processes and hostNetwork pods; e.g. the cgroup2 mount), or 'auto' "
                         "in a pod: the directory above kubelet's kubepods level")
-    for flag in CONNTRACK_FLAGS:
-        r.add_argument("--" + flag.replace("_", "-"), type=positive_seconds, metavar="SECONDS")
+    lifetimes = c_defaults()
+    for flag, define in CONNTRACK_FLAGS.items():
+        r.add_argument("--" + flag.replace("_", "-"), type=positive_seconds, metavar="SECONDS",
+                       help=f"kube-proxy's flag of that name (default {lifetimes[define]})")
     add_size_args(r, Sizes())
     r.add_argument("--kubernetes", action="store_true",
                    help="watch the API server (in-cluster, or --kubeconfig / $KUBECONFIG); "
@@ -151,7 +158,8 @@ def add_commands(sub: Any) -> None:
                         "InternalIPs")
     r.add_argument("--kubeconfig", type=kubeconfig_path, metavar="PATH")
     r.add_argument("--resync-period", type=float, default=DEFAULT_RESYNC_PERIOD,
-                   metavar="SECONDS", help="list everything afresh this often (0: never)")
+                   metavar="SECONDS",
+                   help="list everything afresh this often (0: never; default %(default)s)")
     r.add_argument("--metrics-addr", metavar="HOST:PORT",
                    help="serve /metrics, /healthz, /readyz and /proxyMode here")
     r.add_argument("--healthz-addr", metavar="HOST:PORT",
@@ -160,5 +168,6 @@ def add_commands(sub: Any) -> None:
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("down", help="detach the programs and remove the pinned maps")
-    d.add_argument("--instance", default=DEFAULT_INSTANCE)
+    d.add_argument("--instance", default=DEFAULT_INSTANCE,
+                   help="pin directory name under /sys/fs/bpf (default %(default)s)")
     d.set_defaults(func=cmd_down)

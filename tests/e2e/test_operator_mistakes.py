@@ -3,6 +3,7 @@ refused with one line naming the remedy, and the datapath keeps serving."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import uuid
@@ -17,6 +18,7 @@ from lab.clients import curl
 from lab.topology import Topology, TopologySpec
 from lb.agent.links import LinkWatcher
 from lb.datapath.instance import pin_dir_of
+from loader.build import BPFFS, BpffsMissing, require_bpffs
 from tests.conftest import REPO, require_root
 
 VIP = "10.96.0.10"
@@ -90,3 +92,46 @@ def test_a_veth_holding_the_node_address_is_never_a_pod_device() -> None:
         pods = {p.host_veth for p in topo.pods}
         assert seen[0] == pods
         assert seen[1] == pods | {topo.node.iface}
+
+
+def _refused_start(topo: Topology, tmp_path: Path, *extra: str, drop_iface: bool = False
+                   ) -> subprocess.CompletedProcess[str]:
+    manifest = tmp_path / "web.yaml"
+    objects.write(manifest, [objects.service("web", VIP, [HTTP])])
+    agent = LabAgent(topo, topo.node, [manifest], extra=extra)
+    argv = list(agent.argv)
+    if drop_iface:
+        i = argv.index("--iface")
+        del argv[i:i + 2]
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        agent.down()
+
+
+def test_a_busy_metrics_port_is_one_line_naming_the_remedy(tmp_path: Path) -> None:
+    require_root()
+    with Topology.build(TopologySpec.single(pods=1)) as topo, socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = _refused_start(topo, tmp_path, "--metrics-addr", f"127.0.0.1:{port}")
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert f"lbctl: run: --metrics-addr 127.0.0.1:{port}: Address already in use: choose a " \
+           "free address" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_missing_node_device_is_one_line(tmp_path: Path) -> None:
+    require_root()
+    with Topology.build(TopologySpec.single(pods=1)) as topo:
+        out = _refused_start(topo, tmp_path, "--iface", "nope0")
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert f"--iface nope0: no such device in namespace {topo.node.ns}" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_no_bpffs_names_the_mount_to_make(tmp_path: Path) -> None:
+    with pytest.raises(BpffsMissing, match=f"mount -t bpf bpf {tmp_path}"):
+        require_bpffs(tmp_path)
+    require_bpffs(BPFFS)  # this machine's: mounted by the setup

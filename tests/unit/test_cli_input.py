@@ -76,3 +76,14 @@ spec:
 def test_version() -> None:
     out = lbctl("--version")
     assert out.returncode == 0 and out.stdout.startswith("lbctl ")
+
+
+def test_help_lists_choices_and_defaults() -> None:
+    run = lbctl("run", "--help").stdout
+    for text in ("(default 0.2)", "(default 21600)", "(default 30000-32767)", "(default lb)",
+                 "(default 65536)"):
+        assert text in " ".join(run.split()), text
+    trace = " ".join(lbctl("trace", "--help").stdout.split())
+    for text in ("{kernel,userspace}", "{pod,external}", "{tcp,udp}", "(default kernel)",
+                 "(default sized to the input)"):
+        assert text in trace, text
