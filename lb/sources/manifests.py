@@ -261,8 +261,19 @@ def _service_ports(doc: Mapping[str, Any], where: str, rules: Rules
                    ) -> tuple[ServicePort, ...]:
     ports: list[ServicePort] = []
     seen: set[tuple[str, int]] = set()
-    for i, raw in enumerate(_list(doc, "spec.ports", where)):
-        ports.append(_service_port(raw, f"spec.ports[{i}]", where, seen, rules))
+    raw_ports = _list(doc, "spec.ports", where)
+    names: set[str] = set()
+    for i, raw in enumerate(raw_ports):
+        port = _service_port(raw, f"spec.ports[{i}]", where, seen, rules)
+        # ValidateService: with more than one port each is named, uniquely
+        # (an EndpointSlice port is matched to its service port by name).
+        if len(raw_ports) > 1 and not port.name:
+            raise ManifestError(where, f"spec.ports[{i}].name",
+                                "required when the service has more than one port")
+        if port.name in names:
+            raise ManifestError(where, f"spec.ports[{i}].name", f"duplicate name {port.name!r}")
+        names.add(port.name)
+        ports.append(port)
     return tuple(ports)
 
 
@@ -591,9 +602,31 @@ class _Collected:
                 self.slices.update({s.key: s for s in mirrored})
         if self.rules.strict_addresses:
             self._drop_own_addresses()
+        self._drop_conflicts()
         po = self.policy_objects
         return Cluster(services=self.services, slices=self.slices, pods=po.pods,
                        namespaces=po.namespaces, policies=po.policies)
+
+    def _drop_conflicts(self) -> None:
+        """What the API server's allocators keep unique, a set of files may
+        not: a ClusterIP, or a node port of one protocol (health-check ports
+        included), held by two services. The first keeps it; the later
+        service is refused whole."""
+        owners: dict[tuple[str, ...], str] = {}
+        for key, svc in list(self.services.items()):
+            claims: list[tuple[str, ...]] = [("ClusterIP", ip) for ip in svc.cluster_ips]
+            claims += [("nodePort", p.protocol, str(p.node_port)) for p in svc.ports
+                       if p.node_port]
+            if svc.health_check_node_port:
+                claims.append(("nodePort", "TCP", str(svc.health_check_node_port)))
+            taken = next((c for c in claims if owners.get(c, key) != key), None)
+            if taken is not None:
+                del self.services[key]
+                self.errors.append(ManifestError(
+                    f"Service {key}", "spec", f"{taken[0]} {'/'.join(taken[1:][::-1])} is "
+                    f"held by service {owners[taken]} already"))
+                continue
+            owners.update((c, key) for c in claims)
 
     def _drop_own_addresses(self) -> None:
         """An endpoint at one of its own service's addresses would send the

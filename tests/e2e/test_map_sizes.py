@@ -41,6 +41,10 @@ def test_backend_room_is_a_flag_and_pins_keep_their_size(topo: Topology,
     try:
         line = agent.wait_for("no room in lb_backends")
         assert "refused default/b" in line, line
+        # The sync line counts what the maps hold, and says what was refused.
+        synced = agent.wait_for("synced")
+        assert "synced 1 of 2 frontends" in synced and "1 refused" in synced, synced
+        assert "Argument list too long" not in "\n".join(agent.lines)
         assert set(curl_many(topo, client, "http://10.96.0.11/", 20)) == {b1.name, b2.name}
         assert agent.stop() == 0
 

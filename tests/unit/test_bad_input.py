@@ -193,6 +193,29 @@ def test_the_same_object_twice_keeps_the_first_and_says_so(tmp_path: Path) -> No
     assert "defined twice" in str(res.errors[0])
 
 
+@pytest.mark.parametrize(("spec", "held"), [
+    ("clusterIP: 10.96.0.20\n  ports: [{port: 81}]", "ClusterIP 10.96.0.20"),
+    ("type: NodePort\n  clusterIP: 10.96.0.71\n  ports: [{port: 80, nodePort: 30080}]",
+     "nodePort 30080/TCP"),
+])
+def test_what_the_api_keeps_unique_held_twice_refuses_the_later(
+        tmp_path: Path, spec: str, held: str) -> None:
+    first = svc("first", "type: NodePort\n  clusterIP: 10.96.0.20\n  ports: [{port: 80, "
+                         "nodePort: 30080}]")
+    res = load([write(tmp_path, first, svc("later", spec))])
+    assert list(res.cluster.services) == ["default/first"]
+    assert f"{held} is held by service default/first already" in str(res.errors[0])
+
+
+def test_ports_of_a_multi_port_service_are_named_uniquely(tmp_path: Path) -> None:
+    unnamed = svc("u", "clusterIP: 10.96.0.72\n  ports: [{port: 80}, {name: b, port: 81}]")
+    twice = svc("t", "clusterIP: 10.96.0.73\n  ports: [{name: a, port: 80}, "
+                     "{name: a, port: 81}]")
+    res = load([write(tmp_path, unnamed, twice)])
+    assert res.cluster.services == {}
+    assert [e.field for e in res.errors] == ["spec.ports[0].name", "spec.ports[1].name"]
+
+
 def test_a_file_with_no_objects_is_an_error_not_an_empty_set(tmp_path: Path) -> None:
     f = tmp_path / "objects.yaml"
     f.write_text("# being rewritten\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lb.model import Node
+from lb.model import Cluster, Node
 from lb.service import desired
 from lb.service.desired import SCOPE_EXTERNAL, SCOPE_INTERNAL, Frontend
 from lb.sources.manifests import build_cluster
@@ -138,8 +138,13 @@ def test_session_affinity_carries_its_timeout() -> None:
 
 
 def test_same_frontend_claimed_twice_keeps_the_first() -> None:
-    state = compute(svc("a"), svc("b"), eps(ep("10.244.1.10"), name="a"),
-                    eps(ep("10.244.1.11"), name="b"))
+    """Object by object, as the API source reads them (a set of files is
+    refused the second claim before this)."""
+    parts = [build_cluster([(d, "t")]).cluster for d in (
+        svc("a"), svc("b"), eps(ep("10.244.1.10"), name="a"), eps(ep("10.244.1.11"), name="b"))]
+    cluster = Cluster(services={k: v for c in parts for k, v in c.services.items()},
+                      slices={k: v for c in parts for k, v in c.slices.items()})
+    state = desired.compute(cluster, NODE)
     assert state.entries[CIP].service == "default/a"
 
 
