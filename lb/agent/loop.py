@@ -113,7 +113,7 @@ class Agent:
         try:
             node = kube.node(self.node) if kube else self.node
             self.metrics.health.node_eligible = node.eligible
-            self.metrics.failed_closed.set(sum(1 for p in cluster.policies.values() if p.broken))
+            self.metrics.policies_read(cluster)
             state = desired.compute(cluster, node)
             res = self.reconciler.sync(state)
             for line in bounded(res.errors):

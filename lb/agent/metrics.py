@@ -45,6 +45,7 @@ from prometheus_client.registry import Collector
 
 from lb.agent.httpserver import http_server
 from lb.counters import count
+from lb.model import Cluster
 from lb.refusal import BOUNDED_MAPS
 from lb.service.desired import DesiredState
 from lb.service.reconcile import Reconciler, SyncResult
@@ -376,6 +377,9 @@ class Metrics:
         now = time.time() if now is None else now
         for t in triggers:
             self.programming.observe(max(0.0, now - t))
+
+    def policies_read(self, cluster: Cluster) -> None:
+        self.failed_closed.set(sum(1 for p in cluster.policies.values() if p.broken))
 
     def refused(self, errors: Sequence[Exception]) -> None:
         current = {str(e) for e in errors}

@@ -87,3 +87,24 @@ def test_help_lists_choices_and_defaults() -> None:
     for text in ("{kernel,userspace}", "{pod,external}", "{tcp,udp}", "(default kernel)",
                  "(default sized to the input)"):
         assert text in trace, text
+
+
+def test_trace_warns_of_a_node_flag_the_answer_depends_on(tmp_path: Path) -> None:
+    svc = tmp_path / "local.yaml"
+    svc.write_text("""
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: default}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  clusterIP: 10.96.0.50
+  ports: [{port: 80, nodePort: 30080}]
+""")
+    base = ("trace", "-f", str(svc), "--src", "198.51.100.7", "--dst", "192.0.2.1:30080",
+            "--from", "external", "--datapath", "userspace")
+    bare = lbctl(*base).stderr
+    assert "no --node-ip says where NodePorts answer" in bare
+    assert "no --node-name says which endpoints are this node's" in bare
+    given = lbctl(*base, "--node-ip", "192.0.2.1", "--node-name", "n1").stderr
+    assert "warning" not in given, given

@@ -19,7 +19,7 @@ from lb.refusal import Refusal
 from lb.service.desired import FrontendEntry
 from lb.service.reconcile import SyncResult
 from lb.sources.kube import node_eligible
-from lb.sources.manifests import ManifestError
+from lb.sources.manifests import ManifestError, build_cluster
 
 
 def get(url: str) -> tuple[int, str]:
@@ -179,3 +179,17 @@ def test_parse_addr() -> None:
 def test_frontend_entry_is_what_services_count_reads() -> None:
     # services_programmed reads .service of each entry: keep that contract.
     assert "service" in FrontendEntry.__dataclass_fields__
+
+
+def test_a_policy_that_fails_closed_is_counted(served: tuple[Metrics, str]) -> None:
+    m, url = served
+    broken = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": "typo", "namespace": "x"},
+              "spec": {"podSelector": {"matchLabels": {"app": 1}}}}
+    fine = {**broken, "metadata": {"name": "fine", "namespace": "x"},
+            "spec": {"podSelector": {}}}
+    res = build_cluster([(broken, "t"), (fine, "t")])
+    m.policies_read(res.cluster)
+    assert samples(get(url + "/metrics")[1])["xdplb_policies_failed_closed"] == 1
+    m.policies_read(build_cluster([(fine, "t")]).cluster)
+    assert samples(get(url + "/metrics")[1])["xdplb_policies_failed_closed"] == 0
