@@ -628,6 +628,7 @@ class KubeSource:
         self.node_name = node_name
         self.store = Store(tuple(r.kind for r in resources))
         self.errors: tuple[ManifestError, ...] = ()
+        self._said_ipv6: set[str] = set()
         self._parsed = ParsedObjects()
         self.reflectors = [
             Reflector(api, r, self.store, resync_period=resync_period,
@@ -693,12 +694,21 @@ class KubeSource:
         obj = found or {}
         addrs = (obj.get("status") or {}).get("addresses") or []
         for kind in ("InternalIP", "ExternalIP"):
-            ips = tuple(a["address"] for a in addrs
-                        if isinstance(a, Mapping) and a.get("type") == kind
-                        and _is_ipv4(a.get("address")))
+            of_kind = [str(a.get("address")) for a in addrs
+                       if isinstance(a, Mapping) and a.get("type") == kind]
+            ips = tuple(a for a in of_kind if _is_ipv4(a))
             if ips:
+                self._say_ipv6(set(of_kind) - set(ips))
                 return replace(out, ips=ips)
         return out
+
+    def _say_ipv6(self, addrs: set[str]) -> None:
+        """A dual-stack Node's other family, said once per address."""
+        new = sorted(addrs - self._said_ipv6)
+        if new:
+            log.warning("Node %s: %s: IPv6 is not programmed yet; serving IPv4 only",
+                        self.node_name, ", ".join(new))
+            self._said_ipv6.update(new)
 
     def stats(self) -> dict[str, Counters]:
         """A copy of each reflector's counters (taken while they run)."""

@@ -5,6 +5,7 @@ partial lists change nothing), backoff and the Node defaults."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from collections.abc import Iterator
@@ -250,7 +251,8 @@ def test_backoff_grows_is_capped_jittered_and_resets() -> None:
     assert b.next() <= 0.5
 
 
-def test_source_builds_the_cluster_like_files_and_completes_the_node() -> None:
+def test_source_builds_the_cluster_like_files_and_completes_the_node(
+        caplog: pytest.LogCaptureFixture) -> None:
     src = KubeSource(None, node_name="node-a", resources=(SERVICES, ENDPOINT_SLICES, NODES))
     bad = service("bad", "2")
     bad["spec"]["ports"] = [{"port": 70000}]
@@ -268,7 +270,11 @@ def test_source_builds_the_cluster_like_files_and_completes_the_node() -> None:
     cluster = src.poll()
     assert cluster is not None and set(cluster.services) == {"default/a"}
     assert len(src.errors) == 1 and "spec.ports[0].port" in str(src.errors[0])
-    assert src.node(Node()) == Node(name="node-a", ips=("192.0.2.7",))
+    with caplog.at_level(logging.WARNING):
+        assert src.node(Node()) == Node(name="node-a", ips=("192.0.2.7",))
+        assert src.node(Node()) == Node(name="node-a", ips=("192.0.2.7",))
+    said = [r.getMessage() for r in caplog.records if "IPv6" in r.getMessage()]
+    assert said == ["Node node-a: fd00::1: IPv6 is not programmed yet; serving IPv4 only"]
     given = Node(name="other", ips=("198.51.100.1",))
     assert src.node(given) == given
 
@@ -276,7 +282,8 @@ def test_source_builds_the_cluster_like_files_and_completes_the_node() -> None:
 def test_per_object_parsing_equals_building_all_at_once() -> None:
     """ParsedObjects merges one build_cluster per object: it must give what
     one build over every object gives (guards against build_cluster ever
-    relating objects to each other)."""
+    relating objects to each other, beyond what the API server keeps unique
+    and a set of files has to be checked for)."""
     docs: list[dict[str, Any]] = [
         {**service("a", "1"), "kind": "Service", "apiVersion": "v1"},
         {**service("bad", "1", ip="not-an-ip"), "kind": "Service", "apiVersion": "v1"},
