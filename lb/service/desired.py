@@ -100,9 +100,12 @@ def programmed(svc: Service) -> bool:
     return not any(k in UNPROXIED_LABELS for k, _ in svc.labels)
 
 
-def _candidates(cluster: Cluster, svc: Service, port: ServicePort) -> list[tuple[Endpoint, int]]:
-    """Every endpoint of the service port with its resolved target port,
-    one per address (the ready copy wins when slices overlap)."""
+def _candidates(cluster: Cluster, svc: Service, port: ServicePort, node: Node
+                ) -> list[tuple[Endpoint, int]]:
+    """Every endpoint of the service port with its resolved target port, one
+    per address and port. Where slices overlap, the first copy (by slice
+    name) counts unless a later one is on this node: kube-proxy's
+    `!exists || isLocal` (pkg/proxy/endpointslicecache.go, v1.34)."""
     found: dict[tuple[str, int], tuple[Endpoint, int]] = {}
     for es in sorted(cluster.slices_of(svc.key), key=lambda s: s.name):
         match = [p for p in es.ports if p.name == port.name and p.protocol == port.protocol]
@@ -111,7 +114,7 @@ def _candidates(cluster: Cluster, svc: Service, port: ServicePort) -> list[tuple
         target = match[0].port
         for ep in es.endpoints:
             key = (ep.ip, target)
-            if key not in found or (ep.ready and not found[key][0].ready):
+            if key not in found or (node.name is not None and ep.node_name == node.name):
                 found[key] = (ep, target)
     return list(found.values())
 
@@ -146,7 +149,7 @@ def _service_entries(cluster: Cluster, svc: Service, node: Node) -> list[Fronten
             log.info("%s: port %s/%s: protocol not handled by the datapath", svc.key,
                      port.port, port.protocol)
             continue
-        eps = _candidates(cluster, svc, port)
+        eps = _candidates(cluster, svc, port, node)
         all_usable = _usable(eps, svc.publish_not_ready)
         local_eps = [(e, p) for e, p in eps if node.name and e.node_name == node.name]
         local_usable = _usable(local_eps, svc.publish_not_ready)

@@ -384,10 +384,11 @@ def _slice_endpoint(ep: Any, field: str, where: str) -> list[Endpoint]:
     cond = ep.get("conditions") or {}
     if not isinstance(cond, Mapping):
         raise ManifestError(where, f"{field}.conditions", "expected an object")
-    # The API's rules: a missing `ready` means ready; `serving`
-    # defaults to `ready`; `terminating` to false.
+    # As kube-proxy reads them (pkg/proxy/endpointslicecache.go, v1.34,
+    # addEndpoints): a missing `ready` or `serving` means true, a missing
+    # `terminating` false.
     ready = _bool(cond.get("ready"), f"{field}.conditions.ready", where, True)
-    serving = _bool(cond.get("serving"), f"{field}.conditions.serving", where, ready)
+    serving = _bool(cond.get("serving"), f"{field}.conditions.serving", where, True)
     terminating = _bool(cond.get("terminating"), f"{field}.conditions.terminating", where, False)
     node = ep.get("nodeName")
     if node is not None and not isinstance(node, str):
@@ -395,15 +396,16 @@ def _slice_endpoint(ep: Any, field: str, where: str) -> list[Endpoint]:
     addrs = ep.get("addresses")
     if not isinstance(addrs, list) or not addrs:
         raise ManifestError(where, f"{field}.addresses", "expected a non-empty list")
-    out = []
+    ips = []
     for j, a in enumerate(addrs):
         ip = _usable_ip(a, f"{field}.addresses[{j}]", where)
         if ip is None:
             raise ManifestError(where, f"{field}.addresses[{j}]",
                                 f"not an IPv4 address in an IPv4 slice: {a!r}")
-        out.append(Endpoint(ip=ip, ready=ready, serving=serving, terminating=terminating,
-                            node_name=node or None))
-    return out
+        ips.append(ip)
+    # The addresses are one endpoint's: kube-proxy takes Addresses[0].
+    return [Endpoint(ip=ips[0], ready=ready, serving=serving, terminating=terminating,
+                     node_name=node or None)]
 
 
 def parse_endpoint_slice(doc: Mapping[str, Any], where: str,

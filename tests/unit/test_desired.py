@@ -156,3 +156,37 @@ def test_legacy_endpoints_are_read_when_no_slice_exists() -> None:
                            "ports": [{"name": "http", "port": 8080}]}]}
     state = compute(svc(), legacy)
     assert ips(state, CIP) == {"10.244.1.20"}
+
+
+# --- endpoints as kube-proxy's EndpointSliceCache reads them ------------------------
+# (pkg/proxy/endpointslicecache.go, v1.34, addEndpoints)
+
+
+def test_an_absent_serving_means_serving() -> None:
+    """`serving := Conditions.Serving == nil || *Conditions.Serving`: an
+    endpoint that is terminating, not ready and silent about serving is the
+    fallback when no endpoint is ready (not what `serving` defaulting to
+    `ready` would make of it)."""
+    state = compute(svc(), eps(ep("10.244.1.10", ready=False, terminating=True)))
+    assert ips(state, CIP) == {"10.244.1.10"}
+    gone = compute(svc(), eps(ep("10.244.1.10", ready=False, serving=False, terminating=True)))
+    assert ips(gone, CIP) == set()
+
+
+def test_only_the_first_address_of_an_endpoint_is_used() -> None:
+    """`endpoint.Addresses[0]`: the others are the same endpoint's, not more
+    backends."""
+    two = {**ep("10.244.1.10"), "addresses": ["10.244.1.10", "10.244.1.11"]}
+    assert ips(compute(svc(), eps(two)), CIP) == {"10.244.1.10"}
+
+
+def test_an_endpoint_in_two_slices_is_one_backend_and_its_local_copy_wins() -> None:
+    """Deduplicated by address and port; `!exists || isLocal`: a local copy
+    replaces a remote one."""
+    remote = eps(ep("10.244.1.10", node="node-b"))
+    local = {**eps(ep("10.244.1.10", node=NODE.name or "")),
+             "metadata": {"name": "web-2", "namespace": "default",
+                          "labels": {"kubernetes.io/service-name": "web"}}}
+    state = compute(svc(externalTrafficPolicy="Local", type="NodePort"), remote, local)
+    [backend] = state.entries[CIP].backends
+    assert backend.ip == "10.244.1.10" and backend.local

@@ -59,7 +59,10 @@ def test_list_kind_is_flattened(tmp_path: Path) -> None:
     assert list(load([f]).cluster.services) == ["default/good"]
 
 
-def test_endpoint_slice_conditions_default_as_the_api_says(tmp_path: Path) -> None:
+def test_endpoint_slice_conditions_default_as_kube_proxy_reads_them(tmp_path: Path) -> None:
+    """pkg/proxy/endpointslicecache.go: a missing condition is true, except
+    terminating (not `serving` defaulting to `ready`, as an older API
+    comment had it)."""
     f = tmp_path / "m.yaml"
     f.write_text("""
 apiVersion: discovery.k8s.io/v1
@@ -75,4 +78,4 @@ endpoints:
     (es,) = load([f]).cluster.slices.values()
     a, b = es.endpoints
     assert (a.ready, a.serving, a.terminating) == (True, True, False)
-    assert (b.ready, b.serving) == (False, False)
+    assert (b.ready, b.serving, b.terminating) == (False, True, False)
