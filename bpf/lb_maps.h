@@ -26,7 +26,7 @@
 #define LB_SVC_AFFINITY       0x0010
 #define LB_SVC_SOURCE_RANGES  0x0020
 #define LB_SVC_MASQUERADE     0x0040
-#define LB_SVC_LOCAL_ONLY     0x0080
+#define LB_SVC_LOCAL_ONLY     0x0080 /* Local policy, endpoints elsewhere: none here drops */
 
 /* lb_backend.flags */
 #define LB_BACKEND_LOCAL       0x01

@@ -177,9 +177,14 @@ def _service_entries(cluster: Cluster, svc: Service, node: Node) -> list[Fronten
             )
 
         itp, etp = svc.internal_traffic_local, svc.external_traffic_local
+        # kube-proxy's syncProxyRules (pkg/proxy/nftables/proxier.go, v1.34): a
+        # service with no usable endpoint anywhere rejects, on every address;
+        # one with some, but none that a Local policy allows here, drops. The
+        # flag that makes an empty backend set drop is set only then.
+        has_endpoints = bool(cluster_set)
         for ip in svc.cluster_ips:
-            entries.append(entry(ip, port.port, SCOPE_INTERNAL, const("LB_SVC_CLUSTER_IP"), itp,
-                                 local_set if itp else cluster_set))
+            entries.append(entry(ip, port.port, SCOPE_INTERNAL, const("LB_SVC_CLUSTER_IP"),
+                                 itp and has_endpoints, local_set if itp else cluster_set))
         outside: list[tuple[str, int, int]] = []
         if port.node_port and svc.type in ("NodePort", "LoadBalancer"):
             outside += [(ip, port.node_port, const("LB_SVC_NODE_PORT")) for ip in node.ips]
@@ -193,7 +198,7 @@ def _service_entries(cluster: Cluster, svc: Service, node: Node) -> list[Fronten
             # External clients see the external policy; pods reaching the
             # same address get every endpoint, as kube-proxy short-circuits
             # pod traffic to external destinations to its cluster chain.
-            entries.append(entry(ip, port_no, SCOPE_EXTERNAL, kind | masq, etp,
+            entries.append(entry(ip, port_no, SCOPE_EXTERNAL, kind | masq, etp and has_endpoints,
                                  local_set if etp else cluster_set))
             entries.append(entry(ip, port_no, SCOPE_INTERNAL, kind, False, cluster_set))
     return entries
