@@ -289,7 +289,14 @@ def _outside_addresses(doc: Mapping[str, Any], where: str
     for i, ing in enumerate(_list(doc, "status.loadBalancer.ingress", where)):
         if isinstance(ing, Mapping) and ing.get("ip"):
             ip = _usable_ip(ing["ip"], f"status.loadBalancer.ingress[{i}].ip", where)
-            if ip:
+            mode = ing.get("ipMode")
+            if mode not in (None, "VIP", "Proxy"):
+                raise ManifestError(where, f"status.loadBalancer.ingress[{i}].ipMode",
+                                    f"unknown value {mode!r} (VIP or Proxy)")
+            # kube-proxy captures VIP-mode addresses only (IsVIPMode,
+            # pkg/proxy/util/utils.go, v1.34): traffic to a Proxy-mode one,
+            # pods' and the node's too, goes to the load balancer itself.
+            if ip and mode != "Proxy":
                 lb_ips.append(ip)
     ranges = []
     for i, cidr in enumerate(_list(doc, "spec.loadBalancerSourceRanges", where)):

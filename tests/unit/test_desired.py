@@ -190,3 +190,19 @@ def test_an_endpoint_in_two_slices_is_one_backend_and_its_local_copy_wins() -> N
     state = compute(svc(externalTrafficPolicy="Local", type="NodePort"), remote, local)
     [backend] = state.entries[CIP].backends
     assert backend.ip == "10.244.1.10" and backend.local
+
+
+def test_a_proxy_mode_load_balancer_ip_is_not_captured() -> None:
+    """KEP-1860 ipMode: a VIP-mode (or unmarked) ingress IP is the service's;
+    a Proxy-mode one is the load balancer's, reached through it by pods and
+    the node alike (kube-proxy's IsVIPMode)."""
+    lb = svc(type="LoadBalancer")
+    lb["status"] = {"loadBalancer": {"ingress": [
+        {"ip": "203.0.113.10", "ipMode": "VIP"}, {"ip": "203.0.113.11", "ipMode": "Proxy"},
+        {"ip": "203.0.113.12"}]}}
+    state = compute(lb, eps(ep("10.244.1.10")))
+    captured = {f.ip for f in state.entries if f.ip.startswith("203.0.113.")}
+    assert captured == {"203.0.113.10", "203.0.113.12"}
+    lb["status"]["loadBalancer"]["ingress"][0]["ipMode"] = "Magic"
+    res = build_cluster([(lb, "t")])
+    assert res.errors[0].field == "status.loadBalancer.ingress[0].ipMode"
