@@ -127,9 +127,16 @@ struct lb_ct_val {
 	__u8  pad;
 };
 
+/* A client's affinity is per service port and backend set: a frontend
+ * under a Local traffic policy (LB_SVC_LOCAL_ONLY) picks among this node's
+ * endpoints only, so its choices are kept apart from the whole set's, as
+ * kube-proxy's local policy chain checks only its own endpoints' recent
+ * sets. */
+#define LB_AFFINITY_LOCAL_SET 0x80000000
+
 struct lb_affinity_key {
 	__u32 client;
-	__u32 group_id;
+	__u32 group_id; /* | LB_AFFINITY_LOCAL_SET for the local subset */
 };
 
 struct lb_affinity_val {

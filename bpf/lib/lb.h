@@ -98,7 +98,11 @@ LB_INLINE __u32 lb_maglev_pick(const struct lb_svc_val *svc, __u32 hash)
 LB_INLINE __u32 lb_affinity_pick(const struct lb_pkt *p,
 				 const struct lb_svc_val *svc, __u64 now)
 {
-	struct lb_affinity_key k = { .client = p->saddr, .group_id = svc->group_id };
+	struct lb_affinity_key k = {
+		.client = p->saddr,
+		.group_id = svc->group_id |
+			    (svc->flags & LB_SVC_LOCAL_ONLY ? LB_AFFINITY_LOCAL_SET : 0),
+	};
 	struct lb_affinity_val *a, fresh = {};
 	__u64 timeout = (__u64)svc->affinity_timeout * LB_NSEC_PER_SEC;
 	__u32 id;

@@ -1063,10 +1063,9 @@ def test_packet_budget_was_met() -> None:
         assert SENT["packets"] >= PACKETS, SENT
 
 
-# --- where both agree and both are wrong ----------------------------------------------------
-# kube-proxy semantics the C (bpf/lib/lb.h, bpf/lb.c) does not keep yet. Both datapaths run
-# each packet (Pair.send asserts they agree); the test asserts what kube-proxy does. When
-# the C is fixed these pass, and strict xfail says so.
+# --- kube-proxy's semantics, asserted on both datapaths ------------------------------------
+# Both datapaths run each packet (Pair.send asserts they agree); the test asserts what
+# kube-proxy does.
 
 
 def test_idle_flow_never_reaches_a_pod_of_another_service(kernel: KernelSide) -> None:
@@ -1112,8 +1111,6 @@ def test_fragments_agree(kernel: KernelSide) -> None:
     pair.check_state()
 
 
-@pytest.mark.xfail(strict=True, reason="ClientIP affinity is kept per service port, across "
-                   "frontends whose backend sets differ (internalTrafficPolicy: Local)")
 def test_affinity_does_not_break_internal_traffic_policy_local(kernel: KernelSide) -> None:
     svc = SvcSpec(type="LoadBalancer", cluster_ip="10.96.0.1", lb_ips=("203.0.113.1",),
                   itp_local=True, affinity=10800, ports=(PortSpec("TCP", 80, 8080, 30080),),

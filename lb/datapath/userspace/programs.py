@@ -762,7 +762,8 @@ class UserspaceDatapath:
 
     def _affinity_pick(self, p: Pkt, svc: Any, now: int) -> int:
         """lb_affinity_pick: kube-proxy's `recent` match."""
-        k = _pack("struct lb_affinity_key", client=p.saddr, group_id=svc.group_id)
+        subset = _C["LB_AFFINITY_LOCAL_SET"] if svc.flags & _C["LB_SVC_LOCAL_ONLY"] else 0
+        k = _pack("struct lb_affinity_key", client=p.saddr, group_id=svc.group_id | subset)
         timeout = svc.affinity_timeout * _NSEC_PER_SEC
         raw = self._affinity.ref(k)
         if raw is not None:
