@@ -120,6 +120,8 @@ class Node:
 
     name: str | None = None
     ips: tuple[str, ...] = ()
+    # Where NodePorts answer; None: on `ips` (kube-proxy's "primary").
+    node_port_ips: tuple[str, ...] | None = None
     # Where ClusterIPs come from: an address there that no service holds is
     # dropped. Empty: not known, nothing dropped.
     service_cidrs: tuple[str, ...] = ()

@@ -30,3 +30,5 @@ class AgentConfig:
     sizes: Sizes
     conntrack_defines: dict[str, str]
     cgroup: str | None  # a path, or "auto"
+    # --nodeport-addresses: None is "primary" (the node's own addresses).
+    node_port_cidrs: tuple[str, ...] | None = None

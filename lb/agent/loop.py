@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING
 
 from lb.agent.config import AgentConfig
 from lb.agent.healthcheck import HealthServers, health_checks
-from lb.agent.links import LinkWatcher
+from lb.agent.links import LINK_RESCAN_PERIOD, LinkWatcher
+from lb.agent.nodeports import addresses_in
 from lb.datapath import socklb
 from lb.datapath.attach import CLSACT_EGRESS, Attachments, attach_tc, attach_xdp
 from lb.datapath.instance import pin_dir_of, policy_writer_for, reconciler_for
 from lb.datapath.lock import lock_instance
 from lb.datapath.netns import iproute, write_sysctl
-from lb.model import Cluster
+from lb.model import Cluster, Node
 from lb.refusal import bounded
 from lb.service import desired
 from lb.sources.files import FileSource
@@ -71,6 +72,9 @@ class Agent:
 
         self.metrics: Metrics = Metrics()
         self._retry: Cluster | None = None
+        self._last_cluster: Cluster | None = None
+        self._node_port_ips: tuple[str, ...] = ()
+        self._node_ports_checked = 0.0
         self.cgroup: Path | None = socklb.resolve_cgroup(config.cgroup) if config.cgroup else None
         self.stopping = threading.Event()
         self.attachments = Attachments(netns=config.netns)
@@ -111,7 +115,8 @@ class Agent:
         kube = self.source if isinstance(self.source, KubeSource) else None
         start = time.monotonic()
         try:
-            node = kube.node(self.node) if kube else self.node
+            node = self._with_node_ports(kube.node(self.node) if kube else self.node)
+            self._last_cluster = cluster
             self.metrics.health.node_eligible = node.eligible
             self.metrics.policies_read(cluster)
             state = desired.compute(cluster, node)
@@ -135,6 +140,23 @@ class Agent:
                  len(state.entries), took * 1000, res.added, res.updated, res.removed,
                  res.backends_added, res.backends_removed, len(res.refusals))
         return True
+
+    def _with_node_ports(self, node: Node) -> Node:
+        cidrs = self.config.node_port_cidrs
+        if cidrs is None:
+            return node
+        self._node_port_ips = addresses_in(cidrs, self.config.netns)
+        return replace(node, node_port_ips=self._node_port_ips)
+
+    def _node_ports_moved(self) -> bool:
+        """With --nodeport-addresses CIDRs: whether the node's addresses there
+        changed since the last sync (checked every LINK_RESCAN_PERIOD)."""
+        cidrs = self.config.node_port_cidrs
+        now = time.monotonic()
+        if cidrs is None or now - self._node_ports_checked < LINK_RESCAN_PERIOD:
+            return False
+        self._node_ports_checked = now
+        return addresses_in(cidrs, self.config.netns) != self._node_port_ips
 
     def _servers(self) -> list[MetricsServer]:
         from lb.agent.metrics import MetricsServer, proxy_health_routes
@@ -208,6 +230,8 @@ class Agent:
             cluster = self.source.poll()
             if cluster is None:
                 cluster = self._retry
+            if cluster is None and self._last_cluster is not None and self._node_ports_moved():
+                cluster = self._last_cluster
             if cluster is not None:
                 ok = self.sync(cluster)
                 self._retry = None if ok else cluster

@@ -13,6 +13,7 @@ from typing import Any
 
 from lb.agent.config import AgentConfig
 from lb.agent.loop import Agent, StartError
+from lb.agent.nodeports import PRIMARY, parse_cidrs
 from lb.cli.nodeflags import UsageError, add_node_args, node_from_args, rules_from_args
 from lb.cli.sizeflags import add_size_args, sizes_from_args
 from lb.datapath.attach import Attachments, detach_all
@@ -47,7 +48,14 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
         kubeconfig=args.kubeconfig, resync_period=float(args.resync_period),
         metrics_addr=args.metrics_addr, healthz_addr=args.healthz_addr, netns=args.netns,
         sizes=sizes_from_args(args, Sizes()), conntrack_defines=conntrack_defines(args),
-        cgroup=args.cgroup)
+        cgroup=args.cgroup, node_port_cidrs=node_port_cidrs(args))
+
+
+def node_port_cidrs(args: argparse.Namespace) -> tuple[str, ...] | None:
+    try:
+        return parse_cidrs(args.nodeport_addresses or [PRIMARY])
+    except ValueError as e:
+        raise UsageError(f"run: --nodeport-addresses: {e}") from e
 
 
 def conntrack_defines(args: argparse.Namespace) -> dict[str, str]:
@@ -143,6 +151,10 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--min-sync-period", default=0.2, type=float, metavar="SECONDS",
                    help="at most one sync this often, as kube-proxy's minSyncPeriod "
                         "(default %(default)s)")
+    r.add_argument("--nodeport-addresses", action="append", metavar="CIDRS|primary",
+                   help="the node addresses NodePorts answer on: 'primary' (the --node-ip "
+                        "addresses, or the Node's), or comma-separated CIDRs (every address "
+                        "of the node within them), as kube-proxy's flag (default primary)")
     r.add_argument("--cgroup", metavar="PATH",
                    help="cgroup v2 directory for the socket-level load balancer (the node's "
                         "processes and hostNetwork pods; e.g. the cgroup2 mount), or 'auto' "

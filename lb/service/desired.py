@@ -187,7 +187,8 @@ def _service_entries(cluster: Cluster, svc: Service, node: Node) -> list[Fronten
                                  itp and has_endpoints, local_set if itp else cluster_set))
         outside: list[tuple[str, int, int]] = []
         if port.node_port and svc.type in ("NodePort", "LoadBalancer"):
-            outside += [(ip, port.node_port, const("LB_SVC_NODE_PORT")) for ip in node.ips]
+            answering = node.ips if node.node_port_ips is None else node.node_port_ips
+            outside += [(ip, port.node_port, const("LB_SVC_NODE_PORT")) for ip in answering]
         outside += [(ip, port.port, const("LB_SVC_EXTERNAL_IP")) for ip in svc.external_ips]
         if svc.type == "LoadBalancer":
             ranges = const("LB_SVC_SOURCE_RANGES") if svc.load_balancer_source_ranges else 0
