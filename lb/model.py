@@ -100,6 +100,13 @@ class Cluster:
     pods: dict[str, Pod] = field(default_factory=dict)
     namespaces: dict[str, Namespace] = field(default_factory=dict)
     policies: dict[str, NetworkPolicy] = field(default_factory=dict)
+    # ServiceCIDR name -> its CIDRs (networking.k8s.io/v1).
+    service_cidrs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def all_service_cidrs(self) -> tuple[str, ...]:
+        """The IPv4 CIDRs of every ServiceCIDR, sorted, each once."""
+        return tuple(sorted({c for cidrs in self.service_cidrs.values() for c in cidrs
+                             if ":" not in c}))
 
     @cached_property
     def _slices_by_service(self) -> dict[str, list[EndpointSlice]]:

@@ -222,6 +222,9 @@ def compute(cluster: Cluster, node: Node) -> DesiredState:
             entries[e.frontend] = e
     vips = frozenset(e.frontend.ip for e in entries.values()
                      if e.flags & const("LB_SVC_CLUSTER_IP"))
-    return DesiredState(entries, vips=vips, service_cidrs=node.service_cidrs,
+    # --service-cidr and the cluster's ServiceCIDR objects, as kube-proxy
+    # follows them (OnServiceCIDRsChanged, pkg/proxy/nftables/proxier.go).
+    cidrs = tuple(sorted({*node.service_cidrs, *cluster.all_service_cidrs()}))
+    return DesiredState(entries, vips=vips, service_cidrs=cidrs,
                         node_ip=node.ips[0] if node.ips else None, hairpin_ip=node.hairpin_ip,
                         netns_cookie=node.netns_cookie)

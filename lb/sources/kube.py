@@ -66,6 +66,9 @@ class Resource:
     namespaced: bool
     # The generated client's list function, given an ApiClient.
     lister: Callable[[Any], Callable[..., Any]]
+    # Served from some release on: an API server that answers 404 has none,
+    # which counts as listed and empty (asked again every NOT_SERVED_RETRY).
+    optional: bool = False
 
 
 def _lister(group: str, method: str) -> Callable[[Any], Callable[..., Any]]:
@@ -87,7 +90,16 @@ POLICIES = Resource("NetworkPolicy", "networking.k8s.io/v1", True,
 PODS = Resource("Pod", "v1", True, _lister("CoreV1Api", "list_pod_for_all_namespaces"))
 NAMESPACES = Resource("Namespace", "v1", False, _lister("CoreV1Api", "list_namespace"))
 NODES = Resource("Node", "v1", False, _lister("CoreV1Api", "list_node"))
-RESOURCES = (SERVICES, ENDPOINT_SLICES, POLICIES, PODS, NAMESPACES, NODES)
+# networking.k8s.io/v1 since 1.33; kube-proxy follows them for the drop of
+# unallocated service addresses (pkg/proxy/config/config.go ServiceCIDRConfig).
+SERVICE_CIDRS = Resource("ServiceCIDR", "networking.k8s.io/v1", False,
+                         _lister("NetworkingV1Api", "list_service_cidr"), optional=True)
+RESOURCES = (SERVICES, ENDPOINT_SLICES, POLICIES, PODS, NAMESPACES, NODES, SERVICE_CIDRS)
+NOT_SERVED_RETRY = 300.0
+
+
+class NotServed(Exception):
+    """An optional kind this API server does not serve."""
 
 
 class ConfigError(Exception):
@@ -377,6 +389,7 @@ class Reflector(threading.Thread):
         self._next_resync = 0.0
         self._relist_reason = "initial"
         self._expired_streak = 0
+        self._not_served = False
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -400,6 +413,14 @@ class Reflector(threading.Thread):
                     if self._stopping.is_set():
                         break
                 self.watch()
+            except NotServed:
+                if not self._not_served:
+                    log.info("%s: not served by this API server; taken as none",
+                             self.res.kind)
+                self._not_served = True
+                self.store.replace(self.res.kind, {})
+                self.rv = None
+                self._stopping.wait(NOT_SERVED_RETRY)
             except Expired as e:
                 if self._stopping.is_set():
                     break
@@ -438,6 +459,8 @@ class Reflector(threading.Thread):
         except ApiException as e:
             if e.status == 410:
                 raise Expired(f"HTTP 410 {e.reason or 'Gone'}") from e
+            if e.status == 404 and self.res.optional:
+                raise NotServed(self.res.kind) from e
             raise
 
     def relist(self) -> None:

@@ -449,6 +449,23 @@ def parse_endpoint_slice(doc: Mapping[str, Any], where: str,
     )
 
 
+def parse_service_cidr(doc: Mapping[str, Any], where: str) -> tuple[str, tuple[str, ...]]:
+    """(name, spec.cidrs): one or two CIDRs, one per family (the API's rule)."""
+    name = _str(doc, "metadata.name", where)
+    raw = _list(doc, "spec.cidrs", where)
+    if not 1 <= len(raw) <= 2:
+        raise ManifestError(where, "spec.cidrs", f"expected one or two CIDRs, got {len(raw)}")
+    cidrs = []
+    for i, c in enumerate(raw):
+        try:
+            cidrs.append(ipaddress.ip_network(str(c), strict=True))
+        except ValueError as e:
+            raise ManifestError(where, f"spec.cidrs[{i}]", f"not a CIDR: {c!r}") from e
+    if len({n.version for n in cidrs}) != len(cidrs):
+        raise ManifestError(where, "spec.cidrs", "at most one CIDR per family")
+    return name, tuple(str(n) for n in cidrs)
+
+
 def parse_endpoints(doc: Mapping[str, Any], where: str,
                     skipped: list[ManifestError] | None = None) -> list[EndpointSlice]:
     """Legacy v1 Endpoints as the slices that mirror them (one per subset),
@@ -501,7 +518,9 @@ READ_KINDS = {
     "Pod": "v1",
     "Namespace": "v1",
     "NetworkPolicy": "networking.k8s.io/v1",
+    "ServiceCIDR": "networking.k8s.io/v1",
 }
+CLUSTER_SCOPED = frozenset({"Namespace", "ServiceCIDR"})
 
 # The fields of the kinds the datapath reads, as of v1.34; anything else
 # is reported (the object is still used, as the API server's
@@ -553,7 +572,7 @@ def unknown_fields(doc: Mapping[str, Any], where: str) -> list[ManifestError]:
 def _object_id(doc: Mapping[str, Any]) -> tuple[str, str]:
     meta = doc.get("metadata") if isinstance(doc.get("metadata"), Mapping) else {}
     assert isinstance(meta, Mapping)
-    ns = "" if doc.get("kind") == "Namespace" else str(meta.get("namespace") or "default")
+    ns = "" if doc.get("kind") in CLUSTER_SCOPED else str(meta.get("namespace") or "default")
     return str(doc.get("kind")), f"{ns}/{meta.get('name')}"
 
 
@@ -566,6 +585,7 @@ class _Collected:
         self.slices: dict[str, EndpointSlice] = {}
         self.legacy: dict[str, list[EndpointSlice]] = {}
         self.policy_objects = _PolicyObjects()
+        self.service_cidrs: dict[str, tuple[str, ...]] = {}
         self.errors: list[ManifestError] = []
         self.warnings: list[ManifestError] = []
         self.seen: dict[tuple[str, str], str] = {}
@@ -599,6 +619,9 @@ class _Collected:
         elif kind == "Endpoints":
             for es in parse_endpoints(doc, where, self.errors):
                 self.legacy.setdefault(es.service_key, []).append(es)
+        elif kind == "ServiceCIDR":
+            name, cidrs = parse_service_cidr(doc, where)
+            self.service_cidrs[name] = cidrs
         else:
             self.policy_objects.add(doc, where)
 
@@ -614,7 +637,8 @@ class _Collected:
         self._drop_conflicts()
         po = self.policy_objects
         return Cluster(services=self.services, slices=self.slices, pods=po.pods,
-                       namespaces=po.namespaces, policies=po.policies)
+                       namespaces=po.namespaces, policies=po.policies,
+                       service_cidrs=self.service_cidrs)
 
     def _drop_conflicts(self) -> None:
         """What the API server's allocators keep unique, a set of files may

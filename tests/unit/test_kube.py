@@ -16,6 +16,8 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import ProtocolError
 
 from lb.model import Node
+from lb.service import desired
+from lb.sources import kube
 from lb.sources.kube import (
     ENDPOINT_SLICES,
     NODES,
@@ -309,3 +311,35 @@ def test_per_object_parsing_equals_building_all_at_once() -> None:
     changed["spec"] = {**changed["spec"], "clusterIP": "10.96.0.99"}
     cluster, _ = parsed.build([changed, *docs[1:]])
     assert cluster.services["default/a"].cluster_ips == ("10.96.0.99",)
+
+
+def test_a_kind_the_api_server_does_not_serve_counts_as_none(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ServiceCIDR before 1.33: a 404 is "none", so the first snapshot is
+    not held back for a kind that will never list. A required kind's 404 is
+    an error (retried), and holds it back."""
+    monkeypatch.setattr(kube, "NOT_SERVED_RETRY", 0.0)
+    for optional in (True, False):
+        store = Store(("ServiceCIDR",))
+        api = ScriptedApi([ApiException(status=404, reason="Not Found")])
+        r = Reflector(None, Resource("ServiceCIDR", "networking.k8s.io/v1", False,
+                                     lambda _, api=api: api, optional=optional),
+                      store, resync_period=0, backoff=Backoff(0.001, 0.002, random.Random(1)))
+        api.reflector = r
+        r.run()
+        assert store.listed() is optional
+        assert (r.counters.errors == 0) is optional
+
+
+def test_service_cidrs_join_the_flag_for_the_unallocated_drop() -> None:
+    cidr = {"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+            "metadata": {"name": "extra"}, "spec": {"cidrs": ["10.100.0.0/16", "fd00:100::/108"]}}
+    res = build_cluster([(cidr, "t")])
+    assert res.errors == () and res.cluster.all_service_cidrs() == ("10.100.0.0/16",)
+    state = desired.compute(res.cluster, Node(name="n", service_cidrs=("10.96.0.0/12",)))
+    assert state.service_cidrs == ("10.100.0.0/16", "10.96.0.0/12")
+    for spec, field in (({"cidrs": []}, "spec.cidrs"), ({"cidrs": ["10.1.0.1/16"]},
+                                                        "spec.cidrs[0]"),
+                        ({"cidrs": ["10.1.0.0/16", "10.2.0.0/16"]}, "spec.cidrs")):
+        bad = build_cluster([({**cidr, "spec": spec}, "t")])
+        assert bad.cluster.service_cidrs == {} and bad.errors[0].field == field
