@@ -71,6 +71,10 @@ class Endpoint:
     serving: bool = True
     terminating: bool = False
     node_name: str | None = None
+    # EndpointSlice hints (hints.forZones, hints.forNodes): where the
+    # EndpointSlice controller wants the endpoint used.
+    zone_hints: frozenset[str] = frozenset()
+    node_hints: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,8 @@ class Node:
     ips: tuple[str, ...] = ()
     # Where NodePorts answer; None: on `ips` (kube-proxy's "primary").
     node_port_ips: tuple[str, ...] | None = None
+    # The Node's topology.kubernetes.io/zone label, for zone hints.
+    zone: str | None = None
     # Where ClusterIPs come from: an address there that no service holds is
     # dropped. Empty: not known, nothing dropped.
     service_cidrs: tuple[str, ...] = ()

@@ -24,6 +24,9 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-ip", action="append", metavar="IP",
                    help="an address NodePorts answer on (repeatable); the first IPv4 one is "
                         "the masquerade source; IPv6 ones are not served yet")
+    p.add_argument("--node-zone", metavar="ZONE",
+                   help="this node's topology.kubernetes.io/zone, for EndpointSlice zone "
+                        "hints (with --kubernetes: the Node's label)")
     p.add_argument("--service-cidr", action="append", metavar="CIDR",
                    help="where ClusterIPs are allocated: unused addresses there are dropped")
     lo, hi = DEFAULT_NODE_PORT_RANGE
@@ -75,5 +78,5 @@ def node_from_args(args: argparse.Namespace) -> Node:
         (cidrs if net.version == 4 else v6).append(str(net))
     if v6:
         log.warning("--service-cidr %s: IPv6 is not programmed yet", ", ".join(v6))
-    return Node(name=args.node_name, ips=_node_ips(args.node_ip or []),
+    return Node(name=args.node_name, ips=_node_ips(args.node_ip or []), zone=args.node_zone,
                 service_cidrs=tuple(cidrs))

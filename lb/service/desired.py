@@ -9,6 +9,7 @@ A Local traffic policy narrows that to endpoints on this node."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -119,11 +120,43 @@ def _candidates(cluster: Cluster, svc: Service, port: ServicePort, node: Node
     return list(found.values())
 
 
-def _usable(eps: list[tuple[Endpoint, int]], publish_not_ready: bool) -> list[tuple[Endpoint, int]]:
-    ready = [(e, p) for e, p in eps if e.ready or publish_not_ready]
+def _usable(eps: list[tuple[Endpoint, int]], publish_not_ready: bool,
+            topology: Callable[[Endpoint], bool] | None = None) -> list[tuple[Endpoint, int]]:
+    """kube-proxy's CategorizeEndpoints: the ready endpoints (those the
+    topology allows, for cluster endpoints), else the serving and
+    terminating ones."""
+    ready = [(e, p) for e, p in eps if (e.ready or publish_not_ready)
+             and (topology is None or topology(e))]
     if ready:
         return ready
     return [(e, p) for e, p in eps if e.serving and e.terminating]
+
+
+PREFER_SAME_NODE, PREFER_SAME_ZONE = "PreferSameNode", "PreferSameZone"
+
+
+def topology_mode(eps: list[Endpoint], node: Node, publish_not_ready: bool) -> str:
+    """topologyModeFromHints (pkg/proxy/topology.go, v1.34): hints count only
+    when every ready endpoint has one, and one is for this node (or zone).
+    The EndpointSlice controller writes them from trafficDistribution
+    (PreferSameNode: node hints; PreferClose, PreferSameZone: zone hints)."""
+    ready = [e for e in eps if e.ready or publish_not_ready]
+    if not ready:
+        return ""
+    if all(e.node_hints for e in ready) and any(node.name in e.node_hints for e in ready):
+        return PREFER_SAME_NODE
+    if all(e.zone_hints for e in ready) and any(node.zone in e.zone_hints for e in ready):
+        return PREFER_SAME_ZONE
+    return ""
+
+
+def _available(mode: str, node: Node) -> Callable[[Endpoint], bool] | None:
+    """availableForTopology: which ready endpoints the mode allows."""
+    if mode == PREFER_SAME_NODE:
+        return lambda e: node.name in e.node_hints
+    if mode == PREFER_SAME_ZONE:
+        return lambda e: node.zone in e.zone_hints
+    return None
 
 
 def _backends(eps: list[tuple[Endpoint, int]], proto: int, node: Node) -> tuple[Backend, ...]:
@@ -150,7 +183,8 @@ def _service_entries(cluster: Cluster, svc: Service, node: Node) -> list[Fronten
                      port.port, port.protocol)
             continue
         eps = _candidates(cluster, svc, port, node)
-        all_usable = _usable(eps, svc.publish_not_ready)
+        mode = topology_mode([e for e, _ in eps], node, svc.publish_not_ready)
+        all_usable = _usable(eps, svc.publish_not_ready, _available(mode, node))
         local_eps = [(e, p) for e, p in eps if node.name and e.node_name == node.name]
         local_usable = _usable(local_eps, svc.publish_not_ready)
         cluster_set = _backends(all_usable, proto, node)

@@ -96,6 +96,7 @@ SERVICE_CIDRS = Resource("ServiceCIDR", "networking.k8s.io/v1", False,
                          _lister("NetworkingV1Api", "list_service_cidr"), optional=True)
 RESOURCES = (SERVICES, ENDPOINT_SLICES, POLICIES, PODS, NAMESPACES, NODES, SERVICE_CIDRS)
 NOT_SERVED_RETRY = 300.0
+ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
 class NotServed(Exception):
@@ -712,9 +713,13 @@ class KubeSource:
         out = given if given.name else replace(given, name=self.node_name)
         found = self.store.get(NODES.kind, self.node_name)
         out = replace(out, eligible=node_eligible(found))
+        obj = found or {}
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        if out.zone is None and isinstance(labels, Mapping) and labels.get(ZONE_LABEL):
+            # For zone hints, as kube-proxy reads its Node's labels.
+            out = replace(out, zone=str(labels[ZONE_LABEL]))
         if out.ips:
             return out
-        obj = found or {}
         addrs = (obj.get("status") or {}).get("addresses") or []
         for kind in ("InternalIP", "ExternalIP"):
             of_kind = [str(a.get("address")) for a in addrs

@@ -384,6 +384,28 @@ def _endpoint_ports(doc: Mapping[str, Any], path: str, where: str) -> tuple[Endp
     return tuple(ports)
 
 
+def _hints(value: Any, field: str, where: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(hints.forZones names, hints.forNodes names)."""
+    if value is None:
+        return frozenset(), frozenset()
+    if not isinstance(value, Mapping):
+        raise ManifestError(where, field, "expected an object")
+    out = []
+    for key in ("forZones", "forNodes"):
+        raw = value.get(key) or []
+        if not isinstance(raw, list):
+            raise ManifestError(where, f"{field}.{key}", "expected a list")
+        names = set()
+        for i, h in enumerate(raw):
+            name = h.get("name") if isinstance(h, Mapping) else None
+            if not isinstance(name, str) or not name:
+                raise ManifestError(where, f"{field}.{key}[{i}].name",
+                                    f"expected a non-empty string, got {name!r}")
+            names.add(name)
+        out.append(frozenset(names))
+    return out[0], out[1]
+
+
 def _slice_endpoint(ep: Any, field: str, where: str) -> list[Endpoint]:
     """One entry of endpoints[]: an Endpoint per address."""
     if not isinstance(ep, Mapping):
@@ -403,6 +425,7 @@ def _slice_endpoint(ep: Any, field: str, where: str) -> list[Endpoint]:
     addrs = ep.get("addresses")
     if not isinstance(addrs, list) or not addrs:
         raise ManifestError(where, f"{field}.addresses", "expected a non-empty list")
+    zones, nodes = _hints(ep.get("hints"), f"{field}.hints", where)
     ips = []
     for j, a in enumerate(addrs):
         ip = _usable_ip(a, f"{field}.addresses[{j}]", where)
@@ -412,7 +435,7 @@ def _slice_endpoint(ep: Any, field: str, where: str) -> list[Endpoint]:
         ips.append(ip)
     # The addresses are one endpoint's: kube-proxy takes Addresses[0].
     return [Endpoint(ip=ips[0], ready=ready, serving=serving, terminating=terminating,
-                     node_name=node or None)]
+                     node_name=node or None, zone_hints=zones, node_hints=nodes)]
 
 
 def parse_endpoint_slice(doc: Mapping[str, Any], where: str,

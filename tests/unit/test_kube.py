@@ -265,7 +265,8 @@ def test_source_builds_the_cluster_like_files_and_completes_the_node(
     src.store.replace("EndpointSlice", {})
     assert src.poll() is None, "Nodes not listed yet"
     src.store.replace("Node", {"node-a": {
-        "kind": "Node", "apiVersion": "v1", "metadata": {"name": "node-a"},
+        "kind": "Node", "apiVersion": "v1",
+        "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "z1"}},
         "status": {"addresses": [{"type": "Hostname", "address": "node-a"},
                                  {"type": "InternalIP", "address": "fd00::1"},
                                  {"type": "InternalIP", "address": "192.0.2.7"}]}}})
@@ -273,12 +274,12 @@ def test_source_builds_the_cluster_like_files_and_completes_the_node(
     assert cluster is not None and set(cluster.services) == {"default/a"}
     assert len(src.errors) == 1 and "spec.ports[0].port" in str(src.errors[0])
     with caplog.at_level(logging.WARNING):
-        assert src.node(Node()) == Node(name="node-a", ips=("192.0.2.7",))
-        assert src.node(Node()) == Node(name="node-a", ips=("192.0.2.7",))
+        assert src.node(Node()) == Node(name="node-a", ips=("192.0.2.7",), zone="z1")
+        assert src.node(Node()) == Node(name="node-a", ips=("192.0.2.7",), zone="z1")
     said = [r.getMessage() for r in caplog.records if "IPv6" in r.getMessage()]
     assert said == ["Node node-a: fd00::1: IPv6 is not programmed yet; serving IPv4 only"]
     given = Node(name="other", ips=("198.51.100.1",))
-    assert src.node(given) == given
+    assert src.node(given) == Node(name="other", ips=("198.51.100.1",), zone="z1")
 
 
 def test_per_object_parsing_equals_building_all_at_once() -> None:
