@@ -77,10 +77,13 @@ class Rules:
     # Addresses that no Service or endpoint may use, beyond the API's own
     # rules (multicast, broadcast: the datapath cannot serve them).
     strict_addresses: bool = True
+    # A ClusterIP or node port held by one service only, as the API server's
+    # allocators keep them; objects from one are not checked again.
+    unique: bool = True
 
 
 FILE_RULES = Rules()
-API_RULES = Rules(node_port_range=None)
+API_RULES = Rules(node_port_range=None, unique=False)
 
 
 # --- field readers: each names the field it complains about -----------------
@@ -657,7 +660,8 @@ class _Collected:
                 self.slices.update({s.key: s for s in mirrored})
         if self.rules.strict_addresses:
             self._drop_own_addresses()
-        self._drop_conflicts()
+        if self.rules.unique:
+            self._drop_conflicts()
         po = self.policy_objects
         return Cluster(services=self.services, slices=self.slices, pods=po.pods,
                        namespaces=po.namespaces, policies=po.policies,

@@ -56,7 +56,7 @@ from lb.model import Cluster, Node
 from lb.service import maglev
 from lb.service.desired import DesiredState, compute
 from lb.service.reconcile import Reconciler
-from lb.sources.manifests import build_cluster
+from lb.sources.manifests import API_RULES, build_cluster
 from lb.verdicts import reason
 from loader import layout, libbpf
 from loader.build import BuildOptions, Datapath, remove_pins
@@ -368,7 +368,9 @@ def pod_docs() -> list[dict[str, Any]]:
 
 def cluster_of(services: tuple[SvcSpec, ...], policies: tuple[PolSpec, ...] = ()) -> Cluster:
     docs = docs_of(services) + (policy_docs(policies) + pod_docs() if policies else [])
-    result = build_cluster((d, "differential") for d in docs)
+    # As the API source has them: two services may claim one frontend (the
+    # desired state keeps the first), which a set of files may not.
+    result = build_cluster(((d, "differential") for d in docs), API_RULES)
     assert not result.errors, result.errors
     return result.cluster
 
