@@ -138,7 +138,9 @@ int tc_lb_to_external(struct __sk_buff *skb)
 
 int sock_connect4(struct bpf_sock_addr *ctx)
 {
-	return lb_sock_translate(ctx, 0);
+	/* A connected UDP socket is remembered too: recvmsg then reads the
+	 * service, and the agent can find it when its backend goes away. */
+	return lb_sock_translate(ctx, ctx->protocol == IPPROTO_UDP);
 }
 
 int sock_sendmsg4(struct bpf_sock_addr *ctx)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from dataclasses import replace
@@ -125,6 +126,11 @@ class Agent:
                 log.error("refused %s", line)
             res.refusals += self.policy.sync(cluster, node)
             self.health.update(health_checks(cluster, state))
+            if self.cgroup:
+                try:
+                    self._close_stale_udp(state)
+                except OSError as e:  # the maps are programmed; sockets wait a sync
+                    log.warning("closing UDP sockets of gone backends: %s", e)
         except Exception:
             log.exception("sync failed; retrying in %.0f s", SYNC_RETRY_DELAY)
             self.metrics.sync_failed(time.monotonic() - start)
@@ -157,6 +163,13 @@ class Agent:
             return False
         self._node_ports_checked = now
         return addresses_in(cidrs, self.config.netns) != self._node_port_ips
+
+    def _close_stale_udp(self, state: desired.DesiredState) -> None:
+        live = {(b.ip, b.port) for e in state.entries.values()
+                if e.frontend.proto == socket.IPPROTO_UDP for b in (*e.backends, *e.draining)}
+        closed = socklb.terminate_stale(self.dp.map("lb_sock_rev"), live, self.config.netns)
+        if closed:
+            log.info("closed %d connected UDP sockets of gone backends", closed)
 
     def _servers(self) -> list[MetricsServer]:
         from lb.agent.metrics import MetricsServer, proxy_health_routes

@@ -9,9 +9,12 @@ import os
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
+from lb.datapath import sockdiag
 from lb.datapath.attach import detach_cgroup
-from loader import libbpf
+from lb.encoding import ip_str, port_host
+from loader import layout, libbpf
 from loader.build import Datapath
 from loader.programs import SOCK_PROGRAMS
 
@@ -115,3 +118,26 @@ def detach(dp: Datapath, cgroup: Path) -> None:
             libbpf.lib().bpf_prog_detach2(dp.prog_fd(prog.name), fd, prog.attach_type)
     finally:
         os.close(fd)
+
+
+def terminate_stale(rev: Any, live: set[tuple[str, int]], netns: str | None) -> int:
+    """Destroy the node's connected UDP sockets the hooks sent to a backend
+    that is not in `live` (address, port) any more, and forget them in
+    lb_sock_rev (`rev`). Returns how many sockets were destroyed."""
+    stale: dict[int, set[tuple[str, int]]] = {}
+    keys = []
+    for raw, _ in rev.raw_items():
+        key = layout.ffi.from_buffer("struct lb_sock_rev_key *", raw)
+        peer = (ip_str(key.addr), port_host(key.port))
+        if peer not in live:
+            stale.setdefault(int(key.cookie), set()).add(peer)
+            keys.append(raw)
+    if not stale:
+        return 0
+    doomed = [s for s in sockdiag.connected_udp(netns)
+              if (s.dst, s.dport) in stale.get(s.cookie, ())]
+    for problem in sockdiag.destroy(doomed, netns):
+        log.warning("could not close a UDP socket of a gone backend: %s", problem)
+    for key in keys:
+        rev.delete(key)
+    return len(doomed)

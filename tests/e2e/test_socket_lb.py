@@ -11,6 +11,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,3 +151,74 @@ def test_agent_attaches_socket_hooks_and_down_removes_them(cgroup: Path, tmp_pat
         shown = subprocess.run(["bpftool", "cgroup", "show", str(cgroup)], capture_output=True,
                                text=True, check=True).stdout
         assert "sock_" not in shown, shown
+
+
+CONNECTED_UDP = r"""
+import errno, os, socket, sys, time
+vip, go = sys.argv[1], sys.argv[2]
+
+def ask(u):
+    u.send(b"x")
+    return u.recv(100).split()[0].decode()
+
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(2)
+u.connect((vip, 53))
+print("first", ask(u), flush=True)
+while not os.path.exists(go):
+    time.sleep(0.05)
+try:
+    print("second", ask(u), flush=True)
+except OSError as e:
+    # Destroyed: disconnected, with ECONNABORTED pending. A send finds no
+    # peer (EDESTADDRREQ); a recv gets the pending error.
+    gone = e.errno in (errno.ECONNABORTED, errno.EDESTADDRREQ)
+    print("aborted" if gone else f"error {e}", flush=True)
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(2)
+    u.connect((vip, 53))
+    print("second", ask(u), flush=True)
+"""
+
+
+def test_a_connected_udp_client_moves_on_when_its_backend_goes(cgroup: Path,
+                                                               tmp_path: Path) -> None:
+    """The backend a connected UDP socket was given at connect time leaves
+    the service (its pod still answers): the agent destroys the socket, the
+    client's next call fails, it connects again and reaches the backend left.
+    Without that it would go on talking to the removed pod."""
+    from lab.agent import LabAgent
+
+    with Topology.build(TopologySpec.single(pods=2)) as topo:
+        for pod in topo.pods:
+            topo.start_udp(pod, 5353)
+        manifest = tmp_path / "dns.yaml"
+
+        def program(pods: list[Any]) -> None:
+            objects.write(manifest, [objects.service("dns", VIP, [DNS]),
+                                     objects.endpoint_slice("dns", [DNS],
+                                                            [(p.ip, "node") for p in pods])])
+
+        program(topo.pods)
+        go = tmp_path / "go"
+        with LabAgent(topo, topo.node, [manifest], extra=("--cgroup", str(cgroup))) as agent:
+            agent.wait_for("socket hooks")
+            argv = ["ip", "netns", "exec", topo.node.ns, sys.executable, "-c", CONNECTED_UDP,
+                    VIP, str(go)]
+            client = subprocess.Popen(in_cgroup(cgroup, argv), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+            try:
+                assert client.stdout is not None
+                first = client.stdout.readline().split()
+                assert first[0] == "first", (first, client.stderr)
+                gone = next(p for p in topo.pods if p.name == first[1])
+                mark = len(agent.lines)
+                program([p for p in topo.pods if p is not gone])
+                agent.wait_for("closed 1 connected UDP sockets of gone backends", after=mark)
+                go.touch()
+                out, err = client.communicate(timeout=30)
+                assert out.split() == ["aborted", "second",
+                                       next(p.name for p in topo.pods if p is not gone)], err
+            finally:
+                client.kill()
+                client.wait()
