@@ -675,8 +675,10 @@ class _Collected:
         owners: dict[tuple[str, ...], str] = {}
         for key, svc in list(self.services.items()):
             claims: list[tuple[str, ...]] = [("ClusterIP", ip) for ip in svc.cluster_ips]
-            claims += [("nodePort", p.protocol, str(p.node_port)) for p in svc.ports
-                       if p.node_port]
+            # Node ports are allocated for the types that have them only.
+            if svc.type in ("NodePort", "LoadBalancer"):
+                claims += [("nodePort", p.protocol, str(p.node_port)) for p in svc.ports
+                           if p.node_port]
             if svc.health_check_node_port:
                 claims.append(("nodePort", "TCP", str(svc.health_check_node_port)))
             taken = next((c for c in claims if owners.get(c, key) != key), None)

@@ -87,8 +87,7 @@ def sync(rec: Reconciler, m: Metrics, cluster: Cluster) -> SyncResult:
     return res
 
 
-def test_full_backend_map_refuses_what_does_not_fit_and_keeps_the_rest(
-        tiny: Datapath, caplog: pytest.LogCaptureFixture) -> None:
+def test_full_backend_map_refuses_what_does_not_fit_and_keeps_the_rest(tiny: Datapath) -> None:
     rec, m = reconciler_for(tiny), Metrics()
     # 8 backend ids (0 means none): a and b take them all.
     res = sync(rec, m, cluster_of({"a": 4, "b": 4}))
@@ -96,14 +95,13 @@ def test_full_backend_map_refuses_what_does_not_fit_and_keeps_the_rest(
     a_backends, b_backends = destinations(tiny, VIPS["a"]), destinations(tiny, VIPS["b"])
     assert len(a_backends) == 4 and len(b_backends) == 4
 
-    # A new service finds no ids: refused whole, logged, counted; a and b
-    # untouched; its ClusterIP is not programmed (no REJECT: it passes as is).
-    caplog.set_level(logging.ERROR, logger="lb.service.reconcile")
+    # A new service finds no ids: refused whole, said (the caller logs the
+    # refusals, once and bounded), counted; a and b untouched; its ClusterIP
+    # is not programmed (no REJECT: it passes as is).
     res = sync(rec, m, cluster_of({"a": 4, "b": 4, "c": 2}))
     assert [r.map_name for r in res.refusals] == ["lb_backends"], res.refusals
     assert "default/c" in res.errors[0] and "not programmed" in res.errors[0]
-    assert any("refused default/c" in r.message and "no room in lb_backends" in r.message
-               for r in caplog.records), caplog.text
+    assert res.errors[0].endswith("(no room in lb_backends)"), res.errors
     assert gauge(m, "lb_backends") == 1 and gauge(m, "lb_services") == 0
     assert destinations(tiny, VIPS["a"]) == a_backends
     assert destinations(tiny, VIPS["b"]) == b_backends

@@ -304,7 +304,7 @@ def test_policy_sees_the_backend_not_the_service_address(kernel: KernelNode) -> 
     for proto in ("TCP", "UDP"):
         assert line(tracer, XB, 45000, VIP, 80, proto) == f"DNAT {XA}:80"
         # The reply, reverse-translated to come from the service, enters x/b.
-        assert line(tracer, XA, 80, XB, 45000, proto) == "PASS not-service"
+        assert line(tracer, XA, 80, XB, 45000, proto) == "PASS reverse-nat"
         assert line(tracer, XB, 45000, VIP, 80, proto) == f"DNAT {XA}:80"
         for src in (XC, YA):
             assert line(tracer, src, 45000, VIP, 80, proto) == "DROP policy x/allow-b-to-a"
