@@ -188,6 +188,34 @@ class BpfMap:
                 yield (bytes(self._ffi.buffer(kbuf, ksize)),
                        bytes(self._ffi.buffer(vbuf, self._vsize)))
 
+    def read_array(self, first: int, count: int) -> bytes:
+        """The packed values of array slots [first, first + count), in as few
+        syscalls as the kernel allows (a Maglev range, read back on restart).
+        The batch token of an array is the index before the first one read."""
+        if self.spec.kind != "array" or first < 0:
+            raise ValueError(f"slots [{first}, {first + count}) of {self.spec.name}")
+        f = libbpf.ffi()
+        out = bytearray()
+        token = f.new("uint32_t *", (first - 1) & 0xFFFFFFFF)
+        nxt = f.new("uint32_t *")
+        opts = f.new("struct bpf_map_batch_opts *")
+        opts.sz = f.sizeof("struct bpf_map_batch_opts")
+        while len(out) < count * self._vsize:
+            want = count - len(out) // self._vsize
+            n = f.new("uint32_t *", want)
+            keys = f.new("uint32_t[]", want)
+            values = f.new("char[]", want * self._vsize)
+            ret = libbpf.lib().bpf_map_lookup_batch(
+                self.fd, f.NULL if token[0] == 0xFFFFFFFF else token, nxt, keys, values, n, opts)
+            if ret < 0 and ret != -2:  # ENOENT: the array's end, with n[0] read
+                libbpf.check(ret, f"batch lookup in {self.spec.name}")
+            if n[0] == 0:
+                raise libbpf.BpfError(errno.EIO,
+                                      f"batch lookup in {self.spec.name}: nothing at {first}")
+            out += f.buffer(values, n[0] * self._vsize)
+            token[0] = nxt[0]
+        return bytes(out)
+
     def update_batch(self, keys: bytes, values: bytes, count: int) -> None:
         """Write `count` packed keys and values in one syscall (arrays and
         hashes alike), e.g. a whole Maglev range."""

@@ -1,8 +1,9 @@
 """Maglev consistent hashing for service backend tables.
 
-Each service frontend owns a range of ``size`` slots in a flat BPF array; the datapath sends a
-flow to the backend in slot ``hash(5-tuple) % size``.  This module computes the contents of
-that range with the population algorithm of Maglev (Eisenbud et al., NSDI 2016, section 3.4):
+Each backend set of a service port owns a range of ``size`` slots in a flat BPF array; the
+datapath sends a flow to the backend in slot ``hash(5-tuple) % size``.  This module computes
+the contents of that range with the population algorithm of Maglev (Eisenbud et al., NSDI
+2016, section 3.4):
 
 * every backend gets a permutation of the slots, ``(offset + j * skip) % size`` with
   ``offset = h1(name) % size`` and ``skip = h2(name) % (size - 1) + 1`` (``size`` is prime, so
@@ -10,16 +11,26 @@ that range with the population algorithm of Maglev (Eisenbud et al., NSDI 2016, 
 * backends take turns claiming their most preferred slot that is still free, until the
   table is full.
 
-The result depends only on the set of backend names and the table size, and the name hashes
-are keyed BLAKE2b rather than Python's per-process randomised ``hash()``, so every node computes
-the same table: a flow that ECMP lands on another node still reaches the same backend.
+The result depends only on the set of backend names and the table size (``kept_size`` keeps
+the size while backends come and go), and the name hashes are keyed BLAKE2b rather than
+Python's per-process randomised ``hash()``, so every node computes the same table: a flow that
+ECMP lands on another node still reaches the same backend.
 """
 
 from __future__ import annotations
 
+import array
 import hashlib
 import itertools
+import logging
 from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import cffi
+
+log = logging.getLogger(__name__)
 
 # Primes, roughly doubling, so a table can keep about SLOTS_PER_BACKEND slots per backend.
 TABLE_SIZES: tuple[int, ...] = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
@@ -29,6 +40,14 @@ TABLE_SIZES: tuple[int, ...] = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 
 SLOTS_PER_BACKEND = 100
 
 MAX_BACKENDS = TABLE_SIZES[-1] // SLOTS_PER_BACKEND
+
+# A table shrinks only when it is this many sizes above what its backends
+# need (about 4x the slots), so a count going up and down across one size
+# boundary does not rebuild the table each time.
+SHRINK_STEPS = 2
+
+# The population loop in C (maglev_fill.c), built at install beside this file.
+NATIVE_FILL = Path(__file__).with_name("maglev_fill.so")
 
 # Domain separation: these hashes are part of the cross-node contract and must not collide
 # by accident with any other use of BLAKE2b on the same strings.
@@ -58,6 +77,25 @@ def table_size(n_backends: int) -> int:
     )
 
 
+def kept_size(current: int, n_backends: int) -> int:
+    """Return the size a table of ``current`` slots takes for ``n_backends``.
+
+    A table keeps its size while it holds the count at ``SLOTS_PER_BACKEND`` slots each, so
+    a backend added or removed moves only about 1/n of the slots (a new size would move
+    nearly all of them, as Cilium's fixed table and Katran's fixed ring avoid). It grows
+    to ``table_size`` when the count no longer fits, and shrinks to it only when it is
+    ``SHRINK_STEPS`` sizes too large.  ``current`` 0 (no table yet) gives ``table_size``.
+    """
+    fresh = table_size(n_backends)
+    if current == 0 or fresh == 0 or fresh > current:
+        return fresh
+    if current not in TABLE_SIZES:
+        raise ValueError(f"{current} is not a Maglev table size")
+    if TABLE_SIZES.index(current) - TABLE_SIZES.index(fresh) >= SHRINK_STEPS:
+        return fresh
+    return current
+
+
 def name_hashes(name: str) -> tuple[int, int]:
     """Return the two independent 64-bit hashes (h1, h2) of a backend name.
 
@@ -79,6 +117,12 @@ def permutation_params(name: str, size: int) -> tuple[int, int]:
 
 def populate(backends: Sequence[str], size: int,
              labels: Sequence[int] | None = None) -> list[int]:
+    """``populate_array`` as a list."""
+    return populate_array(backends, size, labels).tolist()
+
+
+def populate_array(backends: Sequence[str], size: int,
+                   labels: Sequence[int] | None = None) -> array.array[int]:
     """Fill a Maglev table of ``size`` slots; return, per slot, an index into ``backends``
     (or, given ``labels``, the label of that backend: ``labels[index]``, e.g. its id).
 
@@ -95,7 +139,7 @@ def populate(backends: Sequence[str], size: int,
     if n == 0:
         if size != 0:
             raise ValueError(f"cannot fill {size} slots without backends")
-        return []
+        return array.array("I")
     _check_prime(size)
     if labels is not None and len(labels) != n:
         raise ValueError(f"{len(labels)} labels for {n} backends")
@@ -111,8 +155,35 @@ def populate(backends: Sequence[str], size: int,
         offset, skip = _params(backends[i], size)
         offsets.append(offset)
         skips.append(skip)
-    return _fill([labels[i] for i in order] if labels is not None else order,
-                 offsets, skips, size)
+    turn_labels = [labels[i] for i in order] if labels is not None else order
+    native = native_fill()
+    if native is None:
+        return array.array("I", _fill(turn_labels, offsets, skips, size))
+    return _native_fill(native, turn_labels, offsets, skips, size)
+
+
+@cache
+def native_fill() -> tuple[cffi.FFI, Any] | None:
+    """The C library of the population loop, or None when it is not built."""
+    ffi = cffi.FFI()
+    ffi.cdef("int xdplb_maglev_fill(const uint32_t *offsets, const uint32_t *skips, "
+             "const uint32_t *labels, uint32_t n, uint32_t size, uint32_t *entry);")
+    try:
+        return ffi, ffi.dlopen(str(NATIVE_FILL))
+    except OSError as err:
+        # Same tables, a hundred times slower: a large service takes seconds.
+        log.warning("Maglev tables are filled in Python: %s is not built (%s)", NATIVE_FILL, err)
+        return None
+
+
+def _native_fill(native: tuple[cffi.FFI, Any], labels: list[int], offsets: list[int],
+                 skips: list[int], size: int) -> array.array[int]:
+    ffi, lib = native
+    entry = array.array("I", bytes(4 * size))
+    args = [ffi.from_buffer("uint32_t[]", array.array("I", a)) for a in (offsets, skips, labels)]
+    if lib.xdplb_maglev_fill(*args, len(labels), size, ffi.from_buffer("uint32_t[]", entry)):
+        raise MemoryError(f"no memory for a Maglev table of {size} slots")
+    return entry
 
 
 def _fill(labels: list[int], offsets: list[int], skips: list[int], size: int) -> list[int]:

@@ -2,11 +2,17 @@
 differs.
 
 Order matters to packets in flight: backends are written before the
-services that point at them; a service whose backends change gets a fresh
-Maglev range, filled completely, and is then switched to it with one map
-update (so a packet sees the old table or the new one, never a mix);
-deletions come last. Ranges and ids given up in one sync are reused only
-from the next sync on, once no packet can still be reading them.
+services that point at them, deletions come last. Ranges and ids given up
+in one sync are reused only from the next sync on, once no packet can still
+be reading them.
+
+Frontends of one service port with the same backends share one Maglev
+table. A table keeps its size while its backends change (maglev.kept_size),
+and then only the slots whose backend changed are written, in place, as
+Katran does (every slot names a live backend throughout, so a packet that
+reads some old and some new slots is still served). A table that must grow
+or shrink is filled anew in a fresh range, and its frontends are switched
+to it with one map update each.
 
 When a map or an id space is full, the frontends that do not fit are
 refused (logged, reported per map) and the maps keep what they held for
@@ -41,6 +47,21 @@ log = logging.getLogger(__name__)
 
 BackendKey = tuple[int, str, int, int]  # group id, ip, port, proto
 FrontendAddr = tuple[str, int, int]  # ip, port, proto
+TableKey = tuple[int, tuple[int, ...]]  # group id, backend ids
+
+
+@dataclass(eq=False)
+class Table:
+    """One Maglev range of lb_maglev and what it holds."""
+
+    key: TableKey
+    off: int
+    slots: array.array[int]  # backend id per slot
+    users: int = 0  # frontends pointing at it
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
 
 
 def svc_key(f: Frontend) -> object:
@@ -55,14 +76,21 @@ class Applied:
 
     svc_id: int
     group_id: int
-    off: int
-    size: int
+    table: Table | None
     flags: int
     affinity_timeout: int
     backend_ids: tuple[int, ...]
     # What was written, to skip it next time it is wanted unchanged; None
     # when adopted from pinned maps (written again on the first sync).
     entry: FrontendEntry | None = None
+
+    @property
+    def off(self) -> int:
+        return self.table.off if self.table else 0
+
+    @property
+    def size(self) -> int:
+        return self.table.size if self.table else 0
 
 
 @dataclass
@@ -71,6 +99,8 @@ class SyncResult:
     updated: int = 0
     removed: int = 0
     backends_added: int = 0
+    # Maglev slots written: whole new tables, and single slots changed in place.
+    slots_written: int = 0
     backends_removed: int = 0
     refusals: list[Refusal] = field(default_factory=list)
 
@@ -95,6 +125,10 @@ class Reconciler:
         self.group_ids = IdAllocator(max_services, "service-port ids", "lb_services")
         self.backend_ids = IdAllocator(max_backends, "backend ids", "lb_backends")
         self.applied: dict[Frontend, Applied] = {}
+        self.tables: dict[TableKey, Table] = {}
+        # Per sync: the table whose users all move to one new backend set,
+        # to be rewritten in place for it (see _plan_tables).
+        self._inherit: dict[TableKey, Table] = {}
         self.frontend_ids: dict[FrontendAddr, int] = {}
         self.groups: dict[str, int] = {}
         self.backends: dict[BackendKey, tuple[int, int]] = {}  # -> (id, flags)
@@ -109,31 +143,36 @@ class Reconciler:
 
     def recover(self) -> int:
         """Adopt what the pinned maps hold; returns the entries found."""
-        ranges = []
+        by_range: dict[tuple[int, int], Table] = {}
         for k, v in self.maps["lb_services"].items():
             f = Frontend(ip_str(k.addr), port_host(k.port), k.proto, k.scope)
-            self.applied[f] = Applied(v.svc_id, v.group_id, v.maglev_off, v.maglev_size,
-                                      v.flags, v.affinity_timeout, ())
-            self._recovered_groups[f] = v.group_id
+            table = None
             if v.maglev_size:
-                ranges.append((v.maglev_off, v.maglev_size))
+                rng = (v.maglev_off, v.maglev_size)
+                if rng not in by_range:
+                    by_range[rng] = self._read_table(v.group_id, *rng)
+                table = by_range[rng]
+                table.users += 1
+            self.applied[f] = Applied(v.svc_id, v.group_id, table, v.flags,
+                                      v.affinity_timeout, table.key[1] if table else ())
+            self._recovered_groups[f] = v.group_id
             fa = (f.ip, f.port, f.proto)
             if fa not in self.frontend_ids:
                 self.frontend_ids[fa] = v.svc_id
                 self.svc_ids.claim(v.svc_id)
             if not self.group_ids.in_use(v.group_id):
                 self.group_ids.claim(v.group_id)
-        self.slab.rebuild(ranges)
-        by_group: dict[int, list[int]] = {}
+        self.slab.rebuild(list(by_range))
+        for t in by_range.values():
+            # Tables of one key in separate ranges (written apart before) stay
+            # apart; one of them is found by key.
+            self.tables.setdefault(t.key, t)
         for bid, b in self.maps["lb_backends"].items():
             if b.addr == 0:
                 continue
             key = (b.group_id, ip_str(b.addr), port_host(b.port), b.proto)
             self.backends[key] = (bid, b.flags)
             self.backend_ids.claim(bid)
-            by_group.setdefault(b.group_id, []).append(bid)
-        for a in self.applied.values():
-            a.backend_ids = tuple(sorted(by_group.get(a.group_id, [])))
         vip_keys, cidr_keys, range_keys = (
             self.maps[m].keys() for m in ("lb_vips", "lb_svc_cidrs", "lb_source_ranges"))
         self.vips = {ip_str(k) for k in vip_keys}
@@ -142,6 +181,10 @@ class Reconciler:
             cidr = f"{ip_str(k.addr)}/{k.prefixlen - 32}"
             self.ranges.setdefault(socket.ntohl(k.svc_id), set()).add(cidr)
         return len(self.applied)
+
+    def _read_table(self, gid: int, off: int, size: int) -> Table:
+        slots = array.array("I", self.maps["lb_maglev"].read_array(off, size))
+        return Table((gid, tuple(sorted(set(slots)))), off, slots)
 
     # --- sync -------------------------------------------------------------
 
@@ -158,6 +201,7 @@ class Reconciler:
              if f not in self.applied or self.applied[f].entry != e),
             key=lambda item: (item[0] not in self.applied, item[0])))
         self._write_backends(changed, res)
+        self._plan_tables(changed)
         for f, e in changed.items():
             try:
                 self._write_entry(f, e, res)
@@ -286,6 +330,36 @@ class Reconciler:
         self.maps["lb_backends"].update_batch(keys.tobytes(), bytes(layout.ffi.buffer(values)),
                                               len(writes))
 
+    def _usable(self, e: FrontendEntry, gid: int) -> list[tuple[Backend, int]]:
+        named = [(b, self.backends.get((gid, b.ip, b.port, b.proto))) for b in e.backends]
+        usable = [(b, have[0]) for b, have in named if have]
+        if len(usable) < len(named):
+            # Half a backend set would overload the half that got in.
+            raise Exhausted(f"{len(named) - len(usable)} of {len(named)} backends got no id: "
+                            f"all {self.backend_ids.limit - 1} backend ids are in use",
+                            "lb_backends")
+        return usable
+
+    def _plan_tables(self, changed: dict[Frontend, FrontendEntry]) -> None:
+        """Find the tables whose users all leave for one new backend set: each
+        is rewritten in place for that set (when its size holds it)."""
+        leaving: dict[Table, set[TableKey]] = {}
+        moves: dict[Table, int] = {}
+        for f, e in changed.items():
+            old = self.applied.get(f)
+            gid = self.groups.get(e.group)
+            if old is None or old.table is None or gid != old.group_id:
+                continue
+            try:
+                key = (gid, tuple(sorted(bid for _, bid in self._usable(e, gid))))
+            except Exhausted:
+                continue
+            if key != old.table.key and key[1]:
+                leaving.setdefault(old.table, set()).add(key)
+                moves[old.table] = moves.get(old.table, 0) + 1
+        self._inherit = {next(iter(keys)): t for t, keys in leaving.items()
+                         if len(keys) == 1 and moves[t] == t.users}
+
     def _write_entry(self, f: Frontend, e: FrontendEntry, res: SyncResult) -> None:
         gid = self.groups.get(e.group)
         if gid is None:
@@ -298,62 +372,97 @@ class Reconciler:
                 "struct lb_rev_nat", addr=ip_be(f.ip), port=port_be(f.port))[0])
             self.frontend_ids[fa] = sid
         sid = self.frontend_ids[fa]
-        named = [(b, self.backends.get((gid, b.ip, b.port, b.proto))) for b in e.backends]
-        usable = [(b, have[0]) for b, have in named if have]
-        if len(usable) < len(named):
-            # Half a backend set would overload the half that got in.
-            raise Exhausted(f"{len(named) - len(usable)} of {len(named)} backends got no id: "
-                            f"all {self.backend_ids.limit - 1} backend ids are in use",
-                            "lb_backends")
+        usable = self._usable(e, gid)
         bids = tuple(sorted(bid for _, bid in usable))
         old = self.applied.get(f)
-        same_backends = old is not None and old.backend_ids == bids and old.group_id == gid
-        if (same_backends and old is not None and old.flags == e.flags and old.svc_id == sid
+        if (old is not None and old.backend_ids == bids and old.group_id == gid
+                and old.flags == e.flags and old.svc_id == sid
                 and old.affinity_timeout == e.affinity_timeout):
             old.entry = e
             return
-        if same_backends and old is not None:
-            off, size = old.off, old.size
-        elif usable:
-            size = maglev.table_size(len(usable))
-            off = self.slab.alloc(size)
-            try:
-                self._write_table(off, size, usable)
-            except BpfError:
-                self.slab.free(off, size)
-                raise
-        else:
-            off = size = 0
+        table = self._table_for((gid, bids), usable, old, res) if usable else None
         val = layout.new(
-            "struct lb_svc_val", svc_id=sid, maglev_off=off, maglev_size=size,
-            affinity_timeout=e.affinity_timeout, backend_count=len(usable), flags=e.flags,
-            group_id=gid)
+            "struct lb_svc_val", svc_id=sid, maglev_off=table.off if table else 0,
+            maglev_size=table.size if table else 0, affinity_timeout=e.affinity_timeout,
+            backend_count=len(usable), flags=e.flags, group_id=gid)
         try:
             self.maps["lb_services"].update(svc_key(f), val[0])
         except BpfError:
-            if size and (old is None or off != old.off):
-                self.slab.free(off, size)
+            if table is not None and table.users == 0:
+                # Never pointed at: free at once.
+                self._forget(table)
+                self.slab.free(table.off, table.size)
             raise
-        if old and old.size and old.off != off:
-            self._quarantine.append(("slab", old.off, old.size))
-        self.applied[f] = Applied(sid, gid, off, size, e.flags, e.affinity_timeout, bids, e)
+        old_table = old.table if old else None
+        if table is not old_table:
+            if table is not None:
+                table.users += 1
+            if old_table is not None:
+                self._release(old_table)
+        self.applied[f] = Applied(sid, gid, table, e.flags, e.affinity_timeout, bids, e)
         if old:
             res.updated += 1
         else:
             res.added += 1
 
-    def _write_table(self, off: int, size: int, usable: list[tuple[Backend, int]]) -> None:
-        ids = maglev.populate([b.name for b, _ in usable], size,
-                              labels=[bid for _, bid in usable])
-        keys = array.array("I", range(off, off + size))
-        self.maps["lb_maglev"].update_batch(keys.tobytes(), array.array("I", ids).tobytes(),
-                                            size)
+    def _table_for(self, key: TableKey, usable: list[tuple[Backend, int]],
+                   old: Applied | None, res: SyncResult) -> Table:
+        """The table for `key`: the one there is, the planned one rewritten in
+        place, or a new range, sized from what the frontend had."""
+        have = self.tables.get(key)
+        if have is not None:
+            return have
+        names = [b.name for b, _ in usable]
+        ids = [bid for _, bid in usable]
+        src = self._inherit.pop(key, None)
+        if src is not None and maglev.kept_size(src.size, len(usable)) == src.size:
+            self._rewrite(src, maglev.populate_array(names, src.size, labels=ids), res)
+            if self.tables.get(src.key) is src:
+                del self.tables[src.key]
+            src.key = key
+            self.tables[key] = src
+            return src
+        carried = src or (old.table if old and old.table and old.group_id == key[0] else None)
+        size = maglev.kept_size(carried.size if carried else 0, len(usable))
+        off = self.slab.alloc(size)
+        slots = maglev.populate_array(names, size, labels=ids)
+        try:
+            self.maps["lb_maglev"].update_batch(
+                array.array("I", range(off, off + size)).tobytes(), slots.tobytes(), size)
+        except BpfError:
+            self.slab.free(off, size)
+            raise
+        res.slots_written += size
+        table = Table(key, off, slots)
+        self.tables[key] = table
+        return table
+
+    def _rewrite(self, t: Table, new: array.array[int], res: SyncResult) -> None:
+        """Katran's delta: write only the slots whose backend changed."""
+        changed = [i for i, (a, b) in enumerate(zip(t.slots, new, strict=True)) if a != b]
+        if changed:
+            keys = array.array("I", (t.off + i for i in changed))
+            vals = array.array("I", (new[i] for i in changed))
+            self.maps["lb_maglev"].update_batch(keys.tobytes(), vals.tobytes(), len(changed))
+        t.slots = new
+        res.slots_written += len(changed)
+
+    def _release(self, t: Table) -> None:
+        t.users -= 1
+        if t.users == 0:
+            self._forget(t)
+            # Packets may still be reading it until the next sync.
+            self._quarantine.append(("slab", t.off, t.size))
+
+    def _forget(self, t: Table) -> None:
+        if self.tables.get(t.key) is t:
+            del self.tables[t.key]
 
     def _remove_entry(self, f: Frontend, res: SyncResult) -> None:
         old = self.applied.pop(f)
         self.maps["lb_services"].delete(svc_key(f))
-        if old.size:
-            self._quarantine.append(("slab", old.off, old.size))
+        if old.table is not None:
+            self._release(old.table)
         res.removed += 1
 
     def _drop_unused(self, entries: dict[Frontend, FrontendEntry], kept: set[Frontend],

@@ -193,19 +193,22 @@ def kernel() -> Iterator[KernelSide]:
     pin_dir = new_pin_dir("diff")
     # Both reconcilers ask for the same Maglev tables; the function is pure,
     # so the second asks a cache (it is most of the time spent programming).
-    populate = maglev.populate
+    populate = maglev.populate_array
 
     @functools.lru_cache(maxsize=4096)
-    def cached(names: tuple[str, ...], size: int, labels: tuple[int, ...] | None) -> list[int]:
+    def cached(names: tuple[str, ...], size: int,
+               labels: tuple[int, ...] | None) -> array.array[int]:
         return populate(list(names), size, labels)
 
     def populate_cached(names: Sequence[str], size: int,
-                        labels: Sequence[int] | None = None) -> list[int]:
-        return cached(tuple(names), size, None if labels is None else tuple(labels))
+                        labels: Sequence[int] | None = None) -> array.array[int]:
+        # A copy: the reconciler keeps what it is given.
+        return array.array("I", cached(tuple(names), size, None if labels is None
+                                       else tuple(labels)))
 
     try:
         with pytest.MonkeyPatch.context() as mp, Datapath(BuildOptions(pin_dir, SIZES)) as dp:
-            mp.setattr(maglev, "populate", populate_cached)
+            mp.setattr(maglev, "populate_array", populate_cached)
             yield KernelSide(dp)
     finally:
         remove_pins(pin_dir)

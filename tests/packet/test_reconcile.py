@@ -3,11 +3,15 @@ restarted agent adopts what the pins hold, limits refuse cleanly."""
 
 from __future__ import annotations
 
+import array
+
 from lb.datapath.instance import reconciler_for
 from lb.inspect import packets
+from lb.service import desired
 from lb.service.reconcile import Reconciler
+from lb.sources.manifests import build_cluster
 from loader.build import BuildOptions, Datapath
-from tests.packet.test_datapath import TC, VIP, program, run, web
+from tests.packet.test_datapath import NODE, TC, VIP, program, run, web
 
 
 def test_second_sync_of_the_same_state_changes_nothing(datapath: Datapath) -> None:
@@ -50,17 +54,61 @@ def test_restarted_reconciler_adopts_pinned_state_and_flows_survive(datapath: Da
     assert len(second.backends) == 6  # 3 backends x (http, dns) service ports
 
 
-def test_backend_change_switches_to_a_new_maglev_range(datapath: Datapath) -> None:
+def kernel_table(dp: Datapath, off: int, size: int) -> list[int]:
+    return array.array("I", dp.map("lb_maglev").read_array(off, size)).tolist()
+
+
+def test_frontends_of_one_service_port_share_one_table(datapath: Datapath) -> None:
+    rec = program(datapath, web(["10.244.1.10", "10.244.1.11"]))
+    # http: ClusterIP, NodePort from outside and from pods; dns: ClusterIP.
+    assert len(rec.applied) == 4
+    tables = {(a.group_id, a.off, a.size) for a in rec.applied.values()}
+    assert len(tables) == len(rec.tables) == 2
+    assert sum(t.users for t in rec.tables.values()) == 4
+
+
+def test_backend_swap_rewrites_only_changed_slots_in_place(datapath: Datapath) -> None:
+    from lb.service import maglev
+
+    rec = program(datapath, web(["10.244.1.10", "10.244.1.11"]))
+    before = {f: (a.off, a.size) for f, a in rec.applied.items()}
+    old = {f: kernel_table(datapath, *r) for f, r in before.items()}
+    result = build_cluster((d, "t") for d in web(["10.244.1.10", "10.244.1.12"])).cluster
+    res = rec.sync(desired.compute(result, NODE))
+    assert not res.errors and res.updated == 4
+    # Same count, same size: every frontend keeps its range, rewritten in place.
+    assert {f: (a.off, a.size) for f, a in rec.applied.items()} == before
+    by_id = {bid: desired.Backend(ip, port, proto).name
+             for (_, ip, port, proto), (bid, _) in rec.backends.items()}
+    moved = {}
+    for f, a in rec.applied.items():
+        new = kernel_table(datapath, a.off, a.size)
+        ids = list(a.backend_ids)
+        assert new == maglev.populate([by_id[i] for i in ids], a.size, labels=ids)
+        moved[a.off] = sum(x != y for x, y in zip(old[f], new, strict=True))
+    # Two tables, each with half its slots on the backend that went: those
+    # are written, and some Maglev churn besides, not the whole table.
+    assert len(moved) == 2 and sum(moved.values()) == res.slots_written
+    assert all(125 <= m < 200 for m in moved.values()), moved
+
+
+def test_table_that_must_grow_moves_to_a_new_range(datapath: Datapath) -> None:
     rec = program(datapath, web(["10.244.1.10", "10.244.1.11"]))
     before = {f: a.off for f, a in rec.applied.items()}
-    program(datapath, web(["10.244.1.10", "10.244.1.12"]), rec)
+    # Three backends need more than 251 slots at 100 each.
+    program(datapath, web(["10.244.1.10", "10.244.1.11", "10.244.1.12"]), rec)
+    assert {a.size for a in rec.applied.values()} == {509}
     after = {f: a.off for f, a in rec.applied.items()}
     assert all(before[f] != after[f] for f in before)
-    # The old ranges are reused only after one more sync.
-    used_now = set(after.values())
-    program(datapath, web(["10.244.1.10", "10.244.1.13"]), rec)
-    assert {a.off for a in rec.applied.values()} & set(before.values())
-    assert not ({a.off for a in rec.applied.values()} & used_now)
+    # Back to two: the size stays (hysteresis), slots change in place.
+    program(datapath, web(["10.244.1.10", "10.244.1.11"]), rec)
+    assert {f: a.off for f, a in rec.applied.items()} == after
+    assert {a.size for a in rec.applied.values()} == {509}
+    # The ranges given up are reused only after one more sync.
+    program(datapath, web(["10.244.1.10", "10.244.1.11", "10.244.1.12", "10.244.1.13",
+                           "10.244.1.14", "10.244.1.15"]), rec)
+    assert {a.size for a in rec.applied.values()} == {1021}
+    assert not {a.off for a in rec.applied.values()} & set(after.values())
 
 
 def test_full_services_map_refuses_extra_entries_and_keeps_the_rest() -> None:

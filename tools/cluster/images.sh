@@ -123,7 +123,8 @@ base_key=$( {
 } | short_hash)
 agent_key=$( {
     echo "base=$base_key"
-    (cd "$REPO" && agent_files "${AGENT_SRC[@]}" deploy/entrypoint.sh | xargs -0 -r sha256sum --)
+    (cd "$REPO" && agent_files "${AGENT_SRC[@]}" deploy/entrypoint.sh tools/native.sh |
+        xargs -0 -r sha256sum --)
 } | short_hash)
 BASE_DIR="$CACHE_ROOT/images-agent-base-$base_key"
 AGENT_DIR="$CACHE_ROOT/images-agent-$agent_key"
@@ -481,12 +482,15 @@ build_agent() {
     done
     copy_sources "$root/opt/xdplb" "${AGENT_SRC[@]}"
     install -m 0755 "$REPO/deploy/entrypoint.sh" "$root/usr/local/bin/xdplb-entrypoint"
+    # Built here, as the Dockerfile's native stage does: the image has no compiler.
+    bash "$REPO/tools/native.sh" "$root/opt/xdplb/lb/service/maglev_fill.so"
 
     log "checking the agent image"
     chroot "$root" /usr/bin/env -i PATH="$AGENT_PATH" HOME=/root LANG=C.UTF-8 \
         PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 /bin/sh -ec '
             cd /opt/xdplb
             python -c "import bcc, lb, loader, pyroute2, kubernetes"
+            python -c "from lb.service import maglev; assert maglev.native_fill()"
             lbctl --help >/dev/null
             bpftool version >/dev/null
             ip -V >/dev/null

@@ -242,6 +242,13 @@ class DictMap(BpfMap):
         for kb, raw in list(self._data.items()):
             yield self._lpm_keys.get(kb, kb), bytes(raw) + pad
 
+    def read_array(self, first: int, count: int) -> bytes:
+        if not self._array or first < 0 or first + count > self.max_entries:
+            raise ValueError(f"slots [{first}, {first + count}) of {self.spec.name}")
+        pad, zero = bytes(self._vsize - self._size), bytes(self._size)
+        return b"".join(bytes(self._data.get(i.to_bytes(self._ksize, sys.byteorder), zero)) + pad
+                        for i in range(first, first + count))
+
     def update_batch(self, keys: bytes, values: bytes, count: int) -> None:
         if len(keys) < count * self._ksize or len(values) < count * self._vsize:
             raise _error(errno.EINVAL, f"batch update of {self.spec.name}")
