@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lb.model import Node
+from lb.service.maglev import TABLE_SIZES
 from lb.sources.manifests import Rules
 from loader.sizes import Sizes
 
@@ -32,3 +33,5 @@ class AgentConfig:
     cgroup: str | None  # a path, or "auto"
     # --nodeport-addresses: None is "primary" (the node's own addresses).
     node_port_cidrs: tuple[str, ...] | None = None
+    # --maglev-min-table-size: the smallest Maglev table (lb/service/maglev.py).
+    min_table_size: int = TABLE_SIZES[0]

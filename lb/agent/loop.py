@@ -199,7 +199,7 @@ class Agent:
         if self.cgroup:
             # Socket hooks act only on sockets of the node's namespace.
             self.node = replace(self.node, netns_cookie=socklb.netns_cookie(c.netns))
-        self.reconciler = reconciler_for(self.dp)
+        self.reconciler = reconciler_for(self.dp, c.min_table_size)
         found = self.reconciler.recover()
         self.policy = policy_writer_for(self.dp)
         self.policy.recover()

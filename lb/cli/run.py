@@ -20,6 +20,7 @@ from lb.datapath.attach import Attachments, detach_all
 from lb.datapath.instance import DEFAULT_INSTANCE, pin_dir_of
 from lb.datapath.lock import InstanceBusy, lock_instance, release
 from lb.datapath.userspace.programs import c_defaults
+from lb.service.maglev import TABLE_SIZES
 from lb.sources.kube import DEFAULT_RESYNC_PERIOD, ConfigError, kubeconfig_path
 from loader.build import BpffsMissing, LayoutMismatch, remove_pins
 from loader.sizes import Sizes
@@ -48,7 +49,8 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
         kubeconfig=args.kubeconfig, resync_period=float(args.resync_period),
         metrics_addr=args.metrics_addr, healthz_addr=args.healthz_addr, netns=args.netns,
         sizes=sizes_from_args(args, Sizes()), conntrack_defines=conntrack_defines(args),
-        cgroup=args.cgroup, node_port_cidrs=node_port_cidrs(args))
+        cgroup=args.cgroup, node_port_cidrs=node_port_cidrs(args),
+        min_table_size=args.maglev_min_table_size)
 
 
 def node_port_cidrs(args: argparse.Namespace) -> tuple[str, ...] | None:
@@ -164,6 +166,12 @@ def add_commands(sub: Any) -> None:
         r.add_argument("--" + flag.replace("_", "-"), type=positive_seconds, metavar="SECONDS",
                        help=f"kube-proxy's flag of that name (default {lifetimes[define]})")
     add_size_args(r, Sizes())
+    r.add_argument("--maglev-min-table-size", type=int, choices=TABLE_SIZES,
+                   default=TABLE_SIZES[0], metavar="SLOTS",
+                   help="the smallest Maglev table, one of " + ", ".join(map(str, TABLE_SIZES))
+                        + ": a backend added or removed moves about 1/N of new flows; larger "
+                        "tables move fewer besides, at 4 bytes a slot per service port "
+                        "(default %(default)s)")
     r.add_argument("--kubernetes", action="store_true",
                    help="watch the API server (in-cluster, or --kubeconfig / $KUBECONFIG); "
                         "--node-name defaults to the hostname, --node-ip to the Node's "

@@ -39,12 +39,13 @@ RECONCILER_MAPS = ("lb_services", "lb_backends", "lb_maglev", "lb_rev_nat", "lb_
 POLICY_WRITER_MAPS = (*POLICY_MAPS, "lb_pol_drops")
 
 
-def reconciler_for(dp: PacketDatapath) -> Reconciler:
+def reconciler_for(dp: PacketDatapath, min_table_size: int = maglev.TABLE_SIZES[0]
+                   ) -> Reconciler:
     """The reconciler of an instance's service maps (kernel or userspace)."""
     s = dp.sizes
     return Reconciler({name: dp.map(name) for name in RECONCILER_MAPS},
                       max_services=s.max_services, max_backends=s.max_backends,
-                      maglev_slots=s.maglev_slots)
+                      maglev_slots=s.maglev_slots, min_table_size=min_table_size)
 
 
 def policy_writer_for(dp: PacketDatapath) -> PolicyWriter:

@@ -54,19 +54,23 @@ NATIVE_FILL = Path(__file__).with_name("maglev_fill.so")
 _HASH_PERSON = b"xdplb-maglev-v1"
 
 
-def table_size(n_backends: int) -> int:
+def table_size(n_backends: int, smallest: int = TABLE_SIZES[0]) -> int:
     """Return the table size for ``n_backends`` backends.
 
-    The smallest prime in ``TABLE_SIZES`` that is at least ``SLOTS_PER_BACKEND * n_backends``;
-    0 for no backends.  It depends on nothing but the count, so all nodes agree on it.
+    The smallest prime in ``TABLE_SIZES`` that is at least ``SLOTS_PER_BACKEND * n_backends``
+    and at least ``smallest`` (a size of the ladder: a node's floor, for fewer moved flows at
+    small counts, see README); 0 for no backends.  It depends on nothing but the count and
+    the floor, so all nodes with one floor agree on it.
 
     Raises ValueError for a negative count or more than ``MAX_BACKENDS`` backends.
     """
     if n_backends < 0:
         raise ValueError(f"backend count must not be negative, got {n_backends}")
+    if smallest not in TABLE_SIZES:
+        raise ValueError(f"{smallest} is not a Maglev table size")
     if n_backends == 0:
         return 0
-    wanted = SLOTS_PER_BACKEND * n_backends
+    wanted = max(SLOTS_PER_BACKEND * n_backends, smallest)
     for size in TABLE_SIZES:
         if size >= wanted:
             return size
@@ -77,7 +81,7 @@ def table_size(n_backends: int) -> int:
     )
 
 
-def kept_size(current: int, n_backends: int) -> int:
+def kept_size(current: int, n_backends: int, smallest: int = TABLE_SIZES[0]) -> int:
     """Return the size a table of ``current`` slots takes for ``n_backends``.
 
     A table keeps its size while it holds the count at ``SLOTS_PER_BACKEND`` slots each, so
@@ -86,7 +90,7 @@ def kept_size(current: int, n_backends: int) -> int:
     to ``table_size`` when the count no longer fits, and shrinks to it only when it is
     ``SHRINK_STEPS`` sizes too large.  ``current`` 0 (no table yet) gives ``table_size``.
     """
-    fresh = table_size(n_backends)
+    fresh = table_size(n_backends, smallest)
     if current == 0 or fresh == 0 or fresh > current:
         return fresh
     if current not in TABLE_SIZES:

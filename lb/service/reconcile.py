@@ -117,9 +117,11 @@ class SyncResult:
 class Reconciler:
     def __init__(
         self, maps: Mapping[str, BpfMap], *, max_services: int, max_backends: int,
-        maglev_slots: int,
+        maglev_slots: int, min_table_size: int = maglev.TABLE_SIZES[0],
     ) -> None:
         self.maps = maps
+        maglev.table_size(1, min_table_size)  # a size of the ladder, or ValueError
+        self.min_table_size = min_table_size
         self.slab = SlabAllocator(maglev_slots, "lb_maglev")
         self.svc_ids = IdAllocator(max_services, "frontend ids", "lb_services")
         self.group_ids = IdAllocator(max_services, "service-port ids", "lb_services")
@@ -415,7 +417,8 @@ class Reconciler:
         names = [b.name for b, _ in usable]
         ids = [bid for _, bid in usable]
         src = self._inherit.pop(key, None)
-        if src is not None and maglev.kept_size(src.size, len(usable)) == src.size:
+        floor = self.min_table_size
+        if src is not None and maglev.kept_size(src.size, len(usable), floor) == src.size:
             self._rewrite(src, maglev.populate_array(names, src.size, labels=ids), res)
             if self.tables.get(src.key) is src:
                 del self.tables[src.key]
@@ -423,7 +426,7 @@ class Reconciler:
             self.tables[key] = src
             return src
         carried = src or (old.table if old and old.table and old.group_id == key[0] else None)
-        size = maglev.kept_size(carried.size if carried else 0, len(usable))
+        size = maglev.kept_size(carried.size if carried else 0, len(usable), floor)
         off = self.slab.alloc(size)
         slots = maglev.populate_array(names, size, labels=ids)
         try:

@@ -108,3 +108,9 @@ spec:
     assert "no --node-name says which endpoints are this node's" in bare
     given = lbctl(*base, "--node-ip", "192.0.2.1", "--node-name", "n1").stderr
     assert "warning" not in given, given
+
+
+def test_a_maglev_floor_off_the_ladder_is_refused() -> None:
+    out = lbctl("run", "-f", str(TOMCAT), "--iface", "eth0", "--maglev-min-table-size", "1000")
+    assert out.returncode == 2
+    assert "--maglev-min-table-size: invalid choice: 1000" in out.stderr

@@ -193,14 +193,15 @@ def extra_allowed(n: int) -> float:
     return 0.04 if n < 30 else 0.03 if n < 100 else 0.02 if n < 300 else 0.015
 
 
-def sweep(counts: Sequence[int]) -> list[tuple[int, int, int, int, float | None]]:
+def sweep(counts: Sequence[int], smallest: int = TABLE_SIZES[0]
+          ) -> list[tuple[int, int, int, int, float | None]]:
     """(N before, N after, size before, size after, fraction of slots moved) for each
     step of `counts`, sizes kept as the reconciler keeps them; None across a resize."""
     backends = pod_backends(max(counts))
     steps: list[tuple[int, int, int, int, float | None]] = []
     size, before = 0, array.array("I")
     for i, n in enumerate(counts):
-        new_size = kept_size(size, n)
+        new_size = kept_size(size, n, smallest)
         after = populate_array(backends[:n], new_size)
         if i:
             moved = (sum(map(operator.ne, before, after)) / new_size
@@ -230,6 +231,44 @@ def test_one_backend_more_or_less_moves_about_its_share(direction: str) -> None:
     else:
         # Shrinks only SHRINK_STEPS sizes below: 4 instead of the 9 sizes passed.
         assert [(a, b) for a, b, *_ in resized] == [(328, 327), (82, 81), (21, 20), (6, 5)]
+
+
+def test_with_the_largest_floor_every_step_moves_its_share_within_one_percent() -> None:
+    # --maglev-min-table-size 131071: one size for every count up to 1,310.  Tables for N
+    # and N + 1 backends are compared once: adding the last one, or removing it again.
+    steps = sweep(range(1, 1002), smallest=TABLE_SIZES[-1])
+    assert {(s, t) for _, _, s, t, _ in steps} == {(TABLE_SIZES[-1], TABLE_SIZES[-1])}
+    worst = 0.0
+    for a, b, _, _, moved in steps:
+        assert moved is not None
+        assert moved <= 1 / b + 0.01, (a, b, moved)
+        worst = max(worst, moved - 1 / b)
+    assert worst > 0.003  # Maglev's own churn is there, just small
+
+
+def test_kept_size_honours_the_floor() -> None:
+    assert table_size(2, 16381) == 16381
+    assert table_size(200, 16381) == 32749
+    assert kept_size(16381, 1, 16381) == 16381
+    assert kept_size(0, 3, 1021) == 1021
+    with pytest.raises(ValueError, match="not a Maglev table size"):
+        table_size(3, 1000)
+
+
+def test_the_reconciler_sizes_tables_from_its_floor() -> None:
+    from lb.datapath.instance import reconciler_for, throwaway
+    from lb.service import desired
+    from lb.sources.manifests import build_cluster
+    from tests.packet.test_datapath import NODE, web
+
+    cluster = build_cluster((d, "t") for d in web(["10.244.1.10", "10.244.1.11"])).cluster
+    for floor in (TABLE_SIZES[0], 16381):
+        with throwaway("userspace") as dp:
+            rec = reconciler_for(dp, floor)
+            assert not rec.sync(desired.compute(cluster, NODE)).errors
+            assert {t.size for t in rec.tables.values()} == {floor}
+    with throwaway("userspace") as dp, pytest.raises(ValueError, match="not a Maglev"):
+        reconciler_for(dp, 1000)
 
 
 # --- populate: argument checks -------------------------------------------------------------
