@@ -70,6 +70,7 @@
 #define LB_STAT_DROP_POLICY        14
 #define LB_STAT_PASS_POLICY        15
 #define LB_STAT_ERROR              16
+#define LB_STAT_DROP_MARTIAN       17 /* from outside with a source that cannot be */
 #define LB_STAT_MAX                32
 
 struct lb_svc_key {
@@ -151,10 +152,14 @@ struct lb_stat {
 };
 
 /* lb_config[0]: node-wide settings the agent writes. */
+#define LB_MAX_NODE_IPS 8
+
 struct lb_config {
 	__u32 node_ip;       /* masquerade source for external traffic */
 	__u32 hairpin_ip;    /* source of a pod reaching itself via a service */
 	__u64 netns_cookie;  /* the node's network namespace: socket hooks act there only */
+	/* The node's own IPv4 addresses (0 unused): never a source from outside. */
+	__u32 node_ips[LB_MAX_NODE_IPS];
 };
 
 /* lb_sock_rev: a UDP socket's translated peer -> the service it asked for,

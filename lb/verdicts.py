@@ -35,6 +35,7 @@ _VERDICTS = {
     "DROP_POLICY": "DROP",
     "PASS_POLICY": "PASS",
     "ERROR": "DROP",
+    "DROP_MARTIAN": "DROP",
 }
 
 _PREFIXES = ("PASS_", "DNAT_", "DROP_", "REJECT_")
@@ -53,7 +54,7 @@ REJECTS = _stats("REJECT_NO_ENDPOINTS", "REJECT_NO_PORT")
 # lb_drops: dropped (a rejected packet too, when no ICMP answer can be made).
 DROPS = _stats("DROP_MALFORMED", "REJECT_NO_ENDPOINTS", "DROP_BACKEND_GONE",
                "DROP_SOURCE_RANGE", "DROP_NO_LOCAL", "REJECT_NO_PORT", "DROP_UNKNOWN_VIP",
-               "DROP_POLICY", "ERROR")
+               "DROP_POLICY", "ERROR", "DROP_MARTIAN")
 
 
 def _name(const: str) -> str:

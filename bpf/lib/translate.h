@@ -125,6 +125,32 @@ LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
 	return reason;
 }
 
+/* A source no packet from outside can have: Linux's martian sources
+ * (ip_route_input_slow in net/ipv4/route.c: multicast, limited broadcast,
+ * 0.0.0.0/8 except to a broadcast, loopback) and the node's own addresses.
+ * Checked before any lookup, so none is translated or masqueraded. */
+LB_INLINE int lb_martian(const struct lb_pkt *p)
+{
+	__u32 s = bpf_ntohl(p->saddr), d = bpf_ntohl(p->daddr), zero = 0;
+	struct lb_config *cfg;
+
+	if ((s >> 28) == 0xe || s == 0xffffffff)
+		return 1;
+	/* A DHCP client's discover: 0.0.0.0 to the limited broadcast. */
+	if (d == 0xffffffff || (s == 0 && d == 0))
+		return 0;
+	if ((s >> 24) == 0 || (s >> 24) == 127)
+		return 1;
+	cfg = lb_config.lookup(&zero);
+	if (!cfg)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < LB_MAX_NODE_IPS; i++)
+		if (cfg->node_ips[i] && cfg->node_ips[i] == p->saddr)
+			return 1;
+	return 0;
+}
+
 LB_INLINE int lb_decide(struct lb_pkt *p, void *data, void *data_end,
 			__u32 len, __u8 scope, struct lb_nat *n)
 {
@@ -133,6 +159,8 @@ LB_INLINE int lb_decide(struct lb_pkt *p, void *data, void *data_end,
 
 	if (reason >= 0)
 		return reason;
+	if (scope == LB_SCOPE_EXTERNAL && lb_martian(p))
+		return LB_STAT_DROP_MARTIAN;
 	now = bpf_ktime_get_ns();
 	reason = lb_reverse(p, now, n);
 	if (reason >= 0)

@@ -34,7 +34,8 @@ LB_INLINE int lb_drops(int reason)
 	       reason == LB_STAT_DROP_NO_LOCAL ||
 	       reason == LB_STAT_REJECT_NO_PORT ||
 	       reason == LB_STAT_DROP_UNKNOWN_VIP ||
-	       reason == LB_STAT_DROP_POLICY || reason == LB_STAT_ERROR;
+	       reason == LB_STAT_DROP_POLICY || reason == LB_STAT_ERROR ||
+	       reason == LB_STAT_DROP_MARTIAN;
 }
 
 #endif

@@ -88,6 +88,9 @@ class DesiredState:
     node_ip: str | None = None
     hairpin_ip: str | None = None
     netns_cookie: int = 0
+    # The node's own addresses: a packet from outside with one as its
+    # source is a martian (bpf/lib/translate.h, lb_martian).
+    node_ips: tuple[str, ...] = ()
 
     def backends(self) -> set[tuple[str, Backend]]:
         return {(e.group, b) for e in self.entries.values() for b in e.backends}
@@ -259,6 +262,8 @@ def compute(cluster: Cluster, node: Node) -> DesiredState:
     # --service-cidr and the cluster's ServiceCIDR objects, as kube-proxy
     # follows them (OnServiceCIDRsChanged, pkg/proxy/nftables/proxier.go).
     cidrs = tuple(sorted({*node.service_cidrs, *cluster.all_service_cidrs()}))
+    own = sorted({ip for ip in (*node.ips, *(node.node_port_ips or ())) if ":" not in ip},
+                 key=lambda ip: (ip not in node.ips, ip))
     return DesiredState(entries, vips=vips, service_cidrs=cidrs,
                         node_ip=node.ips[0] if node.ips else None, hairpin_ip=node.hairpin_ip,
-                        netns_cookie=node.netns_cookie)
+                        netns_cookie=node.netns_cookie, node_ips=tuple(own))

@@ -139,7 +139,7 @@ class Reconciler:
         self.vips: set[str] = set()
         self.cidrs: set[str] = set()
         self.ranges: dict[int, set[str]] = {}  # svc_id -> CIDRs
-        self.config: tuple[str | None, str | None, int] | None = None
+        self.config: tuple[str | None, str | None, int, tuple[str, ...]] | None = None
 
     # --- restart ---------------------------------------------------------
 
@@ -231,13 +231,19 @@ class Reconciler:
 
     def _write_node(self, desired: DesiredState, entries: dict[Frontend, FrontendEntry],
                     kept: set[Frontend], res: SyncResult) -> None:
-        config = (desired.node_ip, desired.hairpin_ip, desired.netns_cookie)
+        config = (desired.node_ip, desired.hairpin_ip, desired.netns_cookie, desired.node_ips)
         if config != self.config:
-            self.maps["lb_config"].update(0, layout.new(
+            val = layout.new(
                 "struct lb_config",
                 node_ip=ip_be(desired.node_ip) if desired.node_ip else 0,
                 hairpin_ip=ip_be(desired.hairpin_ip) if desired.hairpin_ip else 0,
-                netns_cookie=desired.netns_cookie)[0])
+                netns_cookie=desired.netns_cookie)
+            # The node's first LB_MAX_NODE_IPS addresses (--node-ip's first);
+            # a source among any further ones is not caught here.
+            own = desired.node_ips[:layout.const("LB_MAX_NODE_IPS")]
+            for i, ip in enumerate(own):
+                val.node_ips[i] = ip_be(ip)
+            self.maps["lb_config"].update(0, val[0])
             self.config = config
         # Only ClusterIPs actually programmed: a refused service must not
         # turn into REJECTs for its clients.

@@ -216,6 +216,41 @@ def test_nodeport_on_node_ip_through_xdp(datapath: Datapath) -> None:
     assert run(datapath, XDP, frame).data == frame
 
 
+def stat_packets(dp: Datapath, reason: str) -> int:
+    return sum(c.packets for c in dp.map("lb_stats").lookup(layout.const(f"LB_STAT_{reason}")))
+
+
+@pytest.mark.parametrize("src", ["0.1.2.3", "127.0.0.1", "224.0.0.5", "239.1.1.1",
+                                 "255.255.255.255", "192.0.2.1"])
+def test_martian_sources_from_outside_are_dropped_before_any_lookup(datapath: Datapath,
+                                                                    src: str) -> None:
+    # 192.0.2.1 is the node's own address.
+    program(datapath, web(["10.244.1.10", "10.244.1.11"]))
+    before = stat_packets(datapath, "DROP_MARTIAN")
+    for proto in ("tcp", "udp"):
+        frame = packets.build(src, 44000, "192.0.2.1", 30080, proto, flags="S")
+        out = run(datapath, XDP, frame)
+        assert out.retval == XDP_DROP and out.data == frame
+    assert stat_packets(datapath, "DROP_MARTIAN") == before + 2
+    # No flow was made for it.
+    ct = datapath.map("lb_ct")
+    assert not [k for k, _ in ct.items() if k.saddr == ip_be(src)]
+
+
+def test_a_dhcp_discover_and_a_real_client_are_no_martians(datapath: Datapath) -> None:
+    program(datapath, web(["10.244.1.10"]))
+    before = stat_packets(datapath, "DROP_MARTIAN")
+    frame = packets.build("0.0.0.0", 68, "255.255.255.255", 67, "udp")
+    assert run(datapath, XDP, frame).retval == XDP_PASS
+    out = run(datapath, XDP, packets.build("198.51.100.10", 44000, "192.0.2.1", 30080))
+    p = packets.parse(out.data)
+    assert out.retval == XDP_PASS and p is not None and p.dst == "10.244.1.10"
+    # Pods are no outside: the check is XDP's only.
+    out = run(datapath, TC, packets.build("10.244.1.5", 44001, VIP, 80))
+    assert out.retval == TC_ACT_OK
+    assert stat_packets(datapath, "DROP_MARTIAN") == before
+
+
 def test_nodeport_served_by_this_nodes_host_network_backend(datapath: Datapath) -> None:
     """A NodePort (externalTrafficPolicy Cluster, so masqueraded) whose
     backend is a hostNetwork pod of this very node: masqueraded to the

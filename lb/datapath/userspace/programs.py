@@ -530,11 +530,28 @@ class UserspaceDatapath:
         reason = self._parse_ports(buf, p)
         if reason >= 0:
             return reason, None
+        if scope == self._scope_ext and self._martian(p):
+            return _STAT["DROP_MARTIAN"], None
         now = self.clock() & _U64
         rev = self._reverse(p, now)
         if rev is not None:
             return rev
         return self._forward(p, scope, now)
+
+    def _martian(self, p: Pkt) -> bool:
+        """lb_martian (lib/translate.h)."""
+        s, d = socket.ntohl(p.saddr), socket.ntohl(p.daddr)
+        if s >> 28 == 0xE or s == 0xFFFFFFFF:
+            return True
+        if d == 0xFFFFFFFF or (s == 0 and d == 0):
+            return False
+        if s >> 24 in (0, 127):
+            return True
+        raw = self._config.ref(_u32key(0))
+        if raw is None:
+            return False
+        cfg = _ffi.from_buffer("struct lb_config *", raw)
+        return any(ip and ip == p.saddr for ip in cfg.node_ips)
 
     def _frag_ports(self, p: Pkt) -> int:
         """lb_frag_ports (lib/frag.h)."""
