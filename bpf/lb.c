@@ -22,6 +22,7 @@
 #include <uapi/linux/pkt_cls.h>
 
 #include "lib/common.h"
+#include "lib/icmp.h"
 #include "lib/stats.h"
 #include "lib/policy.h"
 #include "lib/reject.h"
@@ -40,6 +41,8 @@ int xdp_lb_external(struct xdp_md *ctx)
 
 	if (lb_rewrites(reason) && lb_nat_xdp(ctx, &p, &n))
 		reason = LB_STAT_ERROR;
+	if (reason == LB_STAT_PASS_OTHER_PROTO)
+		reason = lb_icmp_or(reason, data, data_end, &p);
 	lb_count(reason, p.len);
 	/* A later fragment has nothing to quote: it is dropped. */
 	if (lb_rejects(reason) && p.frag != LB_FRAG_LATER && lb_reject_xdp(ctx, &p) == 0)
@@ -59,8 +62,11 @@ int tc_lb_from_pod(struct __sk_buff *skb)
 
 	if (lb_rewrites(reason) && lb_nat_skb(skb, &p, &n))
 		reason = LB_STAT_ERROR;
+	if (reason == LB_STAT_PASS_OTHER_PROTO)
+		reason = lb_icmp_or(reason, data, data_end, &p);
 	/* Egress policy of the sending pod, on the translated flow. Replies of
-	 * service flows (reverse NAT) belong to a connection judged already. */
+	 * service flows (reverse NAT) and their ICMP errors belong to a
+	 * connection judged already (lb_policed). */
 	if (reason != LB_STAT_REVNAT && lb_policed(reason)) {
 		struct lb_flow front = { p.saddr, p.daddr, p.sport, p.dport, p.proto };
 		struct lb_flow f = front;
@@ -98,6 +104,12 @@ int tc_lb_to_pod(struct __sk_buff *skb)
 		verdict = lb_reverse_skb(skb, &p);
 		if (verdict >= 0)
 			return verdict;
+	} else {
+		/* An error of a flow to a service (the node's own, e.g.
+		 * fragmentation needed): its connection was judged already. */
+		verdict = lb_icmp_skb(skb, data, data_end, &p);
+		if (verdict >= 0)
+			return verdict;
 	}
 	f.saddr = p.saddr;
 	f.daddr = p.daddr;
@@ -122,12 +134,19 @@ int tc_lb_to_external(struct __sk_buff *skb)
 	struct lb_config *cfg;
 	void *data, *data_end;
 	__u32 zero = 0;
-	int verdict;
+	int reason, verdict;
 
 	lb_pull(skb, &data, &data_end);
+	reason = lb_parse(data, data_end, skb->len, &p);
+	/* ICMP errors of service flows, the node's own among them (e.g.
+	 * fragmentation needed on the way to a backend). */
+	if (reason == LB_STAT_PASS_OTHER_PROTO) {
+		verdict = lb_icmp_skb(skb, data, data_end, &p);
+		return verdict >= 0 ? verdict : TC_ACT_OK;
+	}
 	/* Only replies on the node's own address are ours: the rest (everything
 	 * the node forwards) leaves untouched and records no fragment. */
-	if (lb_parse(data, data_end, skb->len, &p) != -1)
+	if (reason != -1)
 		return TC_ACT_OK;
 	cfg = lb_config.lookup(&zero);
 	if (!cfg || p.saddr != cfg->node_ip || lb_frag_ports(&p) != -1)

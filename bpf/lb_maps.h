@@ -71,6 +71,7 @@
 #define LB_STAT_PASS_POLICY        15
 #define LB_STAT_ERROR              16
 #define LB_STAT_DROP_MARTIAN       17 /* from outside with a source that cannot be */
+#define LB_STAT_ICMP_ERROR_NAT     18 /* an ICMP error of a translated flow, translated */
 #define LB_STAT_MAX                32
 
 struct lb_svc_key {

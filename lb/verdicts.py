@@ -36,6 +36,7 @@ _VERDICTS = {
     "PASS_POLICY": "PASS",
     "ERROR": "DROP",
     "DROP_MARTIAN": "DROP",
+    "ICMP_ERROR_NAT": "PASS",
 }
 
 _PREFIXES = ("PASS_", "DNAT_", "DROP_", "REJECT_")

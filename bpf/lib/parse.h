@@ -20,8 +20,9 @@
 #define LB_IP_SRC_OFF  (LB_ETH_LEN + 12)
 #define LB_IP_DST_OFF  (LB_ETH_LEN + 16)
 /* What the programs read of an skb must sit in its linear part: the
- * largest IPv4 and TCP headers. */
-#define LB_PULL_LEN    (LB_MAX_L4_OFF + 60)
+ * largest IPv4 and TCP headers, or an ICMP error quoting the largest IPv4
+ * header and 18 bytes of TCP (its checksum; lib/icmp.h). */
+#define LB_PULL_LEN    (LB_MAX_L4_OFF + 8 + 60 + 18)
 
 #define LB_IP_MF     0x2000
 #define LB_IP_OFFSET 0x1fff

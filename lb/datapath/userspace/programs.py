@@ -320,6 +320,106 @@ def nat_skb(buf: bytearray, p: Pkt, n: Nat) -> int:
     return 0
 
 
+# --- bpf/lib/icmp.h -----------------------------------------------------------------
+
+IPPROTO_ICMP = 1
+_ICMP_ERRORS = (3, 11, 12)  # destination unreachable, time exceeded, parameter problem
+
+
+@dataclass(frozen=True)
+class IcmpErr:
+    """struct lb_icmp_err: where an ICMP error's quote lies, and its flow."""
+
+    inner_off: int
+    inner_l4_off: int
+    saddr: int
+    daddr: int
+    sport: int
+    dport: int
+    proto: int
+
+
+@dataclass(frozen=True)
+class IcmpNat:
+    """struct lb_icmp_nat: the outer addresses and the quote, translated."""
+
+    outer_saddr: int
+    outer_daddr: int
+    saddr: int
+    daddr: int
+    sport: int
+    dport: int
+
+
+def icmp_parse(frame: bytes | bytearray, p: Pkt) -> IcmpErr | None:
+    """lb_icmp_parse."""
+    off, end = p.l4_off, len(frame)
+    if p.proto != IPPROTO_ICMP or p.frag != FRAG_NONE or off > _MAX_L4_OFF or off + 8 > end:
+        return None
+    if frame[off] not in _ICMP_ERRORS:
+        return None
+    inner = off + 8
+    if inner + 20 > end or frame[inner] >> 4 != 4 or frame[inner] & 0xF < 5:
+        return None
+    proto = frame[inner + 9]
+    if proto not in (IPPROTO_TCP, IPPROTO_UDP):
+        return None
+    if _BE16.unpack_from(frame, inner + 6)[0] & _IP_OFFSET:
+        return None
+    l4 = inner + (frame[inner] & 0xF) * 4
+    if l4 + 8 > end:
+        return None
+    return IcmpErr(inner, l4, _U32N.unpack_from(frame, inner + 12)[0],
+                   _U32N.unpack_from(frame, inner + 16)[0], _U16N.unpack_from(frame, l4)[0],
+                   _U16N.unpack_from(frame, l4 + 2)[0], proto)
+
+
+def icmp_nat(buf: bytearray, e: IcmpErr, n: IcmpNat) -> int:
+    """lb_icmp_nat: the same direct writes and checksum updates, in order."""
+    end, off, l4 = len(buf), e.inner_off, e.inner_l4_off
+    if (end < _ETH_LEN + 20 or off > _MAX_L4_OFF + 8 or l4 > _MAX_L4_OFF + 68
+            or off + 20 > end or l4 + 8 > end):
+        return -1
+    icmp_sum_off, in_sum_off = off - 6, off + 10
+    l4sum_off = l4 + 6 if e.proto == IPPROTO_UDP else l4 + 16 if l4 + 18 <= end else None
+    if (l4sum_off is not None and e.proto == IPPROTO_UDP
+            and _U16N.unpack_from(buf, l4sum_off)[0] == 0):
+        l4sum_off = None  # a UDP datagram without a checksum is quoted without one
+
+    def get16(o: int) -> int:
+        return int(_U16N.unpack_from(buf, o)[0])
+
+    def set16(o: int, v: int) -> None:
+        _U16N.pack_into(buf, o, v)
+
+    old = get16(l4sum_off) if l4sum_off is not None else 0
+    for o, new in ((off + 12, n.saddr), (off + 16, n.daddr)):
+        cur = _U32N.unpack_from(buf, o)[0]
+        if new != cur:
+            set16(in_sum_off, xdp_csum_replace4(get16(in_sum_off), cur, new))
+            if l4sum_off is not None:
+                set16(l4sum_off, xdp_csum_replace4(get16(l4sum_off), cur, new))
+            _U32N.pack_into(buf, o, new)
+    for o, new in ((l4, n.sport), (l4 + 2, n.dport)):
+        cur = get16(o)
+        if new != cur:
+            set16(icmp_sum_off, xdp_csum_replace2(get16(icmp_sum_off), cur, new))
+            if l4sum_off is not None:
+                set16(l4sum_off, xdp_csum_replace2(get16(l4sum_off), cur, new))
+            set16(o, new)
+    if l4sum_off is not None:
+        if e.proto == IPPROTO_UDP and get16(l4sum_off) == 0:
+            set16(l4sum_off, 0xFFFF)
+        if get16(l4sum_off) != old:
+            set16(icmp_sum_off, xdp_csum_replace2(get16(icmp_sum_off), old, get16(l4sum_off)))
+    for o, new in ((_IP_SRC_OFF, n.outer_saddr), (_IP_DST_OFF, n.outer_daddr)):
+        cur = _U32N.unpack_from(buf, o)[0]
+        if new != cur:
+            set16(_IP_CSUM_OFF, xdp_csum_replace4(get16(_IP_CSUM_OFF), cur, new))
+            _U32N.pack_into(buf, o, new)
+    return 0
+
+
 # --- bpf/lib/reject.h ----------------------------------------------------------------
 
 _ICMP_HDRS = 28
@@ -451,6 +551,9 @@ class UserspaceDatapath:
         reason, n = self._decide(p, buf, self._scope_ext)
         if reason in REWRITES and n is not None and nat_xdp(buf, p, n):
             reason = _STAT["ERROR"]
+        if reason == _STAT["PASS_OTHER_PROTO"]:
+            icmp = self._icmp_error(buf, p)
+            reason = reason if icmp < 0 else icmp
         self._count(reason, p.len)
         if reason in REJECTS and p.frag != FRAG_LATER and reject(buf, p) == 0:
             return Verdict(XDP_TX, bytes(buf), reason)
@@ -462,6 +565,9 @@ class UserspaceDatapath:
         reason, n = self._decide(p, buf, self._scope_int)
         if reason in REWRITES and n is not None and nat_skb(buf, p, n):
             reason = _STAT["ERROR"]
+        if reason == _STAT["PASS_OTHER_PROTO"]:
+            icmp = self._icmp_error(buf, p)
+            reason = reason if icmp < 0 else icmp
         # Egress policy of the sending pod, on the translated flow; replies
         # (reverse NAT) belong to a connection judged already.
         if reason in POLICED:
@@ -489,6 +595,10 @@ class UserspaceDatapath:
             verdict = self._reverse_skb(frame, p)
             if verdict is not None:
                 return verdict
+        else:
+            verdict = self._icmp_skb(bytearray(frame), p)
+            if verdict is not None:
+                return verdict
         f = Flow(p.saddr, p.daddr, p.sport, p.dport, p.proto)
         if self._policy(f, None, p.daddr, _POL_INGRESS, p.tcp_flags, p.len):
             self._count(_STAT["DROP_POLICY"], p.len)
@@ -500,7 +610,11 @@ class UserspaceDatapath:
         replies of backends on the node's own address; only that is counted."""
         p = Pkt()
         cfg = self._config.ref(_u32key(0))
-        if (parse(frame, p) != -1 or cfg is None
+        reason = parse(frame, p)
+        if reason == _STAT["PASS_OTHER_PROTO"]:
+            verdict = self._icmp_skb(bytearray(frame), p)
+            return verdict if verdict is not None else Verdict(TC_ACT_OK, bytes(frame), None)
+        if (reason != -1 or cfg is None
                 or p.saddr != _ffi.from_buffer("struct lb_config *", cfg).node_ip
                 or self._frag_ports(p) != -1):
             return Verdict(TC_ACT_OK, bytes(frame), None)
@@ -537,6 +651,60 @@ class UserspaceDatapath:
         if rev is not None:
             return rev
         return self._forward(p, scope, now)
+
+    def _icmp_decide(self, p: Pkt, e: IcmpErr, now: int) -> IcmpNat | None:
+        """lb_icmp_decide (lib/icmp.h)."""
+        q = Pkt(saddr=e.daddr, daddr=e.saddr, sport=e.dport, dport=e.sport, proto=e.proto)
+        osrc, odst = p.saddr, p.daddr
+        v = self._ct_lookup(q, _C["LB_CT_REPLY"], now)
+        if v is not None:
+            raw = self._rev_nat.ref(_u32key(v.svc_id))
+            if raw is None:
+                return None
+            rn = _ffi.from_buffer("struct lb_rev_nat *", raw)
+            if rn.addr == 0:
+                return None
+            saddr, sport = e.saddr, e.sport
+            if p.saddr == e.daddr:
+                osrc = int(rn.addr)
+            if v.flags & _C["LB_CT_MASQ"]:
+                if p.daddr == e.saddr:
+                    odst = int(v.nat_addr)
+                saddr, sport = int(v.nat_addr), int(v.nat_port)
+            return IcmpNat(osrc, odst, saddr, int(rn.addr), sport, int(rn.port))
+        v = self._ct_lookup(q, _C["LB_CT_FORWARD"], now)
+        if v is None:
+            return None
+        b = self._backend(v.backend_id)
+        if b is None:
+            return None
+        daddr, dport = e.daddr, e.dport
+        if p.daddr == e.saddr:
+            odst = int(b.addr)
+        if v.flags & _C["LB_CT_MASQ"]:
+            if p.saddr == e.daddr:
+                osrc = int(v.nat_addr)
+            daddr, dport = int(v.nat_addr), int(v.nat_port)
+        return IcmpNat(osrc, odst, int(b.addr), daddr, int(b.port), dport)
+
+    def _icmp_error(self, buf: bytearray, p: Pkt) -> int:
+        """lb_icmp_error: the reason, or -1 for no error of a translated flow."""
+        e = icmp_parse(buf, p)
+        if e is None:
+            return -1
+        n = self._icmp_decide(p, e, self.clock() & _U64)
+        if n is None:
+            return -1
+        return _STAT["ERROR"] if icmp_nat(buf, e, n) else _STAT["ICMP_ERROR_NAT"]
+
+    def _icmp_skb(self, buf: bytearray, p: Pkt) -> Verdict | None:
+        """lb_icmp_skb."""
+        reason = self._icmp_error(buf, p)
+        if reason < 0:
+            return None
+        self._count(reason, p.len)
+        return Verdict(TC_ACT_SHOT if reason == _STAT["ERROR"] else TC_ACT_OK, bytes(buf),
+                       reason)
 
     def _martian(self, p: Pkt) -> bool:
         """lb_martian (lib/translate.h)."""
