@@ -72,6 +72,7 @@
 #define LB_STAT_ERROR              16
 #define LB_STAT_DROP_MARTIAN       17 /* from outside with a source that cannot be */
 #define LB_STAT_ICMP_ERROR_NAT     18 /* an ICMP error of a translated flow, translated */
+#define LB_STAT_PASS_FRAG_NO_FIRST 19 /* a later fragment whose first was not seen here */
 #define LB_STAT_MAX                32
 
 struct lb_svc_key {

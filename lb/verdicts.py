@@ -37,6 +37,7 @@ _VERDICTS = {
     "ERROR": "DROP",
     "DROP_MARTIAN": "DROP",
     "ICMP_ERROR_NAT": "PASS",
+    "PASS_FRAG_NO_FIRST": "PASS",
 }
 
 _PREFIXES = ("PASS_", "DNAT_", "DROP_", "REJECT_")

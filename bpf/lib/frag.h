@@ -13,7 +13,8 @@
 #include "parse.h"
 
 /* Returns -1 when the packet is whole or its ports are known, else
- * LB_STAT_PASS_FRAGMENT. */
+ * LB_STAT_PASS_FRAG_NO_FIRST (counted apart: reordering, or a path that
+ * splits a datagram's fragments). */
 LB_INLINE int lb_frag_ports(struct lb_pkt *p)
 {
 	struct lb_frag_key k = {
@@ -34,7 +35,7 @@ LB_INLINE int lb_frag_ports(struct lb_pkt *p)
 		return -1;
 	v = lb_frags.lookup(&k);
 	if (!v)
-		return LB_STAT_PASS_FRAGMENT;
+		return LB_STAT_PASS_FRAG_NO_FIRST;
 	p->sport = v->sport;
 	p->dport = v->dport;
 	return -1;

@@ -344,8 +344,10 @@ def test_a_later_fragment_without_its_first_passes_untouched(datapath: Datapath)
     program(datapath, web(["10.244.1.10"]))
     whole = packets.build("10.244.1.5", 42000, VIP, 53, "udp", payload=b"z" * 2000, ident=999)
     later = packets.fragment(whole, 1480)[1]
+    before = stat_packets(datapath, "PASS_FRAG_NO_FIRST")
     out = run(datapath, TC, later)
     assert (out.retval, out.data) == (TC_ACT_OK, later)
+    assert stat_packets(datapath, "PASS_FRAG_NO_FIRST") == before + 1
 
 
 def _mangle(frame: bytes) -> list[bytes]:

@@ -733,7 +733,7 @@ class UserspaceDatapath:
             return -1
         raw = self._frags.ref(k)
         if raw is None:
-            return _STAT["PASS_FRAGMENT"]
+            return _STAT["PASS_FRAG_NO_FIRST"]
         v = _ffi.from_buffer("struct lb_frag_val *", raw)
         p.sport, p.dport = int(v.sport), int(v.dport)
         return -1
