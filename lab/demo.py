@@ -3,21 +3,30 @@ the eBPF datapath inside network namespaces on this machine."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from lab.agent import LabAgent
 from lab.clients import FAILED, curl_many
+from lab.ingress import NGINX_PORT, host_network_nginx
 from lab.topology import NodeSpec, Topology, TopologySpec
+from lb.datapath import socklb
+from lb.datapath.instance import pin_dir_of
+from loader import layout
+from loader.maps import BpfMap
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "deploy" / "examples" / "tomcat.yaml"
 CLUSTER_IP = "10.97.222.179"
 NODE_IP = "192.0.2.1"
 NODE_PORT = 30080
+INGRESS_HOST = "k8s.test.com"  # deploy/examples/ingress.yaml
 REQUESTS = 100
 
 
@@ -29,6 +38,43 @@ def bars(spread: Counter[str]) -> None:
     total = sum(spread.values()) or 1
     for name, n in sorted(spread.items()):
         print(f"    {name:<14} {'#' * round(40 * n / total):<40} {n}")
+
+
+@contextlib.contextmanager
+def demo_cgroup() -> Iterator[Path]:
+    """A cgroup for the socket hooks and the node's host-network processes."""
+    path = socklb.cgroup2_root() / f"lbdemo-{os.getpid()}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        for _ in range(50):  # its processes may take a moment to be gone
+            with contextlib.suppress(OSError):
+                path.rmdir()
+                break
+            time.sleep(0.1)
+
+
+def translated(instance: str) -> int:
+    """Packets the tc and XDP programs have translated (DNAT and reverse NAT)."""
+    with BpfMap.open_pinned(pin_dir_of(instance), "lb_stats") as m:
+        return sum(c.packets for r in ("DNAT_NEW", "DNAT_ESTABLISHED", "REVNAT")
+                   for c in m.lookup(layout.const(f"LB_STAT_{r}")) or ())
+
+
+def through_nginx(topo: Topology, agent: LabAgent, cgroup: Path) -> Counter[str]:
+    say(f"nginx (Debian's) on the node's host network, port {NGINX_PORT}: the Ingress "
+        f"controller of deploy/examples/ingress.yaml, proxying / to the ClusterIP "
+        f"{CLUSTER_IP}:8080. A host-network process has no veth of its own, so the cgroup "
+        "socket hook connect4 gives each of nginx's connect() calls a tomcat pod's address; "
+        f"{REQUESTS} requests from outside to {NODE_IP}:{NGINX_PORT}:")
+    with host_network_nginx(topo, topo.node, cgroup, f"{CLUSTER_IP}:8080", INGRESS_HOST):
+        before = translated(agent.instance)
+        spread = curl_many(topo, topo.external, f"http://{NODE_IP}:{NGINX_PORT}/", REQUESTS)
+        bars(spread)
+        print(f"    packets the tc and XDP programs translated meanwhile: "
+              f"{translated(agent.instance) - before} (the socket hook did the work)")
+    return spread
 
 
 def main() -> int:
@@ -45,8 +91,10 @@ def main() -> int:
         print(topo.summary())
 
         say("Starting the agent (`lbctl run`): it compiles the BPF programs, fills the maps "
-            "from the manifest, attaches XDP to the node's device and tc to each pod's veth.")
-        with LabAgent(topo, topo.node, [MANIFEST], instance="lbdemo") as agent:
+            "from the manifest, attaches XDP to the node's device, tc to each pod's veth and "
+            "the socket hooks to the node's cgroup.")
+        with demo_cgroup() as cgroup, LabAgent(topo, topo.node, [MANIFEST], instance="lbdemo",
+                                              extra=("--cgroup", str(cgroup))) as agent:
             for line in agent.lines:
                 print("    " + line.split(" ", 3)[-1])
 
@@ -60,14 +108,17 @@ def main() -> int:
             outside = curl_many(topo, topo.external, f"http://{NODE_IP}:{NODE_PORT}/", REQUESTS)
             bars(outside)
 
+            ingress = through_nginx(topo, agent, cgroup)
+
             say("What the datapath holds, read from the pinned maps by a second process "
                 "(`lbctl maps services`):")
             subprocess.run([sys.executable, "-m", "lb.cli", "maps", "services", "--instance",
                             agent.instance], check=True)
             subprocess.run([sys.executable, "-m", "lb.cli", "maps", "stats", "--instance",
                             agent.instance], check=True)
-        say("Cleaning up: agent stopped, programs and pins removed, namespaces deleted.")
-    ok = FAILED not in spread and FAILED not in outside and len(spread) == len(outside) == 2
+        say("Cleaning up: nginx and the agent stopped, programs, pins and the cgroup removed, "
+            "namespaces deleted.")
+    ok = all(FAILED not in s and len(s) == 2 for s in (spread, outside, ingress))
     print(f"\ndemo {'finished' if ok else 'FAILED'} in {time.monotonic() - start:.1f} s")
     return 0 if ok else 1
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from lb.datapath.instance import SMALL, Sizes
+from lb.datapath.interface import PacketDatapath
+from lb.datapath.userspace.programs import UserspaceDatapath
 from loader.build import BPFFS, BuildOptions, Datapath, remove_pins
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +39,15 @@ def datapath() -> Iterator[Datapath]:
             yield dp
     finally:
         remove_pins(pin_dir)
+
+
+@pytest.fixture(params=["kernel", "userspace"])
+def kernel_or_twin(request: pytest.FixtureRequest) -> Iterator[PacketDatapath]:
+    """The same test on the kernel's programs and on the userspace twin."""
+    if request.param == "kernel":
+        yield request.getfixturevalue("datapath")
+    else:
+        yield UserspaceDatapath.new(SMALL)
 
 
 @pytest.fixture

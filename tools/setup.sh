@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 PKGS=(clang llvm libbpf-dev libbpf1 bpftool python3-bpfcc linux-headers-amd64
       iproute2 curl wrk iptables nftables hping3 ethtool python3-venv openssl
+      # The demo's host-network Ingress controller (lab/ingress.py).
+      nginx-light
       # The real-node cluster (tools/cluster): runtime, CNI, image building.
       containerd runc containernetworking-plugins conntrack socat mmdebstrap util-linux)
 missing=()

@@ -60,6 +60,16 @@ LB_INLINE int lb_ct_reopened(const struct lb_ct_val *v, const struct lb_pkt *p)
 	       (v->flags & (LB_CT_SEEN_FIN | LB_CT_SEEN_RST));
 }
 
+/* The same for a reply entry: a SYN-ACK on a flow that has closed answers a
+ * new connection that reuses its 5-tuple, such as one of the node's own
+ * sockets on a port a masqueraded flow had used. It is no reply of ours. */
+LB_INLINE int lb_ct_reply_reopened(const struct lb_ct_val *v, const struct lb_pkt *p)
+{
+	return p->proto == IPPROTO_TCP &&
+	       (p->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == (LB_TCP_SYN | LB_TCP_ACK) &&
+	       (v->flags & (LB_CT_SEEN_FIN | LB_CT_SEEN_RST));
+}
+
 /* Note what this packet says about the flow's state, without a map update. */
 LB_INLINE void lb_ct_touch(struct lb_ct_val *v, const struct lb_pkt *p,
 			   __u64 now)
@@ -152,6 +162,10 @@ LB_INLINE __u16 lb_masq_port(const struct lb_pkt *p, const struct lb_backend *b,
 		if (!v || now - v->last_seen_ns > lb_ct_lifetime_ns(v, p->proto) ||
 		    (v->nat_addr == p->saddr && v->nat_port == p->sport))
 			return port;
+		/* SCTP keeps its ports (a new one would need its CRC32c
+		 * recomputed): none when the client's own is taken. */
+		if (p->proto == IPPROTO_SCTP)
+			return 0;
 		port = bpf_htons(32768 + (hash >> (i * 8)) % 28232);
 	}
 	return port;

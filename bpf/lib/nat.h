@@ -1,5 +1,9 @@
 /* Address and port rewrites. One description of the rewrite (struct lb_nat),
- * two ways to apply it: direct writes in XDP, helpers on an skb. */
+ * two ways to apply it: direct writes in XDP, helpers on an skb.
+ * SCTP's CRC32c covers no IP address, so an address rewrite leaves it
+ * alone; its ports are never rewritten (the agent programs SCTP only where
+ * port and targetPort are equal, as Cilium does), and a rewrite that would
+ * change one fails. */
 #ifndef LB_NAT_H
 #define LB_NAT_H
 
@@ -34,9 +38,13 @@ LB_INLINE int lb_nat_xdp(struct xdp_md *ctx, const struct lb_pkt *p,
 
 	if ((void *)(ip + 1) > data_end)
 		return -1;
-	/* A later fragment has no L4 header: the first fragment's checksum
-	 * covers the rest of the datagram. */
-	if (p->frag != LB_FRAG_LATER) {
+	if (p->proto == IPPROTO_SCTP) {
+		if (p->frag != LB_FRAG_LATER &&
+		    (n->sport != p->sport || n->dport != p->dport))
+			return -1;
+	} else if (p->frag != LB_FRAG_LATER) {
+		/* A later fragment has no L4 header: the first fragment's
+		 * checksum covers the rest of the datagram. */
 		if (l4_off > LB_MAX_L4_OFF)
 			return -1;
 		ports = data + l4_off;
@@ -91,8 +99,8 @@ LB_INLINE int lb_store_addr(struct __sk_buff *skb, const struct lb_pkt *p,
 {
 	if (from == to)
 		return 0;
-	/* A later fragment has no L4 header to fix. */
-	if (p->frag != LB_FRAG_LATER &&
+	/* A later fragment has no L4 header to fix; SCTP's sum has no addresses. */
+	if (p->frag != LB_FRAG_LATER && p->proto != IPPROTO_SCTP &&
 	    bpf_l4_csum_replace(skb, lb_l4_csum_off(p), from, to,
 				l4flags | BPF_F_PSEUDO_HDR | sizeof(to)))
 		return -1;
@@ -106,7 +114,8 @@ LB_INLINE int lb_store_port(struct __sk_buff *skb, const struct lb_pkt *p,
 {
 	if (from == to)
 		return 0;
-	if (bpf_l4_csum_replace(skb, lb_l4_csum_off(p), from, to,
+	if (p->proto == IPPROTO_SCTP ||
+	    bpf_l4_csum_replace(skb, lb_l4_csum_off(p), from, to,
 				l4flags | sizeof(to)))
 		return -1;
 	return bpf_skb_store_bytes(skb, off, &to, sizeof(to), 0);

@@ -24,6 +24,8 @@
  * header and 18 bytes of TCP (its checksum; lib/icmp.h). */
 #define LB_PULL_LEN    (LB_MAX_L4_OFF + 8 + 60 + 18)
 
+#define LB_SCTP_HLEN   12
+
 #define LB_IP_MF     0x2000
 #define LB_IP_OFFSET 0x1fff
 
@@ -54,7 +56,7 @@ struct lb_pkt {
 	__u8  pad[3];
 };
 
-/* Parse Ethernet / IPv4 / TCP or UDP. Returns -1 on success, otherwise the
+/* Parse Ethernet / IPv4 / TCP, UDP or SCTP. Returns -1 on success, otherwise the
  * LB_STAT_* reason that decides the packet (pass or drop) untouched.
  * A header that is cut short or inconsistent is malformed; what is well
  * formed but not ours (not IPv4, other protocols) passes. A later fragment
@@ -99,7 +101,8 @@ LB_INLINE int lb_parse(void *data, void *data_end, __u32 len, struct lb_pkt *p)
 	p->frag = LB_FRAG_NONE;
 
 	if (ip->frag_off & bpf_htons(LB_IP_OFFSET)) {
-		if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP &&
+		    ip->protocol != IPPROTO_SCTP)
 			return LB_STAT_PASS_FRAGMENT;
 		p->frag = LB_FRAG_LATER;
 		return -1;
@@ -117,8 +120,12 @@ LB_INLINE int lb_parse(void *data, void *data_end, __u32 len, struct lb_pkt *p)
 		return LB_STAT_DROP_MALFORMED;
 	p->sport = ((struct udphdr *)l4)->source;
 	p->dport = ((struct udphdr *)l4)->dest;
-	if (ip->protocol == IPPROTO_SCTP)
-		return LB_STAT_PASS_OTHER_PROTO; /* not balanced; policy reads its ports */
+	/* SCTP's common header is 12 bytes: ports, verification tag, CRC32c. */
+	if (ip->protocol == IPPROTO_SCTP) {
+		if (l4 + LB_SCTP_HLEN > data_end || tot_len - ihl_len < LB_SCTP_HLEN)
+			return LB_STAT_DROP_MALFORMED;
+		return -1;
+	}
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *tcp = l4;
 

@@ -24,7 +24,7 @@ LB_INLINE int lb_reverse(const struct lb_pkt *p, __u64 now, struct lb_nat *n)
 	struct lb_rev_nat *rn;
 	__u32 svc_id;
 
-	if (!v)
+	if (!v || lb_ct_reply_reopened(v, p))
 		return -1;
 	svc_id = v->svc_id;
 	rn = lb_rev_nat.lookup(&svc_id);
@@ -113,6 +113,8 @@ LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
 		if (masq_addr) {
 			hash = lb_flow_hash(p);
 			masq_port = lb_masq_port(p, b, masq_addr, hash, now);
+			if (!masq_port)
+				return LB_STAT_ERROR;
 		}
 		if (lb_ct_create(p, svc->svc_id, id, b, masq_addr, masq_port, now))
 			return LB_STAT_ERROR;

@@ -27,8 +27,8 @@ from loader.layout import const
 
 log = logging.getLogger(__name__)
 
-# The protocols the datapath translates (an SCTP port is logged and skipped).
-SERVED_PROTOCOLS = ("TCP", "UDP")
+# The protocols the datapath translates.
+SERVED_PROTOCOLS = ("TCP", "UDP", "SCTP")
 SCOPE_EXTERNAL = const("LB_SCOPE_EXTERNAL")
 SCOPE_INTERNAL = const("LB_SCOPE_INTERNAL")
 
@@ -186,6 +186,8 @@ def _service_entries(cluster: Cluster, svc: Service, node: Node) -> list[Fronten
                      port.port, port.protocol)
             continue
         eps = _candidates(cluster, svc, port, node)
+        if port.protocol == "SCTP" and not _sctp_servable(svc, port, eps):
+            continue
         mode = topology_mode([e for e, _ in eps], node, svc.publish_not_ready)
         all_usable = _usable(eps, svc.publish_not_ready, _available(mode, node))
         local_eps = [(e, p) for e, p in eps if node.name and e.node_name == node.name]
@@ -232,6 +234,16 @@ def _service_entries(cluster: Cluster, svc: Service, node: Node) -> list[Fronten
             outside += [(ip, port.port, const("LB_SVC_LOAD_BALANCER") | ranges)
                         for ip in svc.load_balancer_ips]
         masq = 0 if etp else const("LB_SVC_MASQUERADE")
+        if port.protocol == "SCTP" and outside:
+            # Cilium's limits for SCTP: no NodePort, no masquerade; the
+            # external addresses still serve pods (same port, no rewrite).
+            log.info("%s: port %s/SCTP: served to pods only (SCTP from outside would need "
+                     "a NodePort or masquerade, which rewrite ports)", svc.key, port.port)
+            outside = [(ip, port_no, kind) for ip, port_no, kind in outside
+                       if not kind & const("LB_SVC_NODE_PORT")]
+            for ip, port_no, kind in outside:
+                entries.append(entry(ip, port_no, SCOPE_INTERNAL, kind, False, cluster_set))
+            continue
         for ip, port_no, kind in outside:
             # External clients see the external policy; pods reaching the
             # same address get every endpoint, as kube-proxy short-circuits
@@ -240,6 +252,19 @@ def _service_entries(cluster: Cluster, svc: Service, node: Node) -> list[Fronten
                                  local_set if etp else cluster_set))
             entries.append(entry(ip, port_no, SCOPE_INTERNAL, kind, False, cluster_set))
     return entries
+
+
+def _sctp_servable(svc: Service, port: ServicePort, eps: list[tuple[Endpoint, int]]) -> bool:
+    """An SCTP packet's CRC32c covers its ports, and rewriting one would mean
+    recomputing it over the whole packet: as Cilium does, an SCTP port is
+    served only where targetPort equals port (its addresses can change: the
+    CRC covers no IP header)."""
+    other = sorted({target for _, target in eps if target != port.port})
+    if other:
+        log.error("%s: port %s/SCTP: targetPort %s differs from the port; an SCTP port "
+                  "is served only where they are equal; not programmed", svc.key, port.port,
+                  ",".join(map(str, other)))
+    return not other
 
 
 def compute(cluster: Cluster, node: Node) -> DesiredState:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -90,3 +91,26 @@ def test_flags_record_the_flow_state(short_ct: Datapath) -> None:
     seen = layout.const("LB_CT_SEEN_REPLY")
     assert flags[layout.const("LB_CT_FORWARD")] & seen
     assert flags[layout.const("LB_CT_REPLY")] & seen
+
+
+def test_a_syn_ack_on_a_closed_flows_reply_entry_is_not_reverse_translated(
+        kernel_or_twin: Any) -> None:
+    """The node's own socket may reuse the port a masqueraded flow had: the
+    backend's SYN-ACK to it must reach that socket as it is."""
+    from tests.packet.test_datapath import XDP
+
+    dp = kernel_or_twin
+    program(dp, web(["10.244.1.10"]))
+    out = dp.run(XDP, packets.build("198.51.100.10", 43000, "192.0.2.1", 30080))
+    fwd = packets.parse(out.data)
+    assert fwd is not None and fwd.src == "192.0.2.1"
+    masq = fwd.sport
+    reply = packets.build("10.244.1.10", 8080, "192.0.2.1", masq, flags="SA")
+    assert packets.parse(dp.run(XDP, reply).data).src == "192.0.2.1"  # type: ignore[union-attr]
+    # Both sides close.
+    dp.run(XDP, packets.build("198.51.100.10", 43000, "192.0.2.1", 30080, flags="FA"))
+    dp.run(XDP, packets.build("10.244.1.10", 8080, "192.0.2.1", masq, flags="FA"))
+    # A new connection of the node's own on that port: its SYN-ACK passes untouched.
+    syn_ack = packets.build("10.244.1.10", 8080, "192.0.2.1", masq, flags="SA")
+    assert dp.run(XDP, syn_ack).data == syn_ack
+    assert dp.run(TC, syn_ack).data == syn_ack

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -63,13 +62,9 @@ def read_error(frame: bytes) -> tuple[str, str, packets.Parsed]:
     return socket.inet_ntoa(frame[26:30]), socket.inet_ntoa(frame[30:34]), quote
 
 
-@pytest.fixture(params=["kernel", "userspace"])
-def dp(request: pytest.FixtureRequest) -> Iterator[PacketDatapath]:
-    if request.param == "kernel":
-        kernel: Datapath = request.getfixturevalue("datapath")
-        yield kernel
-    else:
-        yield UserspaceDatapath.new(SMALL)
+@pytest.fixture
+def dp(kernel_or_twin: PacketDatapath) -> PacketDatapath:
+    return kernel_or_twin
 
 
 def run(dp: PacketDatapath, prog: str, frame: bytes) -> Any:

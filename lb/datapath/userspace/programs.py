@@ -41,6 +41,7 @@ _IP_MF, _IP_OFFSET = 0x2000, 0x1FFF
 FRAG_NONE, FRAG_FIRST, FRAG_LATER = 0, 1, 2
 _TCP_FIN, _TCP_SYN, _TCP_RST, _TCP_ACK = 0x01, 0x02, 0x04, 0x10
 _MAX_L4_OFF = _ETH_LEN + 60
+_SCTP_HLEN = 12
 _IP_CSUM_OFF, _IP_SRC_OFF, _IP_DST_OFF = _ETH_LEN + 10, _ETH_LEN + 12, _ETH_LEN + 16
 _NSEC_PER_SEC = 1_000_000_000
 _U16, _U32, _U64 = 0xFFFF, 0xFFFFFFFF, (1 << 64) - 1
@@ -148,7 +149,7 @@ def parse(frame: bytes | bytearray, p: Pkt) -> int:
 
     frag_off = _BE16.unpack_from(frame, _ETH_LEN + 6)[0]
     if frag_off & _IP_OFFSET:
-        if p.proto not in (IPPROTO_TCP, IPPROTO_UDP):
+        if p.proto not in (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP):
             return _STAT["PASS_FRAGMENT"]
         p.frag = FRAG_LATER
         return -1
@@ -163,7 +164,10 @@ def parse(frame: bytes | bytearray, p: Pkt) -> int:
     p.sport = _U16N.unpack_from(frame, l4)[0]
     p.dport = _U16N.unpack_from(frame, l4 + 2)[0]
     if p.proto == IPPROTO_SCTP:
-        return _STAT["PASS_OTHER_PROTO"]  # not balanced; policy reads its ports
+        # The 12-byte common header: ports, verification tag, CRC32c.
+        if l4 + _SCTP_HLEN > end or tot_len - ihl_len < _SCTP_HLEN:
+            return _STAT["DROP_MALFORMED"]
+        return -1
     if p.proto == IPPROTO_TCP:
         if l4 + 20 > end:
             return _STAT["DROP_MALFORMED"]
@@ -240,6 +244,11 @@ def nat_xdp(buf: bytearray, p: Pkt, n: Nat) -> int:
     if end < _ETH_LEN + 20:
         return -1
     later = p.frag == FRAG_LATER
+    if p.proto == IPPROTO_SCTP:
+        # No checksum over addresses, and no port rewrite (see the C).
+        if not later and (n.sport != p.sport or n.dport != p.dport):
+            return -1
+        later = True
     if not later and (l4 > _MAX_L4_OFF or l4 + (20 if p.proto == IPPROTO_TCP else 8) > end):
         return -1
     coff = l4_csum_off(p)
@@ -301,10 +310,11 @@ def nat_skb(buf: bytearray, p: Pkt, n: Nat) -> int:
     mangled_0 = p.proto == IPPROTO_UDP
     coff = l4_csum_off(p)
     later = p.frag == FRAG_LATER  # no L4 header: addresses only
+    sctp = p.proto == IPPROTO_SCTP  # a CRC32c without addresses; ports never rewritten
     for off, old, new in ((_IP_SRC_OFF, p.saddr, n.saddr), (_IP_DST_OFF, p.daddr, n.daddr)):
         if old == new:
             continue
-        if ((not later and bpf_l4_csum_replace(buf, coff, old, new, mangled_0))
+        if ((not later and not sctp and bpf_l4_csum_replace(buf, coff, old, new, mangled_0))
                 or bpf_l3_csum_replace(buf, _IP_CSUM_OFF, old, new)
                 or off + 4 > len(buf)):
             return -1
@@ -314,7 +324,7 @@ def nat_skb(buf: bytearray, p: Pkt, n: Nat) -> int:
     for off, old, new in ((p.l4_off, p.sport, n.sport), (p.l4_off + 2, p.dport, n.dport)):
         if old == new:
             continue
-        if bpf_l4_csum_replace(buf, coff, old, new, mangled_0) or off + 2 > len(buf):
+        if sctp or bpf_l4_csum_replace(buf, coff, old, new, mangled_0) or off + 2 > len(buf):
             return -1
         _U16N.pack_into(buf, off, new)
     return 0
@@ -486,6 +496,13 @@ def _u32key(i: int) -> bytes:
 def _ct_reopened(v: Any, p: Pkt) -> bool:
     """lb_ct_reopened: a SYN (without ACK) on a flow that saw FIN or RST."""
     return bool(p.proto == IPPROTO_TCP and p.tcp_flags & (_TCP_SYN | _TCP_ACK) == _TCP_SYN
+                and v.flags & (_C["LB_CT_SEEN_FIN"] | _C["LB_CT_SEEN_RST"]))
+
+
+def _ct_reply_reopened(v: Any, p: Pkt) -> bool:
+    """lb_ct_reply_reopened: a SYN-ACK on a reply entry of a closed flow."""
+    both = _TCP_SYN | _TCP_ACK
+    return bool(p.proto == IPPROTO_TCP and p.tcp_flags & both == both
                 and v.flags & (_C["LB_CT_SEEN_FIN"] | _C["LB_CT_SEEN_RST"]))
 
 
@@ -741,7 +758,7 @@ class UserspaceDatapath:
     def _reverse(self, p: Pkt, now: int) -> tuple[int, Nat] | None:
         """lb_reverse."""
         v = self._ct_lookup(p, _C["LB_CT_REPLY"], now)
-        if v is None:
+        if v is None or _ct_reply_reopened(v, p):
             return None
         raw = self._rev_nat.ref(_u32key(v.svc_id))
         if raw is None:
@@ -804,6 +821,8 @@ class UserspaceDatapath:
             masq_addr = self._masq_addr(p, svc, b)
             if masq_addr:
                 masq_port = self._masq_port(p, b, masq_addr, self.flow_hash(p), now)
+                if not masq_port:
+                    return _STAT["ERROR"], None
             if self._ct_create(p, svc.svc_id, bid, b, masq_addr, masq_port, now):
                 return _STAT["ERROR"], None
             reason = _STAT["DNAT_NEW"]
@@ -889,6 +908,8 @@ class UserspaceDatapath:
             if ((now - v.last_seen_ns) & _U64 > self._lifetime(v, p.proto)
                     or (v.nat_addr == p.saddr and v.nat_port == p.sport)):
                 return port
+            if p.proto == IPPROTO_SCTP:
+                return 0  # SCTP keeps its ports: see the C
             port = socket.htons(32768 + (h >> (i * 8)) % 28232)
         return port
 
