@@ -14,9 +14,9 @@ from typing import Any
 
 from lb.cli.nodeflags import UsageError, add_node_args, node_from_args, rules_from_args
 from lb.cli.sizeflags import add_size_args, given_sizes
-from lb.cli.table import dump_json
+from lb.cli.table import dump_json, render
 from lb.datapath.instance import KINDS, SMALL
-from lb.inspect.trace import Probe
+from lb.inspect.trace import Frame, Probe
 from lb.model import Cluster, Node
 from lb.refusal import bounded
 from lb.sources.manifests import ManifestError, Rules, load
@@ -34,42 +34,60 @@ def _load_cluster(files: Sequence[str], rules: Rules) -> Cluster:
     return result.cluster
 
 
-def _probes(args: argparse.Namespace) -> list[Any]:
-    from lb.inspect.trace import ProbeError, make_probe
-
-    if args.batch:
-        if args.src or args.dst:
-            raise UsageError("--batch: give probes either in the file or with --src/--dst")
-        probes = []
+def _json_lines(flag: str, path: str) -> list[tuple[int, Any]]:
+    """The objects of a JSON-lines file, with their line numbers."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise UsageError(f"{flag}: {e.strerror}: {path}") from e
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            lines = Path(args.batch).read_text().splitlines()
-        except OSError as e:
-            raise UsageError(f"--batch: {e.strerror}: {args.batch}") from e
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{flag} line {n}: not JSON: {e.msg}") from e
+    return out
+
+
+def _probes(args: argparse.Namespace) -> list[Any]:
+    from lb.inspect.trace import ProbeError, make_frame, make_probe
+
+    given = [f for f, v in (("--batch", args.batch), ("--frames", args.frames)) if v]
+    if len(given) > 1 or (given and (args.src or args.dst)):
+        raise UsageError("give packets one way: --src/--dst, --batch FILE or --frames FILE")
+    if args.frames:
+        frames = []
+        for n, obj in _json_lines("--frames", args.frames):
             try:
-                obj = json.loads(line)
+                frames.append(make_frame(obj))
+            except ProbeError as e:
+                raise UsageError(f"--frames line {n}: {e.field}: {e}") from e
+        return frames
+    if args.batch:
+        probes = []
+        for n, obj in _json_lines("--batch", args.batch):
+            try:
                 if not isinstance(obj, dict):
                     raise ProbeError("line", "expected a JSON object")
                 probes.append(make_probe(obj.get("src"), obj.get("dst"),
                                          obj.get("proto", "tcp"), obj.get("from", "pod")))
-            except json.JSONDecodeError as e:
-                raise UsageError(f"--batch line {n}: not JSON: {e.msg}") from e
             except ProbeError as e:
                 raise UsageError(f"--batch line {n}: {e.field}: {e}") from e
         return probes
     if not args.src or not args.dst:
-        raise UsageError("--src and --dst are required (or --batch FILE)")
+        raise UsageError("--src and --dst are required (or --batch FILE, or --frames FILE)")
     try:
         return [make_probe(args.src, args.dst, args.proto, args.entry)]
     except ProbeError as e:
         raise UsageError(f"--{e.field}: {e}") from e
 
 
-def _warnings(probes: list[Probe], cluster: Cluster, node: Node) -> list[str]:
+def _warnings(sent: list[Any], cluster: Cluster, node: Node) -> list[str]:
     """Probes whose answer depends on a node flag that was not given."""
     out = []
+    probes = [p for p in sent if isinstance(p, Probe)]
     node_ports = {p.node_port for s in cluster.services.values() for p in s.ports
                   if p.node_port}
     local = any(s.external_traffic_local or s.internal_traffic_local
@@ -103,7 +121,15 @@ def cmd_trace(args: argparse.Namespace) -> int:
     with tracer(cluster, node, args.datapath, sizes) as t:
         for line in bounded(t.refused):
             print(f"lbctl: refused: {line}", file=sys.stderr)
-        results = [t.run(p) for p in probes]
+        results = [t.replay(p) if isinstance(p, Frame) else t.run(p) for p in probes]
+    if args.frames:
+        if args.output == "json":
+            print("\n".join(json.dumps(r.as_json()) for r in results))
+        else:
+            print(render(("FRAME", "FROM", "VERDICT", "BACKEND", "REASON"),
+                         [(n, r.entry, r.verdict, r.backend, r.reason)
+                          for n, r in enumerate(results, 1)]))
+        return 0
     for r in results:
         if args.batch or args.output == "json":
             print(json.dumps(r.as_json()) if args.batch else dump_json(r.as_json()))
@@ -123,6 +149,10 @@ def add_command(sub: Any) -> None:
                    help="where the packet enters: a pod's veth, or a node device "
                         "(default %(default)s)")
     t.add_argument("--batch", metavar="FILE", help="JSON lines of probes")
+    t.add_argument("--frames", metavar="FILE",
+                   help='JSON lines {"from": "pod|external|to-pod", "frame": HEX}: whole '
+                        "Ethernet frames replayed in order on one load, conntrack and "
+                        "fragment state carried from frame to frame")
     t.add_argument("--datapath", choices=KINDS, default="kernel",
                    help="the kernel's programs (root, BPF) or their userspace twin "
                         "(default %(default)s)")

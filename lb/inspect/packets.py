@@ -97,14 +97,26 @@ class Parsed:
     tcp_flags: int = 0
 
 
+def addresses(frame: bytes) -> tuple[str, str] | None:
+    """The source and destination of an IPv4 frame; None when it is none."""
+    if len(frame) < 34 or struct.unpack("!H", frame[12:14])[0] != ETH_P_IP:
+        return None
+    if frame[14] >> 4 != 4:
+        return None
+    return socket.inet_ntoa(frame[26:30]), socket.inet_ntoa(frame[30:34])
+
+
 def parse(frame: bytes) -> Parsed | None:
     """The 5-tuple of a well-formed IPv4 TCP/UDP frame, with whether its
-    checksums verify; None for anything else."""
-    if len(frame) < 34 or struct.unpack("!H", frame[12:14])[0] != ETH_P_IP:
+    checksums verify; None for anything else (a later fragment included:
+    it carries no ports)."""
+    if addresses(frame) is None:
         return None
     ihl = (frame[14] & 0x0F) * 4
     tot = struct.unpack("!H", frame[16:18])[0]
-    if frame[14] >> 4 != 4 or ihl < 20 or tot < ihl or len(frame) < 14 + tot:
+    if ihl < 20 or tot < ihl or len(frame) < 14 + tot:
+        return None
+    if struct.unpack("!H", frame[20:22])[0] & 0x1FFF:
         return None
     ip = frame[14 : 14 + ihl]
     l4 = frame[14 + ihl : 14 + tot]

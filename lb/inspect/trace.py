@@ -28,6 +28,9 @@ from loader.sizes import Sizes
 
 ENTRIES = {"pod": TC_FROM_POD.name, "external": XDP_EXTERNAL.name}
 TO_POD = TC_TO_POD.name
+# A replayed frame may also enter at a local pod's veth, where its ingress
+# policy runs.
+FRAME_ENTRIES = {**ENTRIES, "to-pod": TO_POD}
 TC_ACT_SHOT = 2
 EPHEMERAL = (32768, 60999)
 
@@ -82,6 +85,35 @@ def make_probe(src: Any, dst: Any, proto: Any = "tcp", entry: Any = "pod",
         sport = (rng or random).randint(*EPHEMERAL)
     assert dport is not None
     return Probe(sip, sport, dip, dport, str(proto), str(entry))
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A whole Ethernet frame and the hook it enters at."""
+
+    data: bytes
+    entry: str = "pod"
+
+
+def make_frame(obj: Any) -> Frame:
+    """A replayed frame from one `--frames` line's object."""
+    if not isinstance(obj, dict):
+        raise ProbeError("line", "expected a JSON object")
+    entry = obj.get("from", "pod")
+    if entry not in FRAME_ENTRIES:
+        raise ProbeError("from", f"expected pod, external or to-pod, got {entry!r}")
+    hexed = obj.get("frame")
+    if not isinstance(hexed, str):
+        raise ProbeError("frame", "expected the hex of an Ethernet frame")
+    try:
+        data = bytes.fromhex(hexed)
+    except ValueError as e:
+        raise ProbeError("frame", f"not hex: {e}") from e
+    # The programs take anything from an Ethernet header up; less than one
+    # is no frame a device could deliver.
+    if len(data) < 14:
+        raise ProbeError("frame", f"{len(data)} bytes is shorter than an Ethernet header")
+    return Frame(data, str(entry))
 
 
 @dataclass(frozen=True)
@@ -141,13 +173,21 @@ class Tracer:
         return run, (moved[0] if moved else None), (blamed[0] if blamed else None)
 
     def run(self, probe: Probe) -> TraceResult:
-        run, index, blamed = self._hop(ENTRIES[probe.entry], probe_frame(probe))
-        result = trace_result(probe, index, run.data, blamed)
-        parsed = packets.parse(run.data)
-        if result.verdict in ("DNAT", "PASS") and parsed and parsed.dst in self.local_pods:
+        return self.replay(Frame(probe_frame(probe), probe.entry))
+
+    def replay(self, frame: Frame) -> TraceResult:
+        """One frame through its hook, then, when it is bound for a local
+        pod, through that pod's ingress policy; state (conntrack, fragments)
+        stays for the next."""
+        run, index, blamed = self._hop(FRAME_ENTRIES[frame.entry], frame.data)
+        result = trace_result(frame, index, run.data, blamed)
+        if frame.entry == "to-pod" or result.verdict not in ("DNAT", "PASS"):
+            return result
+        addrs = packets.addresses(run.data)
+        if addrs and addrs[1] in self.local_pods:
             hop, index, blamed = self._hop(TO_POD, run.data)
             if hop.retval == TC_ACT_SHOT:
-                return trace_result(probe, index, run.data, blamed)
+                return trace_result(frame, index, run.data, blamed)
         return result
 
 
@@ -156,28 +196,34 @@ def probe_frame(probe: Probe) -> bytes:
     return packets.build(probe.src, probe.sport, probe.dst, probe.dport, probe.proto)
 
 
-def trace_result(probe: Probe, reason_index: int | None, out: bytes,
+def trace_result(sent: Frame, reason_index: int | None, out: bytes,
                  blamed: str | None = None) -> TraceResult:
-    """What a datapath did with a probe's frame, from the stat reason that
-    moved and the frame it left (and, for a policy drop, the policy blamed);
-    shared by the kernel and userspace runs."""
+    """What a datapath did with a frame, from the stat reason that moved and
+    the frame it left (and, for a policy drop, the policy blamed); shared by
+    the kernel and userspace runs. A frame without ports (a later fragment)
+    names its backend by address alone."""
     r = reason(reason_index) if reason_index is not None else None
     why = r.name if r else None
     if r is not None and r.index == layout.const("LB_STAT_DROP_POLICY"):
         why = f"policy {blamed}" if blamed else "policy"
-    parsed = packets.parse(out)
     verdict = r.verdict if r else "PASS"
     backend = None
     masq = False
-    if verdict == "DNAT" and parsed:
-        backend = f"{parsed.dst}:{parsed.dport}"
-        masq = parsed.src != probe.src or parsed.sport != probe.sport
+    if verdict == "DNAT":
+        before, after = packets.parse(sent.data), packets.parse(out)
+        addrs, sent_addrs = packets.addresses(out), packets.addresses(sent.data)
+        if after and before:
+            backend = f"{after.dst}:{after.dport}"
+            masq = (after.src, after.sport) != (before.src, before.sport)
+        elif addrs and sent_addrs:
+            backend = addrs[1]
+            masq = addrs[0] != sent_addrs[0]
     return TraceResult(
         verdict=verdict,
         backend=backend,
         masquerade=masq,
         reason=why,
-        entry=probe.entry,
+        entry=sent.entry,
         out_packet=out.hex(),
     )
 

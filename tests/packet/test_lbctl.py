@@ -203,3 +203,71 @@ def test_trace_removes_instances_whose_process_is_gone() -> None:
         assert not orphan.exists()
     finally:
         remove_pins(orphan)
+
+
+DNS = """
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{port: 53, targetPort: 5353, protocol: UDP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: dns-1
+  namespace: default
+  labels: {kubernetes.io/service-name: dns}
+addressType: IPv4
+ports: [{port: 5353, protocol: UDP}]
+endpoints: [{addresses: [10.244.1.10]}]
+"""
+
+
+def test_trace_frames_replays_a_fragment_train_its_reply_and_an_icmp_error(
+        tmp_path: Path) -> None:
+    """Frames share one load: later fragments find their first's ports, the
+    reply its conntrack entry, the ICMP error the flow it quotes; and the
+    kernel and its twin print the same lines."""
+    require_root()
+    from lb.inspect import packets
+    from tests.packet.test_icmp_errors import icmp_error, read_error
+
+    svc = tmp_path / "dns.yaml"
+    svc.write_text(DNS)
+    client, vip, backend = "10.244.1.5", "10.96.0.10", "10.244.1.10"
+    request = packets.build(client, 40000, vip, 53, "udp", payload=bytes(range(256)) * 12)
+    train = packets.fragment(request, 1480)
+    assert len(train) == 3
+    stray = packets.fragment(packets.build(client, 40001, vip, 53, "udp", payload=b"y" * 2000,
+                                           ident=99), 1480)[1]
+    reply = packets.build(backend, 5353, client, 40000, "udp", payload=b"answer")
+    translated = packets.build(client, 40000, backend, 5353, "udp", payload=b"q" * 32)
+    error = icmp_error("10.244.1.1", client, translated)
+    sent = [("pod", f) for f in train] + [("pod", reply), ("to-pod", error), ("pod", stray)]
+    frames = tmp_path / "frames.jsonl"
+    frames.write_text("".join(json.dumps({"from": e, "frame": f.hex()}) + "\n"
+                              for e, f in sent))
+    runs = {dp: lbctl("trace", "-f", str(svc), "--frames", str(frames), "--datapath", dp,
+                      "-o", "json").stdout.splitlines()
+            for dp in ("kernel", "userspace")}
+    assert runs["kernel"] == runs["userspace"]
+    got = [json.loads(line) for line in runs["kernel"]]
+    assert [(r["verdict"], r["reason"], r["entry"]) for r in got] == [
+        ("DNAT", "new", "pod"), ("DNAT", "established", "pod"), ("DNAT", "established", "pod"),
+        ("PASS", "reverse-nat", "pod"), ("PASS", "icmp-error-nat", "to-pod"),
+        ("PASS", "frag-no-first", "pod")]
+    assert [r["backend"] for r in got[:3]] == [f"{backend}:5353", backend, backend]
+    outs = [bytes.fromhex(r["out_packet"]) for r in got]
+    whole = packets.parse(packets.reassemble(outs[:3]))
+    assert whole is not None and whole.l4_csum_ok
+    assert (whole.dst, whole.dport, whole.src, whole.sport) == (backend, 5353, client, 40000)
+    back = packets.parse(outs[3])
+    assert back is not None and back.l4_csum_ok and (back.src, back.sport) == (vip, 53)
+    _, _, quote = read_error(outs[4])
+    assert (quote.dst, quote.dport) == (vip, 53)
+    assert outs[5] == stray
+    table = lbctl("trace", "-f", str(svc), "--frames", str(frames)).stdout.splitlines()
+    assert table[0].split() == ["FRAME", "FROM", "VERDICT", "BACKEND", "REASON"]
+    assert table[5].split() == ["5", "to-pod", "PASS", "<none>", "icmp-error-nat"]

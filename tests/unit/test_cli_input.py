@@ -3,6 +3,7 @@ or a warning, never a traceback. The userspace datapath: no root needed."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,31 @@ def test_a_maglev_floor_off_the_ladder_is_refused() -> None:
     out = lbctl("run", "-f", str(TOMCAT), "--iface", "eth0", "--maglev-min-table-size", "1000")
     assert out.returncode == 2
     assert "--maglev-min-table-size: invalid choice: 1000" in out.stderr
+
+
+def test_bad_frames_are_refused_naming_the_line_and_field(tmp_path: Path) -> None:
+    frames = tmp_path / "frames.jsonl"
+    cases = [
+        ('{"from": "pod", "frame": "zz"}', "--frames line 2: frame: not hex"),
+        ('{"from": "moon", "frame": "00"}', "--frames line 2: from: expected pod, external "
+                                            "or to-pod"),
+        ('{"from": "pod", "frame": "0011"}', "--frames line 2: frame: 2 bytes is shorter"),
+        ('{"from": "pod"}', "--frames line 2: frame: expected the hex"),
+        ("[1]", "--frames line 2: line: expected a JSON object"),
+        ("{", "--frames line 2: not JSON"),
+    ]
+    good = '{"from": "external", "frame": "' + "00" * 60 + '"}'
+    for line, said in cases:
+        frames.write_text(good + "\n" + line + "\n")
+        out = lbctl("trace", "-f", str(TOMCAT), "--frames", str(frames),
+                    "--datapath", "userspace")
+        assert out.returncode == 2 and said in out.stderr, (line, out.stderr)
+    out = lbctl("trace", "-f", str(TOMCAT), "--frames", str(frames), "--src", "10.244.1.5",
+                "--datapath", "userspace")
+    assert out.returncode == 2 and "give packets one way" in out.stderr
+    # A frame that is no IP at all still gets a verdict.
+    frames.write_text(good + "\n")
+    out = lbctl("trace", "-f", str(TOMCAT), "--frames", str(frames), "--datapath",
+                "userspace", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["verdict"] == "PASS"
