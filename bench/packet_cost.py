@@ -9,6 +9,9 @@ Paths and how each is made to repeat itself:
 
 * pass: a frame that is no service (tc: a pod address; XDP: the node IP on an unused port).
   The frame comes out unchanged, so `repeat=N` runs the same path N times.
+* empty: the same pass frame through a program that only returns (XDP_PASS, TC_ACT_OK) on
+  the same hook, in the same configuration: the cost of BPF_PROG_TEST_RUN itself, which
+  every other figure carries. The targets are differences to it.
 * established (DNAT_ESTABLISHED, the cost of nearly every packet): `repeat=N` feeds each run
   the frame the previous run rewrote, so a plain DNAT'ed flow would turn into "not a
   service" after the first run. Instead a mirror pair is used: service A (VIP_A:80) whose
@@ -124,12 +127,25 @@ def frame(path: Path, sport: int, flags: str = "A", dst: tuple[str, int] | None 
     return packets.build(path.src, sport, daddr, dport, "tcp", flags=flags)
 
 
+# The baseline: programs that do nothing, on the same hooks.
+EMPTY_PROGRAMS = """
+#include <uapi/linux/pkt_cls.h>
+int xdp_empty(struct xdp_md *ctx) { return XDP_PASS; }
+int tc_empty(struct __sk_buff *skb) { return TC_ACT_OK; }
+"""
+
+
 class Meter:
     """Runs frames through one datapath and checks the stat reason of every run."""
 
     def __init__(self, dp: Any) -> None:
+        from bcc import BPF  # Debian's python3-bpfcc, as loader/build.py has it
+
         self.dp = dp
         self.fds = {TC: dp.prog_fd(TC), XDP: dp.prog_fd(XDP)}
+        self._empty = BPF(text=EMPTY_PROGRAMS)
+        self.empty_fds = {TC: self._empty.load_func(b"tc_empty", BPF.SCHED_CLS).fd,
+                          XDP: self._empty.load_func(b"xdp_empty", BPF.XDP).fd}
         self.reasons = {name: layout.const(f"LB_STAT_{name}")
                         for name in ("PASS_NOT_SERVICE", "DNAT_NEW", "DNAT_ESTABLISHED")}
 
@@ -149,6 +165,11 @@ class Meter:
 
     def repeated(self, prog: str, data: bytes, repeat: int, trials: int) -> list[int]:
         return [libbpf.prog_test_run(self.fds[prog], data, repeat=repeat).duration_ns
+                for _ in range(trials)]
+
+    def empty(self, prog: str, data: bytes, repeat: int, trials: int) -> list[int]:
+        """`data` through the empty program of `prog`'s hook."""
+        return [libbpf.prog_test_run(self.empty_fds[prog], data, repeat=repeat).duration_ns
                 for _ in range(trials)]
 
     def singles(self, prog: str, frames: Sequence[bytes]) -> list[int]:
@@ -185,6 +206,10 @@ def measure_config(meter: Meter, repeat: int, trials: int, singles: int) -> dict
         with meter.expect("PASS_NOT_SERVICE", repeat * trials, problems, name):
             times = meter.repeated(path.prog, data, repeat, trials)
         out[name], out[f"{name}_median"] = min(times), median(times)
+        # Interleaved with the pass runs, so both see the same machine.
+        empty = meter.empty(path.prog, data, repeat, trials)
+        hook = name.split("_")[0]
+        out[f"{hook}_empty"], out[f"{hook}_empty_median"] = min(empty), median(empty)
     for prefix, path in (("tc", TC_PAIR), ("xdp", XDP_PAIR)):
         sport = _settle_pair(meter, path, ct)
         data = frame(path, sport)

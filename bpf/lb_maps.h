@@ -10,7 +10,7 @@
  * pinned maps written with another layout.
  */
 
-#define LB_LAYOUT_VERSION 4
+#define LB_LAYOUT_VERSION 5
 
 /* Service scope: external traffic (XDP on the node device) and traffic from
  * local pods (tc on their veth) may see different backend sets when a traffic
@@ -155,6 +155,9 @@ struct lb_stat {
 
 /* lb_config[0]: node-wide settings the agent writes. */
 #define LB_MAX_NODE_IPS 8
+/* Service CIDRs held in lb_config for the fast path; with more, every one
+ * is looked up in lb_svc_cidrs instead (svc_cidrs_spill). */
+#define LB_MAX_SVC_CIDRS 4
 
 struct lb_config {
 	__u32 node_ip;       /* masquerade source for external traffic */
@@ -162,7 +165,30 @@ struct lb_config {
 	__u64 netns_cookie;  /* the node's network namespace: socket hooks act there only */
 	/* The node's own IPv4 addresses (0 unused): never a source from outside. */
 	__u32 node_ips[LB_MAX_NODE_IPS];
+	/* The service CIDRs (mask 0 unused), unless svc_cidrs_spill says they
+	 * are more than fit. */
+	__u32 svc_cidr_net[LB_MAX_SVC_CIDRS];
+	__u32 svc_cidr_mask[LB_MAX_SVC_CIDRS];
+	__u32 svc_cidrs_spill;
+	__u32 pad;
 };
+
+/* lb_filter: a Bloom filter with one hash over what can be service traffic,
+ * consulted before any hash-map lookup so that the rest of a node's traffic
+ * costs a few array reads (bpf/lib/filter.h). A word of 64 bits per entry;
+ * bit lb_filter_bit(kind, addr, port) is set for every frontend's address and
+ * port, every ClusterIP's address (port 0) and every backend's address and
+ * port (replies come from there). A false positive costs the lookups the
+ * filter saves; a false negative cannot happen while the agent sets a bit
+ * before the entry it stands for is usable and clears it after. */
+#define LB_FILTER_WORDS    16384
+#define LB_FILTER_FRONTEND 0
+#define LB_FILTER_VIP      1
+#define LB_FILTER_BACKEND  2
+/* lb_pol_filter, of the same size and hash, written by the policy writer:
+ * the addresses of lb_pol_endpoints (port 0), set before the endpoint's
+ * entry is written, so an isolated pod is never missed. */
+#define LB_FILTER_POLICED  3
 
 /* lb_sock_rev: a UDP socket's translated peer -> the service it asked for,
  * so replies read through recvmsg appear to come from the service. */

@@ -55,3 +55,17 @@ def source_range_key(svc_id: int, addr: str | int, prefixlen: int) -> Any:
     trie's prefix covers it whole) then the source prefix."""
     return layout.new("struct lb_src_range_key", prefixlen=32 + prefixlen,
                       svc_id=socket.htonl(svc_id), addr=ip_be(addr))
+
+
+_FILTER_BITS = layout.const("LB_FILTER_WORDS") * 64
+_M32 = 0xFFFFFFFF
+
+
+def filter_bit(kind: int, addr: int, port: int) -> int:
+    """The bit of lb_filter for (kind, address, port), all host order:
+    lb_filter_bit of bpf/lib/filter.h, for the agent and the twin."""
+    x = (addr * 0x9E3779B1 + ((port << 2) | kind) * 0x85EBCA77) & _M32
+    x ^= x >> 15
+    x = (x * 0x2C1B3C6D) & _M32
+    x ^= x >> 12
+    return x & (_FILTER_BITS - 1)

@@ -7,6 +7,7 @@
 #include "maps.h"
 #include "hash.h"
 #include "parse.h"
+#include "filter.h"
 
 LB_INLINE struct lb_svc_val *lb_service(const struct lb_pkt *p, __u8 scope)
 {
@@ -33,19 +34,35 @@ LB_INLINE struct lb_backend *lb_backend(__u32 id)
 	return b;
 }
 
+/* In a service CIDR: from lb_config's copies, or, when they are more than
+ * it holds, from the trie. */
+LB_INLINE int lb_in_svc_cidr(__u32 addr, const struct lb_config *cfg)
+{
+	struct lb_lpm4_key k = { .prefixlen = 32, .addr = addr };
+
+	if (!cfg)
+		return 0;
+	if (cfg->svc_cidrs_spill)
+		return lb_svc_cidrs.lookup(&k) != 0;
+#pragma unroll
+	for (int i = 0; i < LB_MAX_SVC_CIDRS; i++)
+		if (cfg->svc_cidr_mask[i] && (addr & cfg->svc_cidr_mask[i]) == cfg->svc_cidr_net[i])
+			return 1;
+	return 0;
+}
+
 /* kube-proxy's answer for a packet to no service: REJECT at a ClusterIP on
  * a port it does not have, DROP in the service CIDR where nothing lives,
  * otherwise not ours. Only pods reach ClusterIPs. */
-LB_INLINE int lb_no_service(const struct lb_pkt *p, __u8 scope)
+LB_INLINE int lb_no_service(const struct lb_pkt *p, __u8 scope, const struct lb_config *cfg)
 {
-	struct lb_lpm4_key k = { .prefixlen = 32, .addr = p->daddr };
 	__u32 addr = p->daddr;
 
 	if (scope != LB_SCOPE_INTERNAL)
 		return LB_STAT_PASS_NOT_SERVICE;
-	if (lb_vips.lookup(&addr))
+	if (lb_filter_has(LB_FILTER_VIP, addr, 0) && lb_vips.lookup(&addr))
 		return LB_STAT_REJECT_NO_PORT;
-	if (lb_svc_cidrs.lookup(&k))
+	if (lb_in_svc_cidr(addr, cfg))
 		return LB_STAT_DROP_UNKNOWN_VIP;
 	return LB_STAT_PASS_NOT_SERVICE;
 }

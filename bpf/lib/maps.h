@@ -42,6 +42,10 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct lb_stat, lb_pol_drops,
 		 LB_POL_PORTSETS, LB_PIN_DIR "/lb_pol_drops");
 BPF_TABLE_PINNED("array", __u32, struct lb_config, lb_config, 1,
 		 LB_PIN_DIR "/lb_config");
+BPF_TABLE_PINNED("array", __u32, __u64, lb_filter, LB_FILTER_WORDS,
+		 LB_PIN_DIR "/lb_filter");
+BPF_TABLE_PINNED("array", __u32, __u64, lb_pol_filter, LB_FILTER_WORDS,
+		 LB_PIN_DIR "/lb_pol_filter");
 /* ClusterIPs that exist: a packet to one on a port no service has is
  * rejected, as kube-proxy does. */
 BPF_TABLE_PINNED("hash", __u32, __u32, lb_vips, LB_MAX_SERVICES,

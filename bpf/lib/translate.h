@@ -50,11 +50,8 @@ LB_INLINE int lb_reverse(const struct lb_pkt *p, __u64 now, struct lb_nat *n)
  * reaches itself through a service (its reply would otherwise never leave
  * the pod: the source would be its own address). */
 LB_INLINE __u32 lb_masq_addr(const struct lb_pkt *p, const struct lb_svc_val *svc,
-			     const struct lb_backend *b)
+			     const struct lb_backend *b, const struct lb_config *cfg)
 {
-	__u32 zero = 0;
-	struct lb_config *cfg = lb_config.lookup(&zero);
-
 	if (!cfg)
 		return 0;
 	/* A backend on the node's own address (a hostNetwork pod) is reached
@@ -74,7 +71,7 @@ LB_INLINE __u32 lb_masq_addr(const struct lb_pkt *p, const struct lb_svc_val *sv
 
 /* A packet to a frontend: keep the flow's backend, or choose one. */
 LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
-			 struct lb_nat *n)
+			 const struct lb_config *cfg, struct lb_nat *n)
 {
 	struct lb_svc_val *svc = lb_service(p, scope);
 	struct lb_backend *b = 0;
@@ -84,7 +81,7 @@ LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
 	__u16 masq_port = 0;
 
 	if (!svc)
-		return lb_no_service(p, scope);
+		return lb_no_service(p, scope, cfg);
 	v = lb_ct_lookup(p, LB_CT_FORWARD, now);
 	/* The flow's backend, while it is still one of this service's (an id
 	 * freed by one service may since serve another) and the flow has not
@@ -109,7 +106,7 @@ LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
 		b = lb_backend(id);
 		if (!b)
 			return LB_STAT_DROP_BACKEND_GONE;
-		masq_addr = lb_masq_addr(p, svc, b);
+		masq_addr = lb_masq_addr(p, svc, b, cfg);
 		if (masq_addr) {
 			hash = lb_flow_hash(p);
 			masq_port = lb_masq_port(p, b, masq_addr, hash, now);
@@ -131,10 +128,9 @@ LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
  * (ip_route_input_slow in net/ipv4/route.c: multicast, limited broadcast,
  * 0.0.0.0/8 except to a broadcast, loopback) and the node's own addresses.
  * Checked before any lookup, so none is translated or masqueraded. */
-LB_INLINE int lb_martian(const struct lb_pkt *p)
+LB_INLINE int lb_martian(const struct lb_pkt *p, const struct lb_config *cfg)
 {
-	__u32 s = bpf_ntohl(p->saddr), d = bpf_ntohl(p->daddr), zero = 0;
-	struct lb_config *cfg;
+	__u32 s = bpf_ntohl(p->saddr), d = bpf_ntohl(p->daddr);
 
 	if ((s >> 28) == 0xe || s == 0xffffffff)
 		return 1;
@@ -143,7 +139,6 @@ LB_INLINE int lb_martian(const struct lb_pkt *p)
 		return 0;
 	if ((s >> 24) == 0 || (s >> 24) == 127)
 		return 1;
-	cfg = lb_config.lookup(&zero);
 	if (!cfg)
 		return 0;
 #pragma unroll
@@ -157,17 +152,22 @@ LB_INLINE int lb_decide(struct lb_pkt *p, void *data, void *data_end,
 			__u32 len, __u8 scope, struct lb_nat *n)
 {
 	int reason = lb_parse_ports(data, data_end, len, p);
+	struct lb_config *cfg;
+	__u32 zero = 0;
 	__u64 now;
 
 	if (reason >= 0)
 		return reason;
-	if (scope == LB_SCOPE_EXTERNAL && lb_martian(p))
+	cfg = lb_config.lookup(&zero);
+	if (scope == LB_SCOPE_EXTERNAL && lb_martian(p, cfg))
 		return LB_STAT_DROP_MARTIAN;
+	if (!lb_maybe_service(p))
+		return lb_no_service(p, scope, cfg);
 	now = bpf_ktime_get_ns();
 	reason = lb_reverse(p, now, n);
 	if (reason >= 0)
 		return reason;
-	return lb_forward(p, scope, now, n);
+	return lb_forward(p, scope, now, cfg, n);
 }
 
 /* A reply of a backend on the node's own network (the API server, a
@@ -179,7 +179,8 @@ LB_INLINE int lb_reverse_skb(struct __sk_buff *skb, const struct lb_pkt *p)
 	struct lb_nat n = {};
 	int reason;
 
-	if (lb_reverse(p, bpf_ktime_get_ns(), &n) < 0)
+	if (!lb_filter_has(LB_FILTER_BACKEND, p->saddr, p->sport) ||
+	    lb_reverse(p, bpf_ktime_get_ns(), &n) < 0)
 		return -1;
 	reason = lb_nat_skb(skb, p, &n) ? LB_STAT_ERROR : LB_STAT_REVNAT;
 	lb_count(reason, p->len);

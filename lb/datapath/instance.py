@@ -15,6 +15,7 @@ from typing import Literal
 from lb.datapath.interface import PacketDatapath
 from lb.datapath.userspace.programs import UserspaceDatapath
 from lb.model import Cluster, Node
+from lb.policy.kernel import MAP_FILTER as POLICY_FILTER
 from lb.policy.kernel import MAPS as POLICY_MAPS
 from lb.policy.kernel import PolicyWriter
 from lb.service import desired, maglev
@@ -35,8 +36,8 @@ def pin_dir_of(instance: str) -> Path:
 SMALL = Sizes(max_services=4096, max_backends=16384, maglev_slots=1 << 20, ct_size=65536)
 
 RECONCILER_MAPS = ("lb_services", "lb_backends", "lb_maglev", "lb_rev_nat", "lb_config",
-                   "lb_vips", "lb_svc_cidrs", "lb_source_ranges")
-POLICY_WRITER_MAPS = (*POLICY_MAPS, "lb_pol_drops")
+                   "lb_vips", "lb_svc_cidrs", "lb_source_ranges", "lb_filter")
+POLICY_WRITER_MAPS = (*POLICY_MAPS, POLICY_FILTER, "lb_pol_drops")
 
 
 def reconciler_for(dp: PacketDatapath, min_table_size: int = maglev.TABLE_SIZES[0]

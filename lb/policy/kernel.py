@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lb.model import Cluster, Node
@@ -23,6 +23,7 @@ from lb.policy.contents import (
 )
 from lb.policy.encode import decode, encode_key, encode_value
 from lb.refusal import Refusal, bounded
+from lb.service.prefilter import POLICED, Member, Prefilter
 from loader import layout
 from loader.maps import BpfMap, possible_cpus
 from loader.sizes import Sizes
@@ -30,6 +31,9 @@ from loader.sizes import Sizes
 log = logging.getLogger(__name__)
 
 MAPS = (MAP_ENDPOINTS, MAP_IPCACHE, MAP_RULES, MAP_PORTSETS)
+# The pre-filter of lb_pol_endpoints (bpf/lib/filter.h): the writer needs it
+# with them, or a pod it isolates would be skipped unseen.
+MAP_FILTER = "lb_pol_filter"
 
 
 def _buffer(value: bytes) -> Any:
@@ -63,21 +67,28 @@ def read(maps: Mapping[str, BpfMap]) -> PolicyMaps:
     return decode(entries)
 
 
+def _members(endpoints: Iterable[int]) -> set[Member]:
+    return {(POLICED, ip, 0) for ip in endpoints}
+
+
 class PolicyWriter:
-    """`maps`: the four of MAPS; with lb_pol_drops too, the drop counter of
-    a policy id is zeroed when the id comes to stand for another policy
-    (ids are reused), so a policy's count never starts with another's."""
+    """`maps`: the four of MAPS and MAP_FILTER; with lb_pol_drops too, the
+    drop counter of a policy id is zeroed when the id comes to stand for
+    another policy (ids are reused), so a policy's count never starts with
+    another's."""
 
     def __init__(self, maps: Mapping[str, BpfMap], sizes: Sizes | None = None) -> None:
         self.maps = maps
         self.sizes = sizes or Sizes()
         self.current = PolicyMaps()
         self.compiled: CompiledPolicy | None = None
+        self.prefilter = Prefilter(maps[MAP_FILTER])
 
     def recover(self) -> int:
         """Adopt what the pinned maps hold, so the first sync after a restart
         removes what no longer applies instead of leaving it behind."""
         self.current = read(self.maps)
+        self.prefilter.recover(_members(self.current.endpoints))
         return len(self.current.endpoints)
 
     def sync(self, cluster: Cluster, node: Node) -> list[Refusal]:
@@ -96,6 +107,9 @@ class PolicyWriter:
             for pid, name in new.maps.policies.items():
                 if self.current.policies.get(pid) != name:
                     drops.update(pid, _zero_stat())
+        # An endpoint passes the pre-filter before its entry exists, and
+        # leaves it only once the entry is gone: never fails open.
+        self.prefilter.admit(_members(new.maps.endpoints))
         zero_set = bytes(layout.sizeof("struct lb_pol_portset"))
         for name, op, key, value in diff(self.current, new.maps).steps():
             k = encode_key(name, key)
@@ -107,6 +121,7 @@ class PolicyWriter:
                 self.maps[name].delete(k)
         self.current = new.maps
         self.compiled = new
+        self.prefilter.settle(_members(new.maps.endpoints))
         return []
 
     def policy_name(self, ident: int) -> str:

@@ -39,6 +39,7 @@ from lb.refusal import Refusal
 from lb.service import maglev
 from lb.service.allocators import Exhausted, IdAllocator, SlabAllocator
 from lb.service.desired import Backend, DesiredState, Frontend, FrontendEntry
+from lb.service.prefilter import BACKEND, FRONTEND, VIP, Member, Prefilter
 from loader import layout
 from loader.libbpf import BpfError, MapFull
 from loader.maps import BpfMap
@@ -139,7 +140,9 @@ class Reconciler:
         self.vips: set[str] = set()
         self.cidrs: set[str] = set()
         self.ranges: dict[int, set[str]] = {}  # svc_id -> CIDRs
-        self.config: tuple[str | None, str | None, int, tuple[str, ...]] | None = None
+        self.config: tuple[str | None, str | None, int, tuple[str, ...],
+                           tuple[str, ...]] | None = None
+        self.prefilter = Prefilter(maps["lb_filter"])
 
     # --- restart ---------------------------------------------------------
 
@@ -182,6 +185,7 @@ class Reconciler:
         for k in range_keys:
             cidr = f"{ip_str(k.addr)}/{k.prefixlen - 32}"
             self.ranges.setdefault(socket.ntohl(k.svc_id), set()).add(cidr)
+        self.prefilter.recover(self._members())
         return len(self.applied)
 
     def _read_table(self, gid: int, off: int, size: int) -> Table:
@@ -193,6 +197,9 @@ class Reconciler:
     def sync(self, desired: DesiredState) -> SyncResult:
         res = SyncResult()
         self._release_quarantine()
+        # Everything this sync may program passes the pre-filter before it
+        # is written; what is not programmed after all is cleared at the end.
+        self.prefilter.admit(_desired_members(desired))
         entries = dict(desired.entries)
         kept: set[Frontend] = set()
         self._ensure_groups(entries)
@@ -219,7 +226,14 @@ class Reconciler:
         self._recovered_groups.clear()
         self._write_node(desired, entries, kept, res)
         self._write_source_ranges(entries, kept, res)
+        self.prefilter.settle(self._members())
         return res
+
+    def _members(self) -> set[Member]:
+        """The pre-filter's members for what the maps hold."""
+        return ({(FRONTEND, f.ip, f.port) for f in self.applied}
+                | {(VIP, ip, 0) for ip in self.vips}
+                | {(BACKEND, ip, port) for _, ip, port, _ in self.backends})
 
     @staticmethod
     def _refuse(res: SyncResult, subject: str, err: Exception) -> None:
@@ -231,7 +245,10 @@ class Reconciler:
 
     def _write_node(self, desired: DesiredState, entries: dict[Frontend, FrontendEntry],
                     kept: set[Frontend], res: SyncResult) -> None:
-        config = (desired.node_ip, desired.hairpin_ip, desired.netns_cookie, desired.node_ips)
+        want = tuple(sorted(c for c in desired.service_cidrs
+                            if ipaddress.ip_network(c).version == 4))
+        config = (desired.node_ip, desired.hairpin_ip, desired.netns_cookie, desired.node_ips,
+                  want)
         if config != self.config:
             val = layout.new(
                 "struct lb_config",
@@ -243,6 +260,14 @@ class Reconciler:
             own = desired.node_ips[:layout.const("LB_MAX_NODE_IPS")]
             for i, ip in enumerate(own):
                 val.node_ips[i] = ip_be(ip)
+            # The service CIDRs for the fast path, or all from the trie.
+            if len(want) > layout.const("LB_MAX_SVC_CIDRS"):
+                val.svc_cidrs_spill = 1
+            else:
+                for i, c in enumerate(want):
+                    net = ipaddress.IPv4Network(c)
+                    val.svc_cidr_net[i] = ip_be(str(net.network_address))
+                    val.svc_cidr_mask[i] = ip_be(str(net.netmask))
             self.maps["lb_config"].update(0, val[0])
             self.config = config
         # Only ClusterIPs actually programmed: a refused service must not
@@ -260,12 +285,11 @@ class Reconciler:
             except BpfError as err:
                 self._refuse(res, f"ClusterIP {ip}", err)
         cidrs = self.maps["lb_svc_cidrs"]
-        want = {c for c in desired.service_cidrs if ipaddress.ip_network(c).version == 4}
-        for c in sorted(want - self.cidrs):
+        for c in sorted(set(want) - self.cidrs):
             cidrs.update(_lpm4(c), 1)
-        for c in sorted(self.cidrs - want):
+        for c in sorted(self.cidrs - set(want)):
             cidrs.delete(_lpm4(c))
-        self.cidrs = want
+        self.cidrs = set(want)
 
     def _write_source_ranges(self, entries: dict[Frontend, FrontendEntry],
                              kept: set[Frontend], res: SyncResult) -> None:
@@ -526,3 +550,9 @@ def _backend_flags(b: Backend) -> int:
     if b.terminating:
         flags |= layout.const("LB_BACKEND_TERMINATING")
     return flags
+
+
+def _desired_members(desired: DesiredState) -> set[Member]:
+    return ({(FRONTEND, f.ip, f.port) for f in desired.entries}
+            | {(VIP, ip, 0) for ip in desired.vips}
+            | {(BACKEND, b.ip, b.port) for e in desired.entries.values() for b in e.backends})

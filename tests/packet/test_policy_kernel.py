@@ -21,14 +21,19 @@ import pytest
 
 import tests.unit.test_policy as upstream
 from lab import objects
-from lb.datapath.instance import SMALL, local_pod_ips, policy_writer_for, reconciler_for
+from lb.datapath.instance import (
+    POLICY_WRITER_MAPS,
+    SMALL,
+    local_pod_ips,
+    policy_writer_for,
+    reconciler_for,
+)
 from lb.encoding import ip_text
 from lb.inspect import packets
 from lb.inspect.trace import TC_ACT_SHOT, TO_POD, Probe, Tracer
 from lb.model import Cluster, Node
 from lb.policy import compile_policy, describe, lookup
 from lb.policy import view as policy_view
-from lb.policy.kernel import MAPS as POLICY_MAPS
 from lb.policy.kernel import PolicyWriter
 from lb.service import desired
 from loader import layout, libbpf
@@ -408,7 +413,7 @@ def test_policy_view_reads_back_what_the_compiler_wrote(kernel: KernelNode) -> N
     xa_in = next(r for r in got if r["pod"] == XA and r["direction"] == "ingress")
     assert xa_in["drop_policy"] == ids["x/deny"] and xa_in["drops"] == before + 1
     # What an agent adopts after a restart is what was written (names aside).
-    again = PolicyWriter({name: kernel.dp.map(name) for name in POLICY_MAPS})
+    again = PolicyWriter({name: kernel.dp.map(name) for name in POLICY_WRITER_MAPS})
     assert again.recover() == len(compiled.maps.endpoints) == 4
     assert again.current == replace(compiled.maps, policies={})
     # y/a's egress: pods of the block have a UDP 81 by name, other addresses do not.

@@ -104,6 +104,22 @@ def test_unknown_address_in_service_cidr_is_dropped(datapath: Datapath) -> None:
     assert trace(datapath, POD, 1000, "10.244.1.99", 80) == "PASS not-service"
 
 
+def test_service_cidrs_beyond_the_fast_paths_copies_are_still_dropped_in(
+        datapath: Datapath) -> None:
+    """Up to LB_MAX_SVC_CIDRS service CIDRs are checked from lb_config, more
+    through the trie: the answer is the same either way, and moving between
+    the two loses none."""
+    many = tuple(f"10.{96 + i}.0.0/16" for i in range(6))
+    rec = None
+    for cidrs in (many[:1], many[:4], many, many[:2]):
+        node = Node(name="node-a", ips=("192.0.2.1",), service_cidrs=cidrs)
+        rec = program(datapath, web([("10.244.1.10", "node-a")]), rec, node=node)
+        for i in range(6):
+            want = "DROP unknown-vip" if i < len(cidrs) else "PASS not-service"
+            assert trace(datapath, POD, 1000, f"10.{96 + i}.7.7", 80) == want, (cidrs, i)
+        assert trace(datapath, POD, 1001, VIP, 80) == "DNAT 10.244.1.10:8080"
+
+
 def test_hairpin_pod_reaches_itself_through_its_service(datapath: Datapath) -> None:
     # The source becomes the hairpin address, so the pod's reply leaves it
     # (a reply to its own address would never reach its veth) and is

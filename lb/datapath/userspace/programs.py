@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from lb.datapath.userspace.maps import DictMap, new_userspace_maps
+from lb.encoding import filter_bit
 from lb.model import PROTO_NUMBERS
 from lb.policy.contents import walk_chain
 from lb.verdicts import DROPS, POLICED, REJECTS, REWRITES
@@ -537,6 +538,8 @@ class UserspaceDatapath:
         self._pol_portsets = maps["lb_pol_portsets"]
         self._pol_drops = maps["lb_pol_drops"]
         self._frags = maps["lb_frags"]
+        self._filter = maps["lb_filter"]
+        self._pol_filter = maps["lb_pol_filter"]
         d = c_defaults(defines)
         self._tcp_life = d["LB_CT_TCP_LIFETIME_S"] * _NSEC_PER_SEC
         self._tcp_closing = d["LB_CT_TCP_CLOSING_S"] * _NSEC_PER_SEC
@@ -648,6 +651,8 @@ class UserspaceDatapath:
     def _reverse_skb(self, frame: bytes, p: Pkt) -> Verdict | None:
         """lb_reverse_skb: reverse NAT of a reply of a backend on the node's
         own network; None when p is no such reply."""
+        if not self._filter_has(_C["LB_FILTER_BACKEND"], p.saddr, p.sport):
+            return None
         rev = self._reverse(p, self.clock() & _U64)
         if rev is None:
             return None
@@ -663,6 +668,8 @@ class UserspaceDatapath:
             return reason, None
         if scope == self._scope_ext and self._martian(p):
             return _STAT["DROP_MARTIAN"], None
+        if not self._maybe_service(p):
+            return self._no_service(p, scope), None
         now = self.clock() & _U64
         rev = self._reverse(p, now)
         if rev is not None:
@@ -722,6 +729,31 @@ class UserspaceDatapath:
         self._count(reason, p.len)
         return Verdict(TC_ACT_SHOT if reason == _STAT["ERROR"] else TC_ACT_OK, bytes(buf),
                        reason)
+
+    def _filter_has(self, kind: int, addr: int, port: int, words: DictMap | None = None
+                    ) -> bool:
+        """lb_filter_has (lib/filter.h), over a network-order address and
+        port; lb_pol_filter_has with `words` lb_pol_filter."""
+        bit = filter_bit(kind, socket.ntohl(addr), socket.ntohs(port))
+        raw = (self._filter if words is None else words).ref(_u32key(bit >> 6))
+        return raw is not None and bool(int.from_bytes(raw, "little") >> (bit & 63) & 1)
+
+    def _maybe_service(self, p: Pkt) -> bool:
+        """lb_maybe_service."""
+        return (self._filter_has(_C["LB_FILTER_FRONTEND"], p.daddr, p.dport)
+                or self._filter_has(_C["LB_FILTER_BACKEND"], p.saddr, p.sport))
+
+    def _in_svc_cidr(self, addr: int) -> bool:
+        """lb_in_svc_cidr (lib/lb.h)."""
+        raw = self._config.ref(_u32key(0))
+        if raw is None:
+            return False
+        cfg = _ffi.from_buffer("struct lb_config *", raw)
+        if cfg.svc_cidrs_spill:
+            return self._svc_cidrs.ref(_pack("struct lb_lpm4_key", prefixlen=32,
+                                             addr=addr)) is not None
+        return any(m and addr & m == net
+                   for net, m in zip(cfg.svc_cidr_net, cfg.svc_cidr_mask, strict=True))
 
     def _martian(self, p: Pkt) -> bool:
         """lb_martian (lib/translate.h)."""
@@ -920,10 +952,10 @@ class UserspaceDatapath:
         elsewhere in the service CIDRs; only pods reach ClusterIPs."""
         if scope != self._scope_int:
             return _STAT["PASS_NOT_SERVICE"]
-        if self._vips.ref(_u32key(p.daddr)) is not None:
+        if (self._filter_has(_C["LB_FILTER_VIP"], p.daddr, 0)
+                and self._vips.ref(_u32key(p.daddr)) is not None):
             return _STAT["REJECT_NO_PORT"]
-        if self._svc_cidrs.ref(_pack("struct lb_lpm4_key", prefixlen=32,
-                                     addr=p.daddr)) is not None:
+        if self._in_svc_cidr(p.daddr):
             return _STAT["DROP_UNKNOWN_VIP"]
         return _STAT["PASS_NOT_SERVICE"]
 
@@ -1066,6 +1098,8 @@ class UserspaceDatapath:
     def _policy(self, f: Flow, front: Flow | None, local: int, direction: int,
                 tcp_flags: int, size: int) -> bool:
         """lb_policy: True to drop. Pods no policy isolates cost one miss."""
+        if not self._filter_has(_C["LB_FILTER_POLICED"], local, 0, self._pol_filter):
+            return False
         raw = self._pol_endpoints.ref(_u32key(local))
         if raw is None:
             return False

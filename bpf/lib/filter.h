@@ -1,0 +1,54 @@
+/* The pre-filter: is this packet possibly service traffic? Most of a node's
+ * packets are not, and the full answer (a conntrack lookup for a reply, a
+ * service lookup) costs two hash-map lookups. lb_filter answers "certainly
+ * not" from array reads, which the verifier inlines. Cilium gets the same
+ * effect from its per-endpoint program layout; Katran from handling only
+ * VIP traffic on its device. Layout and bits: bpf/lb_maps.h, lb_filter. */
+#ifndef LB_FILTER_H
+#define LB_FILTER_H
+
+#include "common.h"
+#include "maps.h"
+#include "parse.h"
+
+/* One hash over host-order values (lb/encoding.py, filter_bit, is the same
+ * function for the agent and the userspace twin): a multiplicative mix,
+ * then two xorshift rounds so that neighbouring addresses and ports land
+ * far apart. */
+LB_INLINE __u32 lb_filter_bit(__u32 kind, __u32 addr, __u16 port)
+{
+	__u32 x = bpf_ntohl(addr) * 0x9e3779b1 +
+		  (((__u32)bpf_ntohs(port) << 2) | kind) * 0x85ebca77;
+
+	x ^= x >> 15;
+	x *= 0x2c1b3c6d;
+	x ^= x >> 12;
+	return x & (LB_FILTER_WORDS * 64 - 1);
+}
+
+LB_INLINE int lb_filter_has(__u32 kind, __u32 addr, __u16 port)
+{
+	__u32 bit = lb_filter_bit(kind, addr, port), word = bit >> 6;
+	__u64 *w = lb_filter.lookup(&word);
+
+	return w && ((*w >> (bit & 63)) & 1);
+}
+
+/* A pod some policy may isolate (lb_pol_endpoints holds it, or a bit it
+ * shares). */
+LB_INLINE int lb_pol_filter_has(__u32 addr)
+{
+	__u32 bit = lb_filter_bit(LB_FILTER_POLICED, addr, 0), word = bit >> 6;
+	__u64 *w = lb_pol_filter.lookup(&word);
+
+	return w && ((*w >> (bit & 63)) & 1);
+}
+
+/* To a frontend, or from a backend (a reply of a translated flow). */
+LB_INLINE int lb_maybe_service(const struct lb_pkt *p)
+{
+	return lb_filter_has(LB_FILTER_FRONTEND, p->daddr, p->dport) ||
+	       lb_filter_has(LB_FILTER_BACKEND, p->saddr, p->sport);
+}
+
+#endif

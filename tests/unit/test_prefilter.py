@@ -1,0 +1,75 @@
+"""The pre-filter's bookkeeping (lb/service/prefilter.py) over the twin's
+maps: which bits are set, shared bits, words written, recovery."""
+
+from __future__ import annotations
+
+from lb.datapath.userspace.maps import new_userspace_maps
+from lb.encoding import filter_bit, ip_int
+from lb.service.prefilter import BACKEND, FRONTEND, VIP, WORDS, Member, Prefilter
+from tests.conftest import SMALL
+
+
+def words(m: object) -> dict[int, int]:
+    raw = m.read_array(0, WORDS)  # type: ignore[attr-defined]
+    size = len(raw) // WORDS
+    return {i: v for i in range(WORDS)
+            if (v := int.from_bytes(raw[i * size:i * size + 8], "little"))}
+
+
+def bits_of(members: set[Member]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for kind, ip, port in members:
+        b = filter_bit(kind, ip_int(ip), port)
+        out[b >> 6] = out.get(b >> 6, 0) | 1 << (b & 63)
+    return out
+
+
+def colliding_pair() -> tuple[Member, Member]:
+    seen: dict[int, Member] = {}
+    for i in range(200_000):
+        m: Member = (BACKEND, f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 8080)
+        b = filter_bit(m[0], ip_int(m[1]), m[2])
+        if b in seen:
+            return seen[b], m
+        seen[b] = m
+    raise AssertionError("no two members share a bit")
+
+
+def test_the_map_holds_exactly_the_members_bits_and_writes_only_changed_words() -> None:
+    m = new_userspace_maps(SMALL)["lb_filter"]
+    f = Prefilter(m)
+    first = {(FRONTEND, "10.96.0.10", 80), (VIP, "10.96.0.10", 0),
+             (BACKEND, "10.244.1.10", 8080), (BACKEND, "10.244.1.11", 8080)}
+    assert f.admit(first) == len(bits_of(first))
+    assert words(m) == bits_of(first)
+    assert f.admit(first) == 0 and f.settle(first) == 0
+    # A backend replaced: admitted before its entry, the old one cleared after.
+    second = first - {(BACKEND, "10.244.1.11", 8080)} | {(BACKEND, "10.244.1.12", 8080)}
+    f.admit(second)
+    assert words(m) == bits_of(first | second)
+    assert f.settle(second) == 1
+    assert words(m) == bits_of(second)
+    assert f.settle(set()) == len(bits_of(second)) and words(m) == {}
+
+
+def test_a_bit_two_members_share_stays_until_both_are_gone() -> None:
+    a, b = colliding_pair()
+    m = new_userspace_maps(SMALL)["lb_filter"]
+    f = Prefilter(m)
+    f.settle({a, b})
+    assert words(m) == bits_of({a})
+    assert f.settle({b}) == 0, "the bit still stands for b"
+    assert words(m) == bits_of({b})
+    assert f.settle(set()) == 1 and words(m) == {}
+
+
+def test_recovery_rewrites_what_the_pinned_words_got_wrong() -> None:
+    m = new_userspace_maps(SMALL)["lb_filter"]
+    members = {(FRONTEND, "10.96.0.10", 80), (BACKEND, "10.244.1.10", 8080)}
+    Prefilter(m).settle(members | {(BACKEND, "10.244.9.9", 9)})
+    stray = 5
+    m.update(stray, 1 << 3)
+    f = Prefilter(m)
+    f.recover(members)
+    assert words(m) == bits_of(members)
+    assert f.settle(members) == 0
