@@ -44,11 +44,4 @@ LB_INLINE int lb_pol_filter_has(__u32 addr)
 	return w && ((*w >> (bit & 63)) & 1);
 }
 
-/* To a frontend, or from a backend (a reply of a translated flow). */
-LB_INLINE int lb_maybe_service(const struct lb_pkt *p)
-{
-	return lb_filter_has(LB_FILTER_FRONTEND, p->daddr, p->dport) ||
-	       lb_filter_has(LB_FILTER_BACKEND, p->saddr, p->sport);
-}
-
 #endif

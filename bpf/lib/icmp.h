@@ -239,7 +239,7 @@ LB_INLINE int lb_icmp_error(void *data, void *data_end, const struct lb_pkt *p)
 	struct lb_icmp_nat n = {};
 
 	if (lb_icmp_parse(data, data_end, p, &e) ||
-	    lb_icmp_decide(p, &e, bpf_ktime_get_ns(), &n) < 0)
+	    lb_icmp_decide(p, &e, lb_now(), &n) < 0)
 		return -1;
 	return lb_icmp_nat(data, data_end, &e, &n) ? LB_STAT_ERROR : LB_STAT_ICMP_ERROR_NAT;
 }

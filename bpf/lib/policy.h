@@ -178,10 +178,7 @@ LB_INLINE int lb_policy(const struct lb_flow *f, const struct lb_flow *front, __
 	ep = lb_pol_endpoints.lookup(&local);
 	if (!ep)
 		return 0;
-	/* The coarse clock (the last tick): the fine one costs more than the
-	 * rest of an established flow's check, and lifetimes are seconds. Only
-	 * policy code reads or writes the times of policy entries. */
-	now = bpf_ktime_get_coarse_ns();
+	now = lb_now();
 	if (lb_pol_known(f, dir, tcp_flags, now))
 		return 0;
 	blame = lb_pol_judge(local, dir == LB_POL_INGRESS ? f->saddr : f->daddr,

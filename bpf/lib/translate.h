@@ -154,6 +154,7 @@ LB_INLINE int lb_decide(struct lb_pkt *p, void *data, void *data_end,
 	int reason = lb_parse_ports(data, data_end, len, p);
 	struct lb_config *cfg;
 	__u32 zero = 0;
+	int front, back;
 	__u64 now;
 
 	if (reason >= 0)
@@ -161,12 +162,20 @@ LB_INLINE int lb_decide(struct lb_pkt *p, void *data, void *data_end,
 	cfg = lb_config.lookup(&zero);
 	if (scope == LB_SCOPE_EXTERNAL && lb_martian(p, cfg))
 		return LB_STAT_DROP_MARTIAN;
-	if (!lb_maybe_service(p))
+	/* A reply comes from a backend, a request goes to a frontend: the
+	 * pre-filter rules out each lookup that cannot match. */
+	front = lb_filter_has(LB_FILTER_FRONTEND, p->daddr, p->dport);
+	back = lb_filter_has(LB_FILTER_BACKEND, p->saddr, p->sport);
+	if (!front && !back)
 		return lb_no_service(p, scope, cfg);
-	now = bpf_ktime_get_ns();
-	reason = lb_reverse(p, now, n);
-	if (reason >= 0)
-		return reason;
+	now = lb_now();
+	if (back) {
+		reason = lb_reverse(p, now, n);
+		if (reason >= 0)
+			return reason;
+	}
+	if (!front)
+		return lb_no_service(p, scope, cfg);
 	return lb_forward(p, scope, now, cfg, n);
 }
 
@@ -180,7 +189,7 @@ LB_INLINE int lb_reverse_skb(struct __sk_buff *skb, const struct lb_pkt *p)
 	int reason;
 
 	if (!lb_filter_has(LB_FILTER_BACKEND, p->saddr, p->sport) ||
-	    lb_reverse(p, bpf_ktime_get_ns(), &n) < 0)
+	    lb_reverse(p, lb_now(), &n) < 0)
 		return -1;
 	reason = lb_nat_skb(skb, p, &n) ? LB_STAT_ERROR : LB_STAT_REVNAT;
 	lb_count(reason, p->len);

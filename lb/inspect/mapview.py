@@ -99,6 +99,7 @@ def maglev(maps: Mapping[str, BpfMap]) -> list[dict[str, Any]]:
 
 
 def conntrack(maps: Mapping[str, BpfMap]) -> list[dict[str, Any]]:
+    # lb_now (bpf/lib/common.h) lags this clock by at most a tick.
     now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     rows = []
     for k, v in maps["lb_ct"].items():

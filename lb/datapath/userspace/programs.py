@@ -508,19 +508,16 @@ def _ct_reply_reopened(v: Any, p: Pkt) -> bool:
 
 
 class UserspaceDatapath:
-    """The programs of bpf/lb.c over DictMaps. `clock` stands for
-    bpf_ktime_get_ns (monotonic nanoseconds), `coarse_clock` for
-    bpf_ktime_get_coarse_ns, which policy uses (the same clock by default);
-    tests drive them."""
+    """The programs of bpf/lb.c over DictMaps. `clock` stands for lb_now
+    (bpf/lib/common.h: monotonic nanoseconds as of the last tick), which
+    conntrack, affinity and policy read; tests drive it."""
 
     def __init__(self, maps: Mapping[str, DictMap], sizes: Sizes,
                  clock: Callable[[], int] = time.monotonic_ns,
-                 defines: Mapping[str, str] | None = None,
-                 coarse_clock: Callable[[], int] | None = None) -> None:
+                 defines: Mapping[str, str] | None = None) -> None:
         self.maps = maps
         self.sizes = sizes
         self.clock = clock
-        self.coarse_clock = coarse_clock or clock
         self._services = maps["lb_services"]
         self._backends = maps["lb_backends"]
         self._maglev = maps["lb_maglev"]
@@ -668,12 +665,17 @@ class UserspaceDatapath:
             return reason, None
         if scope == self._scope_ext and self._martian(p):
             return _STAT["DROP_MARTIAN"], None
-        if not self._maybe_service(p):
+        front = self._filter_has(_C["LB_FILTER_FRONTEND"], p.daddr, p.dport)
+        back = self._filter_has(_C["LB_FILTER_BACKEND"], p.saddr, p.sport)
+        if not front and not back:
             return self._no_service(p, scope), None
         now = self.clock() & _U64
-        rev = self._reverse(p, now)
-        if rev is not None:
-            return rev
+        if back:
+            rev = self._reverse(p, now)
+            if rev is not None:
+                return rev
+        if not front:
+            return self._no_service(p, scope), None
         return self._forward(p, scope, now)
 
     def _icmp_decide(self, p: Pkt, e: IcmpErr, now: int) -> IcmpNat | None:
@@ -737,11 +739,6 @@ class UserspaceDatapath:
         bit = filter_bit(kind, socket.ntohl(addr), socket.ntohs(port))
         raw = (self._filter if words is None else words).ref(_u32key(bit >> 6))
         return raw is not None and bool(int.from_bytes(raw, "little") >> (bit & 63) & 1)
-
-    def _maybe_service(self, p: Pkt) -> bool:
-        """lb_maybe_service."""
-        return (self._filter_has(_C["LB_FILTER_FRONTEND"], p.daddr, p.dport)
-                or self._filter_has(_C["LB_FILTER_BACKEND"], p.saddr, p.sport))
 
     def _in_svc_cidr(self, addr: int) -> bool:
         """lb_in_svc_cidr (lib/lb.h)."""
@@ -1104,7 +1101,7 @@ class UserspaceDatapath:
         if raw is None:
             return False
         ep = _ffi.from_buffer("struct lb_pol_endpoint *", raw)
-        now = self.coarse_clock() & _U64
+        now = self.clock() & _U64
         if self._pol_known(f, direction, tcp_flags, now):
             return False
         blame = self._pol_judge(local, f.saddr if direction == _POL_INGRESS else f.daddr,
