@@ -175,13 +175,13 @@ struct lb_config {
 
 /* lb_filter: a Bloom filter with one hash over what can be service traffic,
  * consulted before any hash-map lookup so that the rest of a node's traffic
- * costs a few array reads (bpf/lib/filter.h). A word of 64 bits per entry;
+ * costs a few array reads (bpf/lib/filter.h). LB_FILTER_WORDS words of 64
+ * bits (a power of two, sized from the other maps: loader/sizes.py);
  * bit lb_filter_bit(kind, addr, port) is set for every frontend's address and
  * port, every ClusterIP's address (port 0) and every backend's address and
  * port (replies come from there). A false positive costs the lookups the
  * filter saves; a false negative cannot happen while the agent sets a bit
  * before the entry it stands for is usable and clears it after. */
-#define LB_FILTER_WORDS    16384
 #define LB_FILTER_FRONTEND 0
 #define LB_FILTER_VIP      1
 #define LB_FILTER_BACKEND  2

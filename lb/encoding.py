@@ -57,15 +57,15 @@ def source_range_key(svc_id: int, addr: str | int, prefixlen: int) -> Any:
                       svc_id=socket.htonl(svc_id), addr=ip_be(addr))
 
 
-_FILTER_BITS = layout.const("LB_FILTER_WORDS") * 64
 _M32 = 0xFFFFFFFF
 
 
-def filter_bit(kind: int, addr: int, port: int) -> int:
-    """The bit of lb_filter for (kind, address, port), all host order:
-    lb_filter_bit of bpf/lib/filter.h, for the agent and the twin."""
+def filter_bit(kind: int, addr: int, port: int, words: int) -> int:
+    """The bit of a pre-filter of `words` words for (kind, address, port),
+    all host order: lb_filter_bit of bpf/lib/filter.h, for the agent and
+    the twin."""
     x = (addr * 0x9E3779B1 + ((port << 2) | kind) * 0x85EBCA77) & _M32
     x ^= x >> 15
     x = (x * 0x2C1B3C6D) & _M32
     x ^= x >> 12
-    return x & (_FILTER_BITS - 1)
+    return x & (words * 64 - 1)

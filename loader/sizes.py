@@ -39,9 +39,19 @@ class Sizes:
     source_ranges: int = _size(16384, "LB_MAX_SOURCE_RANGES",
                                "loadBalancerSourceRanges of all services together")
 
+    @property
+    def filter_words(self) -> int:
+        """Words of the pre-filters (bpf/lib/filter.h): 16 bits or more for
+        each member there can be (two frontends and a ClusterIP per service,
+        a backend each), so that a packet that is no service traffic finds
+        its bit set one time in 16 or less; a power of two."""
+        bits = 16 * (3 * self.max_services + self.max_backends)
+        return max(1024, 1 << (bits // 64 - 1).bit_length())
+
     def defines(self) -> dict[str, int]:
         """The -D defines of the build: define -> size."""
-        return {f.metadata["define"]: getattr(self, f.name) for f in fields(self)}
+        return {**{f.metadata["define"]: getattr(self, f.name) for f in fields(self)},
+                "LB_FILTER_WORDS": self.filter_words}
 
 
 @dataclass(frozen=True)

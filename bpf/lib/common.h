@@ -43,6 +43,9 @@
 #ifndef LB_POL_PORTSETS
 #error "LB_POL_PORTSETS: a -D define of loader/sizes.py"
 #endif
+#ifndef LB_FILTER_WORDS
+#error "LB_FILTER_WORDS: a -D define of loader/sizes.py"
+#endif
 #ifndef LB_AFFINITY_SIZE
 #error "LB_AFFINITY_SIZE: a -D define of loader/sizes.py"
 #endif

@@ -46,7 +46,8 @@ def reconciler_for(dp: PacketDatapath, min_table_size: int = maglev.TABLE_SIZES[
     s = dp.sizes
     return Reconciler({name: dp.map(name) for name in RECONCILER_MAPS},
                       max_services=s.max_services, max_backends=s.max_backends,
-                      maglev_slots=s.maglev_slots, min_table_size=min_table_size)
+                      maglev_slots=s.maglev_slots, filter_words=s.filter_words,
+                      min_table_size=min_table_size)
 
 
 def policy_writer_for(dp: PacketDatapath) -> PolicyWriter:

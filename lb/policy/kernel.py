@@ -82,7 +82,7 @@ class PolicyWriter:
         self.sizes = sizes or Sizes()
         self.current = PolicyMaps()
         self.compiled: CompiledPolicy | None = None
-        self.prefilter = Prefilter(maps[MAP_FILTER])
+        self.prefilter = Prefilter(maps[MAP_FILTER], self.sizes.filter_words)
 
     def recover(self) -> int:
         """Adopt what the pinned maps hold, so the first sync after a restart

@@ -21,15 +21,17 @@ FRONTEND = layout.const("LB_FILTER_FRONTEND")
 VIP = layout.const("LB_FILTER_VIP")
 BACKEND = layout.const("LB_FILTER_BACKEND")
 POLICED = layout.const("LB_FILTER_POLICED")
-WORDS = layout.const("LB_FILTER_WORDS")
 
 # (kind, address as text or a host-order int, port)
 Member = tuple[int, str | int, int]
 
 
 class Prefilter:
-    def __init__(self, words: BpfMap) -> None:
-        self.map = words
+    """Over a pre-filter map of `words` words (Sizes.filter_words)."""
+
+    def __init__(self, words_map: BpfMap, words: int) -> None:
+        self.map = words_map
+        self.words = words
         self.members: set[Member] = set()
         self._counts: Counter[int] = Counter()
         self._written: dict[int, int] = {}
@@ -51,9 +53,9 @@ class Prefilter:
     def recover(self, members: set[Member]) -> int:
         """After a restart: the words the maps hold, then `members` settled
         over them (a word that differs is rewritten)."""
-        raw = self.map.read_array(0, WORDS)
-        size = len(raw) // WORDS
-        self._written = {i: v for i in range(WORDS)
+        raw = self.map.read_array(0, self.words)
+        size = len(raw) // self.words
+        self._written = {i: v for i in range(self.words)
                          if (v := int.from_bytes(raw[i * size:i * size + 8], "little"))}
         self.members, self._counts = set(), Counter()
         self.settle(members)
@@ -61,7 +63,7 @@ class Prefilter:
 
     def _count(self, m: Member, delta: int) -> int | None:
         """Count `m` in or out of its bit: its word when the bit flips."""
-        bit = filter_bit(m[0], ip_int(m[1]), m[2])
+        bit = filter_bit(m[0], ip_int(m[1]), m[2], self.words)
         before = self._counts[bit]
         self._counts[bit] = before + delta
         if self._counts[bit] <= 0:

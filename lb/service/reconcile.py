@@ -118,7 +118,7 @@ class SyncResult:
 class Reconciler:
     def __init__(
         self, maps: Mapping[str, BpfMap], *, max_services: int, max_backends: int,
-        maglev_slots: int, min_table_size: int = maglev.TABLE_SIZES[0],
+        maglev_slots: int, filter_words: int, min_table_size: int = maglev.TABLE_SIZES[0],
     ) -> None:
         self.maps = maps
         maglev.table_size(1, min_table_size)  # a size of the ladder, or ValueError
@@ -142,7 +142,7 @@ class Reconciler:
         self.ranges: dict[int, set[str]] = {}  # svc_id -> CIDRs
         self.config: tuple[str | None, str | None, int, tuple[str, ...],
                            tuple[str, ...]] | None = None
-        self.prefilter = Prefilter(maps["lb_filter"])
+        self.prefilter = Prefilter(maps["lb_filter"], filter_words)
 
     # --- restart ---------------------------------------------------------
 

@@ -413,7 +413,8 @@ def test_policy_view_reads_back_what_the_compiler_wrote(kernel: KernelNode) -> N
     xa_in = next(r for r in got if r["pod"] == XA and r["direction"] == "ingress")
     assert xa_in["drop_policy"] == ids["x/deny"] and xa_in["drops"] == before + 1
     # What an agent adopts after a restart is what was written (names aside).
-    again = PolicyWriter({name: kernel.dp.map(name) for name in POLICY_WRITER_MAPS})
+    again = PolicyWriter({name: kernel.dp.map(name) for name in POLICY_WRITER_MAPS},
+                         kernel.dp.sizes)
     assert again.recover() == len(compiled.maps.endpoints) == 4
     assert again.current == replace(compiled.maps, policies={})
     # y/a's egress: pods of the block have a UDP 81 by name, other addresses do not.

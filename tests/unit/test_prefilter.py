@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from lb.datapath.userspace.maps import new_userspace_maps
 from lb.encoding import filter_bit, ip_int
-from lb.service.prefilter import BACKEND, FRONTEND, VIP, WORDS, Member, Prefilter
+from lb.service.prefilter import BACKEND, FRONTEND, VIP, Member, Prefilter
 from tests.conftest import SMALL
+
+WORDS = SMALL.filter_words
 
 
 def words(m: object) -> dict[int, int]:
@@ -19,7 +21,7 @@ def words(m: object) -> dict[int, int]:
 def bits_of(members: set[Member]) -> dict[int, int]:
     out: dict[int, int] = {}
     for kind, ip, port in members:
-        b = filter_bit(kind, ip_int(ip), port)
+        b = filter_bit(kind, ip_int(ip), port, WORDS)
         out[b >> 6] = out.get(b >> 6, 0) | 1 << (b & 63)
     return out
 
@@ -28,7 +30,7 @@ def colliding_pair() -> tuple[Member, Member]:
     seen: dict[int, Member] = {}
     for i in range(200_000):
         m: Member = (BACKEND, f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 8080)
-        b = filter_bit(m[0], ip_int(m[1]), m[2])
+        b = filter_bit(m[0], ip_int(m[1]), m[2], WORDS)
         if b in seen:
             return seen[b], m
         seen[b] = m
@@ -37,7 +39,7 @@ def colliding_pair() -> tuple[Member, Member]:
 
 def test_the_map_holds_exactly_the_members_bits_and_writes_only_changed_words() -> None:
     m = new_userspace_maps(SMALL)["lb_filter"]
-    f = Prefilter(m)
+    f = Prefilter(m, WORDS)
     first = {(FRONTEND, "10.96.0.10", 80), (VIP, "10.96.0.10", 0),
              (BACKEND, "10.244.1.10", 8080), (BACKEND, "10.244.1.11", 8080)}
     assert f.admit(first) == len(bits_of(first))
@@ -55,7 +57,7 @@ def test_the_map_holds_exactly_the_members_bits_and_writes_only_changed_words() 
 def test_a_bit_two_members_share_stays_until_both_are_gone() -> None:
     a, b = colliding_pair()
     m = new_userspace_maps(SMALL)["lb_filter"]
-    f = Prefilter(m)
+    f = Prefilter(m, WORDS)
     f.settle({a, b})
     assert words(m) == bits_of({a})
     assert f.settle({b}) == 0, "the bit still stands for b"
@@ -66,10 +68,10 @@ def test_a_bit_two_members_share_stays_until_both_are_gone() -> None:
 def test_recovery_rewrites_what_the_pinned_words_got_wrong() -> None:
     m = new_userspace_maps(SMALL)["lb_filter"]
     members = {(FRONTEND, "10.96.0.10", 80), (BACKEND, "10.244.1.10", 8080)}
-    Prefilter(m).settle(members | {(BACKEND, "10.244.9.9", 9)})
+    Prefilter(m, WORDS).settle(members | {(BACKEND, "10.244.9.9", 9)})
     stray = 5
     m.update(stray, 1 << 3)
-    f = Prefilter(m)
+    f = Prefilter(m, WORDS)
     f.recover(members)
     assert words(m) == bits_of(members)
     assert f.settle(members) == 0

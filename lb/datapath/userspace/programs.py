@@ -537,6 +537,7 @@ class UserspaceDatapath:
         self._frags = maps["lb_frags"]
         self._filter = maps["lb_filter"]
         self._pol_filter = maps["lb_pol_filter"]
+        self._filter_words = sizes.filter_words
         d = c_defaults(defines)
         self._tcp_life = d["LB_CT_TCP_LIFETIME_S"] * _NSEC_PER_SEC
         self._tcp_closing = d["LB_CT_TCP_CLOSING_S"] * _NSEC_PER_SEC
@@ -736,7 +737,7 @@ class UserspaceDatapath:
                     ) -> bool:
         """lb_filter_has (lib/filter.h), over a network-order address and
         port; lb_pol_filter_has with `words` lb_pol_filter."""
-        bit = filter_bit(kind, socket.ntohl(addr), socket.ntohs(port))
+        bit = filter_bit(kind, socket.ntohl(addr), socket.ntohs(port), self._filter_words)
         raw = (self._filter if words is None else words).ref(_u32key(bit >> 6))
         return raw is not None and bool(int.from_bytes(raw, "little") >> (bit & 63) & 1)
 
