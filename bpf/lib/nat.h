@@ -94,9 +94,14 @@ LB_INLINE int lb_nat_xdp(struct xdp_md *ctx, const struct lb_pkt *p,
 	return 0;
 }
 
+/* The L4 sum through the helper (CHECKSUM_PARTIAL aware), then the IPv4
+ * header by direct writes: the helper moved the packet, so the pointers are
+ * read again. `src` picks the field. */
 LB_INLINE int lb_store_addr(struct __sk_buff *skb, const struct lb_pkt *p,
-			    __u32 off, __u32 from, __u32 to, __u64 l4flags)
+			    int src, __u32 from, __u32 to, __u64 l4flags)
 {
+	struct iphdr *ip;
+
 	if (from == to)
 		return 0;
 	/* A later fragment has no L4 header to fix; SCTP's sum has no addresses. */
@@ -104,21 +109,35 @@ LB_INLINE int lb_store_addr(struct __sk_buff *skb, const struct lb_pkt *p,
 	    bpf_l4_csum_replace(skb, lb_l4_csum_off(p), from, to,
 				l4flags | BPF_F_PSEUDO_HDR | sizeof(to)))
 		return -1;
-	if (bpf_l3_csum_replace(skb, LB_IP_CSUM_OFF, from, to, sizeof(to)))
+	ip = (void *)(long)skb->data + LB_ETH_LEN;
+	if ((void *)(ip + 1) > (void *)(long)skb->data_end)
 		return -1;
-	return bpf_skb_store_bytes(skb, off, &to, sizeof(to), 0);
+	lb_csum_replace4_kernel(&ip->check, from, to);
+	if (src)
+		ip->saddr = to;
+	else
+		ip->daddr = to;
+	return 0;
 }
 
 LB_INLINE int lb_store_port(struct __sk_buff *skb, const struct lb_pkt *p,
 			    __u32 off, __u16 from, __u16 to, __u64 l4flags)
 {
+	void *data;
+	__u16 *port;
+
 	if (from == to)
 		return 0;
-	if (p->proto == IPPROTO_SCTP ||
+	if (p->proto == IPPROTO_SCTP || off > LB_MAX_L4_OFF + 2 ||
 	    bpf_l4_csum_replace(skb, lb_l4_csum_off(p), from, to,
 				l4flags | sizeof(to)))
 		return -1;
-	return bpf_skb_store_bytes(skb, off, &to, sizeof(to), 0);
+	data = (void *)(long)skb->data;
+	port = data + off;
+	if ((void *)(port + 1) > (void *)(long)skb->data_end)
+		return -1;
+	*port = to;
+	return 0;
 }
 
 LB_INLINE int lb_nat_skb(struct __sk_buff *skb, const struct lb_pkt *p,
@@ -127,8 +146,8 @@ LB_INLINE int lb_nat_skb(struct __sk_buff *skb, const struct lb_pkt *p,
 	/* Leaves a zero UDP checksum alone and never produces one. */
 	__u64 l4flags = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 
-	if (lb_store_addr(skb, p, LB_IP_SRC_OFF, p->saddr, n->saddr, l4flags) ||
-	    lb_store_addr(skb, p, LB_IP_DST_OFF, p->daddr, n->daddr, l4flags))
+	if (lb_store_addr(skb, p, 1, p->saddr, n->saddr, l4flags) ||
+	    lb_store_addr(skb, p, 0, p->daddr, n->daddr, l4flags))
 		return -1;
 	if (p->frag == LB_FRAG_LATER)
 		return 0;

@@ -17,8 +17,6 @@
 #define LB_IPV4_HLEN   20 /* without options */
 #define LB_MAX_L4_OFF  (LB_ETH_LEN + 60)
 #define LB_IP_CSUM_OFF (LB_ETH_LEN + 10)
-#define LB_IP_SRC_OFF  (LB_ETH_LEN + 12)
-#define LB_IP_DST_OFF  (LB_ETH_LEN + 16)
 /* What the programs read of an skb must sit in its linear part: the
  * largest IPv4 and TCP headers, or an ICMP error quoting the largest IPv4
  * header and 18 bytes of TCP (its checksum; lib/icmp.h). */

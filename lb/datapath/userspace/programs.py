@@ -306,8 +306,8 @@ def bpf_l3_csum_replace(buf: bytearray, off: int, old: int, new: int) -> int:
 
 
 def nat_skb(buf: bytearray, p: Pkt, n: Nat) -> int:
-    """lb_nat_skb: bpf_l4/l3_csum_replace, then bpf_skb_store_bytes, field
-    by field, in the C's order."""
+    """lb_nat_skb: bpf_l4_csum_replace, then the IPv4 sum by the kernel's
+    csum_replace4 and a direct write, field by field, in the C's order."""
     mangled_0 = p.proto == IPPROTO_UDP
     coff = l4_csum_off(p)
     later = p.frag == FRAG_LATER  # no L4 header: addresses only
