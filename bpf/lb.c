@@ -23,6 +23,7 @@
 
 #include "lib/common.h"
 #include "lib/icmp.h"
+#include "lib/pmtu.h"
 #include "lib/stats.h"
 #include "lib/policy.h"
 #include "lib/reject.h"
@@ -38,14 +39,20 @@ int xdp_lb_external(struct xdp_md *ctx)
 	struct lb_nat n = {};
 	int reason = lb_decide(&p, data, data_end, data_end - data,
 			       LB_SCOPE_EXTERNAL, &n);
+	__u32 mtu = 0;
 
-	if (lb_rewrites(reason) && lb_nat_xdp(ctx, &p, &n))
-		reason = LB_STAT_ERROR;
+	if (lb_rewrites(reason)) {
+		mtu = lb_path_mtu_xdp(ctx, &p, &n);
+		if (mtu)
+			reason = LB_STAT_REJECT_FRAG_NEEDED;
+		else if (lb_nat_xdp(ctx, &p, &n))
+			reason = LB_STAT_ERROR;
+	}
 	if (reason == LB_STAT_PASS_OTHER_PROTO)
 		reason = lb_icmp_or(reason, data, data_end, &p);
 	lb_count(reason, p.len);
 	/* A later fragment has nothing to quote: it is dropped. */
-	if (lb_rejects(reason) && p.frag != LB_FRAG_LATER && lb_reject_xdp(ctx, &p) == 0)
+	if (lb_rejects(reason) && p.frag != LB_FRAG_LATER && lb_reject_xdp(ctx, &p, mtu) == 0)
 		return XDP_TX;
 	return lb_drops(reason) ? XDP_DROP : XDP_PASS;
 }

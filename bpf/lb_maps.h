@@ -73,6 +73,7 @@
 #define LB_STAT_DROP_MARTIAN       17 /* from outside with a source that cannot be */
 #define LB_STAT_ICMP_ERROR_NAT     18 /* an ICMP error of a translated flow, translated */
 #define LB_STAT_PASS_FRAG_NO_FIRST 19 /* a later fragment whose first was not seen here */
+#define LB_STAT_REJECT_FRAG_NEEDED 20 /* translated, too big for its route: "fragmentation needed" sent */
 #define LB_STAT_MAX                32
 
 struct lb_svc_key {
@@ -170,7 +171,10 @@ struct lb_config {
 	__u32 svc_cidr_net[LB_MAX_SVC_CIDRS];
 	__u32 svc_cidr_mask[LB_MAX_SVC_CIDRS];
 	__u32 svc_cidrs_spill;
-	__u32 pad;
+	/* The smallest MTU of the node's devices: a packet no longer fits every
+	 * path out of the node, and only a longer one translated at XDP looks
+	 * up its route's MTU (lib/pmtu.h). 0: no lookups. */
+	__u32 min_mtu;
 };
 
 /* lb_filter: a Bloom filter with one hash over what can be service traffic,

@@ -19,6 +19,7 @@ Choices that matter for a BPF datapath:
   anything but peers on its own bridge, and never for a service VIP;
 * TX checksum offload is off on both ends of every node-facing veth, so frames reaching an
   XDP program carry complete checksums it can update incrementally;
+* GRO is on at the outside client's veth: XDP_TX into a veth needs NAPI at its peer;
 * no device, address or route is ever created in the root namespace: veths are created from
   inside one namespace with the peer placed directly in the other;
 * IPv6 is disabled in lab namespaces by default to keep router/neighbour solicitations out of
@@ -340,6 +341,10 @@ class Topology:
         for node in self.nodes:
             self._device_sysctls(node, node.ifaces + ([node.bridge] if node.bridge else []))
 
+        # What XDP sends back (XDP_TX) enters the peer veth's NAPI queue, which exists
+        # only with GRO on or an XDP program there: without either, the outside
+        # client would never receive an XDP answer. Node devices get their programs.
+        self.exec(ext.ns, ["ethtool", "-K", "eth0", "gro", "on"])
         if spec.tx_checksum_off:
             self._ethtool_tx_off(ext.ns, "eth0")
             for node in self.nodes:

@@ -144,6 +144,10 @@ class Node:
     # The node's network namespace (SO_NETNS_COOKIE): socket hooks attached
     # to a cgroup act only on sockets there. 0: the hooks translate nothing.
     netns_cookie: int = 0
+    # The smallest MTU of the node's devices: XDP looks up the route's MTU
+    # of a translated packet longer than this (bpf/lib/pmtu.h). 0: unknown,
+    # no lookups.
+    min_mtu: int = 0
     # False while the Node is being deleted or is marked for deletion by the
     # cluster autoscaler: kube-proxy's healthz then fails, so that load
     # balancers drain the node (pkg/proxy/healthcheck/proxy_health.go).

@@ -38,6 +38,7 @@ _VERDICTS = {
     "DROP_MARTIAN": "DROP",
     "ICMP_ERROR_NAT": "PASS",
     "PASS_FRAG_NO_FIRST": "PASS",
+    "REJECT_FRAG_NEEDED": "REJECT",
 }
 
 _PREFIXES = ("PASS_", "DNAT_", "DROP_", "REJECT_")
@@ -51,12 +52,12 @@ def _stats(*names: str) -> frozenset[int]:
 REWRITES = _stats("DNAT_NEW", "DNAT_ESTABLISHED", "REVNAT")
 # lb_policed: what the sending pod's egress policy looks at.
 POLICED = _stats("DNAT_NEW", "DNAT_ESTABLISHED", "PASS_NOT_SERVICE", "PASS_OTHER_PROTO")
-# lb_rejects: answered with an ICMP port unreachable.
-REJECTS = _stats("REJECT_NO_ENDPOINTS", "REJECT_NO_PORT")
+# lb_rejects: answered with an ICMP port unreachable (or fragmentation needed).
+REJECTS = _stats("REJECT_NO_ENDPOINTS", "REJECT_NO_PORT", "REJECT_FRAG_NEEDED")
 # lb_drops: dropped (a rejected packet too, when no ICMP answer can be made).
 DROPS = _stats("DROP_MALFORMED", "REJECT_NO_ENDPOINTS", "DROP_BACKEND_GONE",
                "DROP_SOURCE_RANGE", "DROP_NO_LOCAL", "REJECT_NO_PORT", "DROP_UNKNOWN_VIP",
-               "DROP_POLICY", "ERROR", "DROP_MARTIAN")
+               "DROP_POLICY", "ERROR", "DROP_MARTIAN", "REJECT_FRAG_NEEDED")
 
 
 def _name(const: str) -> str:

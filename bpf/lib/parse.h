@@ -24,6 +24,7 @@
 
 #define LB_SCTP_HLEN   12
 
+#define LB_IP_DF     0x4000
 #define LB_IP_MF     0x2000
 #define LB_IP_OFFSET 0x1fff
 
@@ -51,7 +52,8 @@ struct lb_pkt {
 	__u8  tcp_flags;
 	__u16 ip_id;
 	__u8  frag;
-	__u8  pad[3];
+	__u8  df;  /* don't fragment: a router must answer "fragmentation needed" */
+	__u8  pad[2];
 };
 
 /* Parse Ethernet / IPv4 / TCP, UDP or SCTP. Returns -1 on success, otherwise the
@@ -97,6 +99,7 @@ LB_INLINE int lb_parse(void *data, void *data_end, __u32 len, struct lb_pkt *p)
 	p->tcp_flags = 0;
 	p->ip_id = ip->id;
 	p->frag = LB_FRAG_NONE;
+	p->df = !!(ip->frag_off & bpf_htons(LB_IP_DF));
 
 	if (ip->frag_off & bpf_htons(LB_IP_OFFSET)) {
 		if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP &&

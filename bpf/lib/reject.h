@@ -1,5 +1,7 @@
 /* REJECT as kube-proxy does it: an ICMP port-unreachable back to the
  * client, so it sees "connection refused" at once instead of a timeout.
+ * At XDP also "fragmentation needed" with the route's MTU, for a packet
+ * too big to forward once translated (lib/pmtu.h).
  * The reply quotes the offending IP header and the start of its payload:
  * 8 bytes for UDP (RFC 792's minimum), the whole 20-byte TCP header for TCP,
  * because an skb whose TCP checksum is still to be filled in (CHECKSUM_PARTIAL,
@@ -33,10 +35,12 @@ LB_INLINE __u16 lb_csum_buf(void *buf, int len)
 	return ~lb_csum_fold(bpf_csum_diff(0, 0, buf, len, 0));
 }
 
-/* Fill the reply headers in `r` (whose quote is already in place).
+/* Fill the reply headers in `r` (whose quote is already in place): port
+ * unreachable, or fragmentation needed when `mtu` is given (RFC 1191: the
+ * next-hop MTU in the low 16 bits of the second word).
  * `qlen` is a constant at every call, which keeps the verifier's sizes exact. */
 LB_INLINE void lb_icmp_fill(struct lb_icmp_reply *r, const struct lb_pkt *p,
-			    const int qlen)
+			    const int qlen, __u32 mtu)
 {
 	r->ip.version = 4;
 	r->ip.ihl = 5;
@@ -50,16 +54,16 @@ LB_INLINE void lb_icmp_fill(struct lb_icmp_reply *r, const struct lb_pkt *p,
 	r->ip.saddr = p->daddr;
 	r->ip.daddr = p->saddr;
 	r->type = 3; /* destination unreachable */
-	r->code = 3; /* port unreachable */
+	r->code = mtu ? 4 : 3; /* fragmentation needed : port unreachable */
 	r->check = 0;
-	r->unused = 0;
+	r->unused = bpf_htonl(mtu & 0xffff);
 	r->ip.check = lb_csum_buf(&r->ip, sizeof(r->ip));
 	r->check = lb_csum_buf(&r->type, 8 + qlen);
 }
 
 /* XDP: build the reply in place and send it back out (XDP_TX). */
 LB_INLINE int lb_reject_xdp_q(struct xdp_md *ctx, const struct lb_pkt *p,
-			      const int qlen)
+			      const int qlen, __u32 mtu)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -70,7 +74,7 @@ LB_INLINE int lb_reject_xdp_q(struct xdp_md *ctx, const struct lb_pkt *p,
 		return -1;
 	__builtin_memcpy(&eth, data, sizeof(eth));
 	__builtin_memcpy(r.quote, data + LB_ETH_LEN, qlen);
-	lb_icmp_fill(&r, p, qlen);
+	lb_icmp_fill(&r, p, qlen, mtu);
 	/* Room for the new headers in front; then cut what is not quoted. */
 	if (bpf_xdp_adjust_head(ctx, -LB_ICMP_HDRS))
 		return -1;
@@ -91,11 +95,11 @@ LB_INLINE int lb_reject_xdp_q(struct xdp_md *ctx, const struct lb_pkt *p,
 	return 0;
 }
 
-LB_INLINE int lb_reject_xdp(struct xdp_md *ctx, const struct lb_pkt *p)
+LB_INLINE int lb_reject_xdp(struct xdp_md *ctx, const struct lb_pkt *p, __u32 mtu)
 {
 	if (p->proto == IPPROTO_TCP)
-		return lb_reject_xdp_q(ctx, p, LB_QUOTE_TCP);
-	return lb_reject_xdp_q(ctx, p, LB_QUOTE_UDP);
+		return lb_reject_xdp_q(ctx, p, LB_QUOTE_TCP, mtu);
+	return lb_reject_xdp_q(ctx, p, LB_QUOTE_UDP, mtu);
 }
 
 /* tc: reshape the skb into the reply and send it back where it came from. */
@@ -111,7 +115,7 @@ LB_INLINE int lb_reject_skb_q(struct __sk_buff *skb, const struct lb_pkt *p,
 	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
 	    bpf_skb_load_bytes(skb, LB_ETH_LEN, r.quote, qlen))
 		return -1;
-	lb_icmp_fill(&r, p, qlen);
+	lb_icmp_fill(&r, p, qlen, 0);
 	if (bpf_skb_change_tail(skb, LB_ETH_LEN + qlen, 0) ||
 	    bpf_skb_adjust_room(skb, LB_ICMP_HDRS, BPF_ADJ_ROOM_MAC, 0))
 		return -1;

@@ -22,7 +22,8 @@ LB_INLINE int lb_policed(int reason)
 
 LB_INLINE int lb_rejects(int reason)
 {
-	return reason == LB_STAT_REJECT_NO_ENDPOINTS || reason == LB_STAT_REJECT_NO_PORT;
+	return reason == LB_STAT_REJECT_NO_ENDPOINTS || reason == LB_STAT_REJECT_NO_PORT ||
+	       reason == LB_STAT_REJECT_FRAG_NEEDED;
 }
 
 LB_INLINE int lb_drops(int reason)
@@ -35,7 +36,7 @@ LB_INLINE int lb_drops(int reason)
 	       reason == LB_STAT_REJECT_NO_PORT ||
 	       reason == LB_STAT_DROP_UNKNOWN_VIP ||
 	       reason == LB_STAT_DROP_POLICY || reason == LB_STAT_ERROR ||
-	       reason == LB_STAT_DROP_MARTIAN;
+	       reason == LB_STAT_DROP_MARTIAN || reason == LB_STAT_REJECT_FRAG_NEEDED;
 }
 
 #endif

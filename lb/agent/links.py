@@ -1,5 +1,6 @@
 """Which pod devices exist: the agent attaches its tc programs to each veth
-of the node's namespace as pods come and go."""
+of the node's namespace as pods come and go. And the smallest MTU there,
+below which no translated packet needs its route's MTU looked up."""
 
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ log = logging.getLogger("lbctl.agent")
 # How often the devices are listed even when no link event arrived.
 LINK_RESCAN_PERIOD = 2.0
 RTMGRP_LINK = 1
+IFF_UP, IFF_LOOPBACK = 0x1, 0x8
+
+
+def min_mtu(netns: str | None) -> int:
+    """The smallest MTU of the devices that are up in `netns`, loopback left
+    out (nothing is forwarded there); 0 when there are none."""
+    with iproute(netns) as ipr:
+        mtus = [msg.get_attr("IFLA_MTU") for msg in ipr.get_links()
+                if msg["flags"] & IFF_UP and not msg["flags"] & IFF_LOOPBACK]
+    return min((m for m in mtus if isinstance(m, int)), default=0)
 
 
 class LinkWatcher(threading.Thread):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from lb.agent.config import AgentConfig
 from lb.agent.healthcheck import HealthServers, health_checks
-from lb.agent.links import LINK_RESCAN_PERIOD, LinkWatcher
+from lb.agent.links import LINK_RESCAN_PERIOD, LinkWatcher, min_mtu
 from lb.agent.nodeports import addresses_in
 from lb.datapath import socklb
 from lb.datapath.attach import CLSACT_EGRESS, Attachments, attach_tc, attach_xdp
@@ -75,7 +75,8 @@ class Agent:
         self._retry: Cluster | None = None
         self._last_cluster: Cluster | None = None
         self._node_port_ips: tuple[str, ...] = ()
-        self._node_ports_checked = 0.0
+        self._min_mtu = 0
+        self._links_checked = 0.0
         self.cgroup: Path | None = socklb.resolve_cgroup(config.cgroup) if config.cgroup else None
         self.stopping = threading.Event()
         self.attachments = Attachments(netns=config.netns)
@@ -116,7 +117,7 @@ class Agent:
         kube = self.source if isinstance(self.source, KubeSource) else None
         start = time.monotonic()
         try:
-            node = self._with_node_ports(kube.node(self.node) if kube else self.node)
+            node = self._with_links(kube.node(self.node) if kube else self.node)
             self._last_cluster = cluster
             self.metrics.health.node_eligible = node.eligible
             self.metrics.policies_read(cluster)
@@ -147,22 +148,28 @@ class Agent:
                  res.backends_added, res.backends_removed, len(res.refusals))
         return True
 
-    def _with_node_ports(self, node: Node) -> Node:
+    def _with_links(self, node: Node) -> Node:
+        """`node` as its devices say: their smallest MTU and, with
+        --nodeport-addresses CIDRs, the node's addresses there."""
+        self._min_mtu = min_mtu(self.config.netns)
+        node = replace(node, min_mtu=self._min_mtu)
         cidrs = self.config.node_port_cidrs
         if cidrs is None:
             return node
         self._node_port_ips = addresses_in(cidrs, self.config.netns)
         return replace(node, node_port_ips=self._node_port_ips)
 
-    def _node_ports_moved(self) -> bool:
-        """With --nodeport-addresses CIDRs: whether the node's addresses there
-        changed since the last sync (checked every LINK_RESCAN_PERIOD)."""
-        cidrs = self.config.node_port_cidrs
+    def _links_moved(self) -> bool:
+        """Whether what _with_links read changed since the last sync
+        (checked every LINK_RESCAN_PERIOD)."""
         now = time.monotonic()
-        if cidrs is None or now - self._node_ports_checked < LINK_RESCAN_PERIOD:
+        if now - self._links_checked < LINK_RESCAN_PERIOD:
             return False
-        self._node_ports_checked = now
-        return addresses_in(cidrs, self.config.netns) != self._node_port_ips
+        self._links_checked = now
+        cidrs = self.config.node_port_cidrs
+        return (min_mtu(self.config.netns) != self._min_mtu
+                or (cidrs is not None
+                    and addresses_in(cidrs, self.config.netns) != self._node_port_ips))
 
     def _close_stale_udp(self, state: desired.DesiredState) -> None:
         live = {(b.ip, b.port) for e in state.entries.values()
@@ -243,7 +250,7 @@ class Agent:
             cluster = self.source.poll()
             if cluster is None:
                 cluster = self._retry
-            if cluster is None and self._last_cluster is not None and self._node_ports_moved():
+            if cluster is None and self._last_cluster is not None and self._links_moved():
                 cluster = self._last_cluster
             if cluster is not None:
                 ok = self.sync(cluster)

@@ -30,9 +30,9 @@ def _pseudo(src: bytes, dst: bytes, proto: int, length: int) -> bytes:
 
 def build(
     src: str, sport: int, dst: str, dport: int, proto: str = "tcp", *,
-    flags: str = "S", payload: bytes = b"", ttl: int = 64, ident: int = 1,
+    flags: str = "S", payload: bytes = b"", ttl: int = 64, ident: int = 1, df: bool = False,
 ) -> bytes:
-    """A frame with correct IPv4 and L4 checksums."""
+    """A frame with correct IPv4 and L4 checksums (`df`: don't fragment)."""
     s, d = socket.inet_aton(src), socket.inet_aton(dst)
     if proto == "tcp":
         bits = sum(TCP_FLAGS[c] for c in flags)
@@ -48,7 +48,8 @@ def build(
         pnum = 17
     else:
         raise ValueError(f"unknown protocol {proto!r}")
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), ident, 0, ttl, pnum, 0, s, d)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), ident, 0x4000 if df else 0, ttl,
+                     pnum, 0, s, d)
     ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
     return DST_MAC + SRC_MAC + struct.pack("!H", ETH_P_IP) + ip + l4
 

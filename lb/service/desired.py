@@ -91,6 +91,7 @@ class DesiredState:
     # The node's own addresses: a packet from outside with one as its
     # source is a martian (bpf/lib/translate.h, lb_martian).
     node_ips: tuple[str, ...] = ()
+    min_mtu: int = 0
 
     def backends(self) -> set[tuple[str, Backend]]:
         return {(e.group, b) for e in self.entries.values() for b in e.backends}
@@ -291,4 +292,5 @@ def compute(cluster: Cluster, node: Node) -> DesiredState:
                  key=lambda ip: (ip not in node.ips, ip))
     return DesiredState(entries, vips=vips, service_cidrs=cidrs,
                         node_ip=node.ips[0] if node.ips else None, hairpin_ip=node.hairpin_ip,
-                        netns_cookie=node.netns_cookie, node_ips=tuple(own))
+                        netns_cookie=node.netns_cookie, node_ips=tuple(own),
+                        min_mtu=node.min_mtu)

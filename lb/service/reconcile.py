@@ -141,7 +141,7 @@ class Reconciler:
         self.cidrs: set[str] = set()
         self.ranges: dict[int, set[str]] = {}  # svc_id -> CIDRs
         self.config: tuple[str | None, str | None, int, tuple[str, ...],
-                           tuple[str, ...]] | None = None
+                           tuple[str, ...], int] | None = None
         self.prefilter = Prefilter(maps["lb_filter"], filter_words)
 
     # --- restart ---------------------------------------------------------
@@ -248,13 +248,13 @@ class Reconciler:
         want = tuple(sorted(c for c in desired.service_cidrs
                             if ipaddress.ip_network(c).version == 4))
         config = (desired.node_ip, desired.hairpin_ip, desired.netns_cookie, desired.node_ips,
-                  want)
+                  want, desired.min_mtu)
         if config != self.config:
             val = layout.new(
                 "struct lb_config",
                 node_ip=ip_be(desired.node_ip) if desired.node_ip else 0,
                 hairpin_ip=ip_be(desired.hairpin_ip) if desired.hairpin_ip else 0,
-                netns_cookie=desired.netns_cookie)
+                netns_cookie=desired.netns_cookie, min_mtu=desired.min_mtu)
             # The node's first LB_MAX_NODE_IPS addresses (--node-ip's first);
             # a source among any further ones is not caught here.
             own = desired.node_ips[:layout.const("LB_MAX_NODE_IPS")]

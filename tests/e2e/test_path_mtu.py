@@ -3,7 +3,11 @@ client's node and the backend's. The client's node cannot forward the
 client's full-size segments and answers "fragmentation needed", quoting the
 translated packet (client -> backend); unless that quote is translated back
 (client -> service, bpf/lib/icmp.h), the client's stack finds no socket for
-it, never lowers its segment size, and the upload stalls."""
+it, never lowers its segment size, and the upload stalls.
+
+From outside, the NodePort flow is masqueraded: the kernel's answer would go
+to the node's own address and the client would never hear of it. XDP looks
+up the route's MTU itself and answers the client (bpf/lib/pmtu.h)."""
 
 from __future__ import annotations
 
@@ -34,9 +38,9 @@ class Lab:
     upload: Path
 
 
-def icmp_errors_translated(agent: LabAgent) -> int:
+def stat(agent: LabAgent, reason: str) -> int:
     with BpfMap.open_pinned(pin_dir_of(agent.instance), "lb_stats") as m:
-        return sum(c.packets for c in m.lookup(layout.const("LB_STAT_ICMP_ERROR_NAT")))
+        return sum(c.packets for c in m.lookup(layout.const(f"LB_STAT_{reason}")))
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +75,25 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                          ids=["clusterip", "nodeport"])
 def test_an_upload_larger_than_the_path_mtu_completes(lab: Lab, target: str) -> None:
     a0, b0 = lab.topo.pods
-    before = icmp_errors_translated(lab.agents[0])
+    before = stat(lab.agents[0], "ICMP_ERROR_NAT")
     out = lab.topo.exec(a0.ns, ["curl", "-sS", "-m", "20", "--data-binary",
                                 f"@{lab.upload}", f"http://{target}/"], check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == b0.name
     # The node's "fragmentation needed" reached the client translated.
-    assert icmp_errors_translated(lab.agents[0]) > before
+    assert stat(lab.agents[0], "ICMP_ERROR_NAT") > before
+
+
+def test_an_upload_from_outside_through_a_masqueraded_node_port_completes(lab: Lab) -> None:
+    _, b0 = lab.topo.pods
+    ext = lab.topo.external
+    before = stat(lab.agents[0], "REJECT_FRAG_NEEDED")
+    out = lab.topo.exec(ext.ns, ["curl", "-sS", "-m", "20", "--data-binary",
+                                 f"@{lab.upload}", "http://192.0.2.1:30080/"], check=False)
+    assert out.returncode == 0, out.stderr
+    # Masqueraded: the backend saw the node, not the client.
+    assert out.stdout.split() == [b0.name, "192.0.2.1"]
+    assert stat(lab.agents[0], "REJECT_FRAG_NEEDED") > before
+    # The client learnt the path's MTU from the node's answer.
+    route = lab.topo.exec(ext.ns, ["ip", "route", "get", "192.0.2.1"]).stdout
+    assert f"mtu {SMALL_MTU}" in route, route

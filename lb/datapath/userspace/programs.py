@@ -38,7 +38,7 @@ _C = layout.CONSTS
 IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP = (PROTO_NUMBERS[n] for n in ("TCP", "UDP", "SCTP"))
 _ETH_LEN = 14
 _ETH_P_IP = b"\x08\x00"
-_IP_MF, _IP_OFFSET = 0x2000, 0x1FFF
+_IP_DF, _IP_MF, _IP_OFFSET = 0x4000, 0x2000, 0x1FFF
 FRAG_NONE, FRAG_FIRST, FRAG_LATER = 0, 1, 2
 _TCP_FIN, _TCP_SYN, _TCP_RST, _TCP_ACK = 0x01, 0x02, 0x04, 0x10
 _MAX_L4_OFF = _ETH_LEN + 60
@@ -117,6 +117,7 @@ class Pkt:
     tcp_flags: int = 0
     ip_id: int = 0  # as stored (network order read natively)
     frag: int = FRAG_NONE
+    df: bool = False
 
 
 def parse(frame: bytes | bytearray, p: Pkt) -> int:
@@ -149,6 +150,7 @@ def parse(frame: bytes | bytearray, p: Pkt) -> int:
     p.frag = FRAG_NONE
 
     frag_off = _BE16.unpack_from(frame, _ETH_LEN + 6)[0]
+    p.df = bool(frag_off & _IP_DF)
     if frag_off & _IP_OFFSET:
         if p.proto not in (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP):
             return _STAT["PASS_FRAGMENT"]
@@ -443,26 +445,29 @@ def _csum_buf(data: bytes | bytearray) -> int:
     return ~_fold16(s) & _U16
 
 
-def _icmp_reply(frame: bytes | bytearray, p: Pkt, qlen: int) -> bytes:
-    """lb_icmp_fill: the IPv4 and ICMP port-unreachable headers and quote."""
+def _icmp_reply(frame: bytes | bytearray, p: Pkt, qlen: int, mtu: int) -> bytes:
+    """lb_icmp_fill: the IPv4 and ICMP headers and quote of a port
+    unreachable, or of a fragmentation needed when `mtu` is given."""
     ip = bytearray(struct.pack("!BBHHHBBH", 0x45, 0, _ICMP_HDRS + qlen, 0, 0, 64, 1, 0))
     ip += _U32N.pack(p.daddr) + _U32N.pack(p.saddr)
-    icmp = bytearray(struct.pack("!BBHI", 3, 3, 0, 0)) + frame[_ETH_LEN:_ETH_LEN + qlen]
+    icmp = bytearray(struct.pack("!BBHI", 3, 4 if mtu else 3, 0, mtu & _U16))
+    icmp += frame[_ETH_LEN:_ETH_LEN + qlen]
     _U16N.pack_into(ip, 10, _csum_buf(ip))
     _U16N.pack_into(icmp, 2, _csum_buf(icmp))
     return bytes(ip + icmp)
 
 
-def reject(buf: bytearray, p: Pkt) -> int:
+def reject(buf: bytearray, p: Pkt, mtu: int = 0) -> int:
     """lb_reject_xdp and lb_reject_skb, which leave the same frame: the
-    client's frame turned into an ICMP port unreachable back to it, with
-    the MAC addresses swapped. -1 (frame untouched) for IP options or a
-    frame too short to quote."""
+    client's frame turned into an ICMP port unreachable back to it (XDP:
+    fragmentation needed, when `mtu` is given), with the MAC addresses
+    swapped. -1 (frame untouched) for IP options or a frame too short to
+    quote."""
     qlen = _QUOTE_TCP if p.proto == IPPROTO_TCP else _QUOTE_UDP
     if p.l4_off != _ETH_LEN + 20 or _ETH_LEN + qlen > len(buf):
         return -1
     eth = buf[6:12] + buf[0:6] + b"\x08\x00"
-    buf[:] = eth + _icmp_reply(buf, p, qlen)
+    buf[:] = eth + _icmp_reply(buf, p, qlen, mtu)
     return 0
 
 
@@ -510,14 +515,19 @@ def _ct_reply_reopened(v: Any, p: Pkt) -> bool:
 class UserspaceDatapath:
     """The programs of bpf/lb.c over DictMaps. `clock` stands for lb_now
     (bpf/lib/common.h: monotonic nanoseconds as of the last tick), which
-    conntrack, affinity and policy read; tests drive it."""
+    conntrack, affinity and policy read; tests drive it. `route_mtu` stands
+    for the kernel's routes as bpf_fib_lookup sees them: the MTU of the
+    route from a source to a destination (network order), None where the
+    node does not forward. Without it every route takes any packet."""
 
     def __init__(self, maps: Mapping[str, DictMap], sizes: Sizes,
                  clock: Callable[[], int] = time.monotonic_ns,
-                 defines: Mapping[str, str] | None = None) -> None:
+                 defines: Mapping[str, str] | None = None,
+                 route_mtu: Callable[[int, int], int | None] | None = None) -> None:
         self.maps = maps
         self.sizes = sizes
         self.clock = clock
+        self.route_mtu = route_mtu
         self._services = maps["lb_services"]
         self._backends = maps["lb_backends"]
         self._maglev = maps["lb_maglev"]
@@ -567,13 +577,18 @@ class UserspaceDatapath:
         buf = bytearray(frame)
         p = Pkt()
         reason, n = self._decide(p, buf, self._scope_ext)
-        if reason in REWRITES and n is not None and nat_xdp(buf, p, n):
-            reason = _STAT["ERROR"]
+        mtu = 0
+        if reason in REWRITES and n is not None:
+            mtu = self._path_mtu(p, n)
+            if mtu:
+                reason = _STAT["REJECT_FRAG_NEEDED"]
+            elif nat_xdp(buf, p, n):
+                reason = _STAT["ERROR"]
         if reason == _STAT["PASS_OTHER_PROTO"]:
             icmp = self._icmp_error(buf, p)
             reason = reason if icmp < 0 else icmp
         self._count(reason, p.len)
-        if reason in REJECTS and p.frag != FRAG_LATER and reject(buf, p) == 0:
+        if reason in REJECTS and p.frag != FRAG_LATER and reject(buf, p, mtu) == 0:
             return Verdict(XDP_TX, bytes(buf), reason)
         return Verdict(XDP_DROP if reason in DROPS else XDP_PASS, bytes(buf), reason)
 
@@ -752,6 +767,21 @@ class UserspaceDatapath:
                                              addr=addr)) is not None
         return any(m and addr & m == net
                    for net, m in zip(cfg.svc_cidr_net, cfg.svc_cidr_mask, strict=True))
+
+    def _path_mtu(self, p: Pkt, n: Nat) -> int:
+        """lb_path_mtu_xdp (lib/pmtu.h). A frame here is as it was sent,
+        never a GRO aggregate, so the ingress device's MTU is not checked."""
+        if not p.df or p.frag != FRAG_NONE or self.route_mtu is None:
+            return 0
+        raw = self._config.ref(_u32key(0))
+        tot_len = p.len - p.l3_off
+        if raw is None:
+            return 0
+        cfg = _ffi.from_buffer("struct lb_config *", raw)
+        if not cfg.min_mtu or tot_len <= cfg.min_mtu:
+            return 0
+        mtu = self.route_mtu(n.saddr, n.daddr)
+        return mtu if mtu is not None and tot_len > mtu else 0
 
     def _martian(self, p: Pkt) -> bool:
         """lb_martian (lib/translate.h)."""
