@@ -180,18 +180,30 @@ def _ours_change(r: dict[str, Any]) -> float:
     return _ours(r, "change")
 
 
+def _machine_line(m: dict[str, Any]) -> str:
+    return (f"{m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, kernel {m['kernel']}, "
+            f"Python {m['python']}")
+
+
 def _machine(docs: Sequence[dict[str, Any]]) -> list[str]:
+    """Every machine the results come from (lettered when more than one), and
+    which run was made on which."""
     m = docs[0]["machine"]
-    out = ["## Machine", "",
-           f"- {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, kernel {m['kernel']}, "
-           f"Python {m['python']}",
+    machines: list[str] = []
+    for d in docs:
+        if _machine_line(d["machine"]) not in machines:
+            machines.append(_machine_line(d["machine"]))
+    label = {line: f"machine {chr(ord('A') + i)}: " if len(machines) > 1 else ""
+             for i, line in enumerate(machines)}
+    out = ["## Machine", "", *(f"- {label[line]}{line}" for line in machines),
            f"- `iptables` is {m['iptables']}; also {m['iptables_legacy']}; {m['nft']}; "
            f"{m['wrk']}"]
     for d in docs:
         loads = d.get("load_average")
         extra = f", load average {loads[0]:.1f} -> {loads[1]:.1f}" if loads else ""
+        where = label[_machine_line(d["machine"])].removesuffix(": ")
         out.append(f"- `{d['_file']}`: {d['mode']} run started {d['started']}, took "
-                   f"{d['seconds'] / 60:.1f} min{extra}")
+                   f"{d['seconds'] / 60:.1f} min{extra}" + (f", on {where}" if where else ""))
     return [*out, ""]
 
 
@@ -410,9 +422,20 @@ def _packet_targets(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
+def _tail_target(tail: dict[str, Any]) -> list[str]:
+    """Keep-alive p99 against nftables', medians over the runs of tail_latency."""
+    by = {(r["path"], r["kind"]): r["p99_ms"] for r in tail["summary"]}
+    pairs = [(path, by[(path, "xdplb")], by[(path, "nftables")]) for path, kind in by
+             if kind == "xdplb" and (path, "nftables") in by]
+    return ["keep-alive p99 at or below nftables' (median over "
+            f"{tail['method']['repetitions']} runs)",
+            "; ".join(f"{p} {ours:.2f} vs {theirs:.2f} ms" for p, ours, theirs in pairs),
+            _yes(all(ours <= theirs for _, ours, theirs in pairs) if pairs else None)]
+
+
 def _targets(req: dict[str, Any] | None, flat: dict[str, Any] | None,
-             cp: dict[str, Any] | None, pkt_rows: list[dict[str, Any]] | None = None
-             ) -> list[str]:
+             cp: dict[str, Any] | None, pkt_rows: list[dict[str, Any]] | None = None,
+             tail: dict[str, Any] | None = None) -> list[str]:
     rows: list[list[str]] = []
     if req is not None:
         one = [v for v in req["direct"] if v[1] == "keepalive" and v[0] == "clusterip-one"]
@@ -434,6 +457,8 @@ def _targets(req: dict[str, Any] | None, flat: dict[str, Any] | None,
                      f"{len(beats) - len(lost)} of {len(beats)} rows"
                      + (f"; behind: {'; '.join(lost)}" if lost else ""),
                      _yes(not lost if beats else None)])
+    if tail is not None:
+        rows.append(_tail_target(tail))
     if flat is not None:
         est = [v for k, v in flat.items() if k.endswith("established") and v]
         rows.append(["packet cost flat from 1 to 100k services (<= 1.1x)",
@@ -522,7 +547,8 @@ def write() -> Path:
     for _, lines in others:
         sections += [*lines, ""]
     out += _machine(docs)
-    out += _targets(req_v, flat, cp_v, pkt["rows"] if pkt is not None else None)
+    out += _targets(req_v, flat, cp_v, pkt["rows"] if pkt is not None else None,
+                    newest("tail_latency"))
     out += sections
     notes = BENCH_DIR / "NOTES.md"
     if notes.exists():

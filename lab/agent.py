@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO
+
+from lb.datapath.instance import pin_dir_of
+from loader import layout
+from loader.maps import BpfMap
 
 from .topology import LabError, Node, Topology
 
@@ -81,9 +86,33 @@ class LabAgent:
         subprocess.run([sys.executable, "-m", "lb.cli", "down", "--instance", self.instance],
                        capture_output=True, check=False, timeout=60)
 
+    def stat(self, *reasons: str) -> int:
+        """Packets the node's programs counted under LB_STAT_<reason>, summed."""
+        with BpfMap.open_pinned(pin_dir_of(self.instance), "lb_stats") as m:
+            return sum(c.packets for r in reasons
+                       for c in m.lookup(layout.const(f"LB_STAT_{r}")) or ())
+
     def __enter__(self) -> LabAgent:
         return self.start()
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.down()
+
+
+@contextlib.contextmanager
+def agents_on(topo: Topology, files: Sequence[Path], *, extra: Sequence[str] = (),
+              synced: bool = True) -> Iterator[list[LabAgent]]:
+    """An agent on every node of `topo` (each synced first, unless told not to
+    wait); every one brought down afterwards."""
+    agents: list[LabAgent] = []
+    try:
+        for node in topo.nodes:
+            agents.append(LabAgent(topo, node, files, extra=extra).start())
+        if synced:
+            for agent in agents:
+                agent.wait_for("synced", timeout=10)
+        yield agents
+    finally:
+        for agent in agents:
+            agent.down()

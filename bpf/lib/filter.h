@@ -26,12 +26,18 @@ LB_INLINE __u32 lb_filter_bit(__u32 kind, __u32 addr, __u16 port)
 	return x & (LB_FILTER_WORDS * 64 - 1);
 }
 
+/* Whether `bit` is set in `w`, the filter's word that holds it (the map is
+ * named in each caller: BCC takes map calls in no macro or argument). */
+LB_INLINE int lb_filter_word_has(const __u64 *w, __u32 bit)
+{
+	return w && ((*w >> (bit & 63)) & 1);
+}
+
 LB_INLINE int lb_filter_has(__u32 kind, __u32 addr, __u16 port)
 {
 	__u32 bit = lb_filter_bit(kind, addr, port), word = bit >> 6;
-	__u64 *w = lb_filter.lookup(&word);
 
-	return w && ((*w >> (bit & 63)) & 1);
+	return lb_filter_word_has(lb_filter.lookup(&word), bit);
 }
 
 /* A pod some policy may isolate (lb_pol_endpoints holds it, or a bit it
@@ -39,9 +45,8 @@ LB_INLINE int lb_filter_has(__u32 kind, __u32 addr, __u16 port)
 LB_INLINE int lb_pol_filter_has(__u32 addr)
 {
 	__u32 bit = lb_filter_bit(LB_FILTER_POLICED, addr, 0), word = bit >> 6;
-	__u64 *w = lb_pol_filter.lookup(&word);
 
-	return w && ((*w >> (bit & 63)) & 1);
+	return lb_filter_word_has(lb_pol_filter.lookup(&word), bit);
 }
 
 #endif

@@ -211,13 +211,12 @@ def trace_result(sent: Frame, reason_index: int | None, out: bytes,
     masq = False
     if verdict == "DNAT":
         before, after = packets.parse(sent.data), packets.parse(out)
-        addrs, sent_addrs = packets.addresses(out), packets.addresses(sent.data)
         if after and before:
             backend = f"{after.dst}:{after.dport}"
             masq = (after.src, after.sport) != (before.src, before.sport)
-        elif addrs and sent_addrs:
+        elif (addrs := packets.addresses(out)) and (was := packets.addresses(sent.data)):
             backend = addrs[1]
-            masq = addrs[0] != sent_addrs[0]
+            masq = addrs[0] != was[0]
     return TraceResult(
         verdict=verdict,
         backend=backend,

@@ -22,8 +22,8 @@ from lb.policy.contents import (
     walk_chain,
 )
 from lb.policy.encode import decode, encode_key, encode_value
+from lb.prefilter import POLICED, Member, Prefilter
 from lb.refusal import Refusal, bounded
-from lb.service.prefilter import POLICED, Member, Prefilter
 from loader import layout
 from loader.maps import BpfMap, possible_cpus
 from loader.sizes import Sizes

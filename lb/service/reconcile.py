@@ -35,11 +35,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from lb.encoding import ip_be, ip_str, lpm4_key, port_be, port_host, source_range_key
+from lb.prefilter import BACKEND, FRONTEND, VIP, Member, Prefilter
 from lb.refusal import Refusal
 from lb.service import maglev
 from lb.service.allocators import Exhausted, IdAllocator, SlabAllocator
 from lb.service.desired import Backend, DesiredState, Frontend, FrontendEntry
-from lb.service.prefilter import BACKEND, FRONTEND, VIP, Member, Prefilter
 from loader import layout
 from loader.libbpf import BpfError, MapFull
 from loader.maps import BpfMap

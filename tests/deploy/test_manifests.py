@@ -358,7 +358,7 @@ def test_args_only_reference_defined_env() -> None:
     c = agent_container()
     defined = {e["name"] for e in c["env"]}
     used = {m for a in c["args"] for m in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", a)}
-    assert used == {"LB_IFACE", "NODE_NAME", "NODE_IP"}
+    assert used == {"LB_IFACE", "NODE_NAME", "NODE_IP", "LB_MAGLEV_MIN_TABLE_SIZE"}
     assert used <= defined
 
 

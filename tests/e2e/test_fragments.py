@@ -13,11 +13,8 @@ from dataclasses import dataclass
 import pytest
 
 from lab import objects
-from lab.agent import LabAgent
+from lab.agent import LabAgent, agents_on
 from lab.topology import Topology, TopologySpec
-from lb.datapath.instance import pin_dir_of
-from loader import layout
-from loader.maps import BpfMap
 from tests.conftest import require_root
 
 VIP = "10.96.0.10"
@@ -64,9 +61,7 @@ class Lab:
 
 def dnat_fragments(agent: LabAgent) -> int:
     """Packets the node translated (first and later fragments among them)."""
-    with BpfMap.open_pinned(pin_dir_of(agent.instance), "lb_stats") as m:
-        return sum(c.packets for r in ("DNAT_NEW", "DNAT_ESTABLISHED", "REVNAT")
-                   for c in m.lookup(layout.const(f"LB_STAT_{r}")) or ())
+    return agent.stat("DNAT_NEW", "DNAT_ESTABLISHED", "REVNAT")
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +76,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         objects.write(manifest, [
             objects.service("echo", VIP, [ECHO], svc_type="NodePort"),
             objects.endpoint_slice("echo", [ECHO], [(b0.ip, b0.node.name)])])
-        agents = []
-        try:
-            for node in topo.nodes:
-                agents.append(LabAgent(topo, node, [manifest]).start())
-            for agent in agents:
-                agent.wait_for("synced", timeout=10)
+        with agents_on(topo, [manifest]) as agents:
             yield Lab(topo, agents)
-        finally:
-            for agent in agents:
-                agent.down()
 
 
 @pytest.mark.parametrize("client,target", [("pod", VIP), ("outside", "192.0.2.1")],

@@ -18,11 +18,8 @@ from pathlib import Path
 import pytest
 
 from lab import objects
-from lab.agent import LabAgent
+from lab.agent import LabAgent, agents_on
 from lab.topology import Topology, TopologySpec
-from lb.datapath.instance import pin_dir_of
-from loader import layout
-from loader.maps import BpfMap
 from tests.conftest import require_root
 
 VIP = "10.96.0.10"
@@ -36,11 +33,6 @@ class Lab:
     topo: Topology
     agents: list[LabAgent]
     upload: Path
-
-
-def stat(agent: LabAgent, reason: str) -> int:
-    with BpfMap.open_pinned(pin_dir_of(agent.instance), "lb_stats") as m:
-        return sum(c.packets for c in m.lookup(layout.const(f"LB_STAT_{reason}")))
 
 
 @pytest.fixture(scope="module")
@@ -59,41 +51,33 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         objects.write(manifest, [
             objects.service("web", VIP, [HTTP], svc_type="NodePort"),
             objects.endpoint_slice("web", [HTTP], [(b0.ip, b0.node.name)])])
-        agents = []
-        try:
-            for node in topo.nodes:
-                agents.append(LabAgent(topo, node, [manifest]).start())
-            for agent in agents:
-                agent.wait_for("synced", timeout=10)
+        with agents_on(topo, [manifest]) as agents:
             yield Lab(topo, agents, upload)
-        finally:
-            for agent in agents:
-                agent.down()
 
 
 @pytest.mark.parametrize("target", [f"{VIP}:80", "192.0.2.1:30080"],
                          ids=["clusterip", "nodeport"])
 def test_an_upload_larger_than_the_path_mtu_completes(lab: Lab, target: str) -> None:
     a0, b0 = lab.topo.pods
-    before = stat(lab.agents[0], "ICMP_ERROR_NAT")
+    before = lab.agents[0].stat("ICMP_ERROR_NAT")
     out = lab.topo.exec(a0.ns, ["curl", "-sS", "-m", "20", "--data-binary",
                                 f"@{lab.upload}", f"http://{target}/"], check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == b0.name
     # The node's "fragmentation needed" reached the client translated.
-    assert stat(lab.agents[0], "ICMP_ERROR_NAT") > before
+    assert lab.agents[0].stat("ICMP_ERROR_NAT") > before
 
 
 def test_an_upload_from_outside_through_a_masqueraded_node_port_completes(lab: Lab) -> None:
     _, b0 = lab.topo.pods
     ext = lab.topo.external
-    before = stat(lab.agents[0], "REJECT_FRAG_NEEDED")
+    before = lab.agents[0].stat("REJECT_FRAG_NEEDED")
     out = lab.topo.exec(ext.ns, ["curl", "-sS", "-m", "20", "--data-binary",
                                  f"@{lab.upload}", "http://192.0.2.1:30080/"], check=False)
     assert out.returncode == 0, out.stderr
     # Masqueraded: the backend saw the node, not the client.
     assert out.stdout.split() == [b0.name, "192.0.2.1"]
-    assert stat(lab.agents[0], "REJECT_FRAG_NEEDED") > before
+    assert lab.agents[0].stat("REJECT_FRAG_NEEDED") > before
     # The client learnt the path's MTU from the node's answer.
     route = lab.topo.exec(ext.ns, ["ip", "route", "get", "192.0.2.1"]).stdout
     assert f"mtu {SMALL_MTU}" in route, route

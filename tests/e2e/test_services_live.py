@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from lab import objects
-from lab.agent import LabAgent
+from lab.agent import LabAgent, agents_on
 from lab.clients import FAILED, curl, curl_many, udp_request
 from lab.topology import Topology, TopologySpec
 from tests.conftest import require_root
@@ -47,15 +47,9 @@ def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
         for pod in topo.pods:
             topo.start_http(pod, 8080)
             topo.start_udp(pod, 5353)
-        agents = []
-        try:
-            for node in topo.nodes:
-                agents.append(LabAgent(topo, node, [manifest],
-                                       extra=("--service-cidr", "10.96.0.0/12")).start())
+        with agents_on(topo, [manifest], extra=("--service-cidr", "10.96.0.0/12"),
+                       synced=False) as agents:
             yield TwoNodes(topo, manifest, agents)
-        finally:
-            for a in agents:
-                a.down()
 
 
 def web(two: TwoNodes, pods: list[Any], ports: tuple[objects.Port, ...] = (HTTP,),

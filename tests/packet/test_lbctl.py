@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from lab import objects
 from lb.datapath.instance import SMALL, THROWAWAY_PREFIX, reconciler_for
 from lb.model import Node
 from lb.service import desired
@@ -205,24 +206,7 @@ def test_trace_removes_instances_whose_process_is_gone() -> None:
         remove_pins(orphan)
 
 
-DNS = """
-apiVersion: v1
-kind: Service
-metadata: {name: dns, namespace: default}
-spec:
-  clusterIP: 10.96.0.10
-  ports: [{port: 53, targetPort: 5353, protocol: UDP}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: dns-1
-  namespace: default
-  labels: {kubernetes.io/service-name: dns}
-addressType: IPv4
-ports: [{port: 5353, protocol: UDP}]
-endpoints: [{addresses: [10.244.1.10]}]
-"""
+DNS = objects.Port("dns", 53, 5353, "UDP")
 
 
 def test_trace_frames_replays_a_fragment_train_its_reply_and_an_icmp_error(
@@ -235,7 +219,8 @@ def test_trace_frames_replays_a_fragment_train_its_reply_and_an_icmp_error(
     from tests.packet.test_icmp_errors import icmp_error, read_error
 
     svc = tmp_path / "dns.yaml"
-    svc.write_text(DNS)
+    objects.write(svc, [objects.service("dns", "10.96.0.10", [DNS]),
+                        objects.endpoint_slice("dns", [DNS], [("10.244.1.10", "node-a")])])
     client, vip, backend = "10.244.1.5", "10.96.0.10", "10.244.1.10"
     request = packets.build(client, 40000, vip, 53, "udp", payload=bytes(range(256)) * 12)
     train = packets.fragment(request, 1480)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from lb.datapath.userspace.maps import new_userspace_maps
 from lb.encoding import filter_bit, ip_int
-from lb.service.prefilter import BACKEND, FRONTEND, VIP, Member, Prefilter
+from lb.prefilter import BACKEND, FRONTEND, VIP, Member, Prefilter
 from tests.conftest import SMALL
 
 WORDS = SMALL.filter_words

@@ -642,13 +642,12 @@ class UserspaceDatapath:
         """What the node sends out of a node-facing device: reverse NAT of
         replies of backends on the node's own address; only that is counted."""
         p = Pkt()
-        cfg = self._config.ref(_u32key(0))
+        cfg = self._cfg()
         reason = parse(frame, p)
         if reason == _STAT["PASS_OTHER_PROTO"]:
             verdict = self._icmp_skb(bytearray(frame), p)
             return verdict if verdict is not None else Verdict(TC_ACT_OK, bytes(frame), None)
-        if (reason != -1 or cfg is None
-                or p.saddr != _ffi.from_buffer("struct lb_config *", cfg).node_ip
+        if (reason != -1 or cfg is None or p.saddr != cfg.node_ip
                 or self._frag_ports(p) != -1):
             return Verdict(TC_ACT_OK, bytes(frame), None)
         verdict = self._reverse_skb(frame, p)
@@ -674,25 +673,31 @@ class UserspaceDatapath:
         self._count(reason, p.len)
         return Verdict(TC_ACT_SHOT if reason == _STAT["ERROR"] else TC_ACT_OK, bytes(buf), reason)
 
+    def _cfg(self) -> Any | None:
+        """lb_config's one entry (a struct lb_config *), None while unset."""
+        raw = self._config.ref(_u32key(0))
+        return None if raw is None else _ffi.from_buffer("struct lb_config *", raw)
+
     def _decide(self, p: Pkt, buf: bytearray, scope: int) -> tuple[int, Nat | None]:
-        """lb_decide."""
+        """lb_decide: lb_config is read once, as the C does."""
         reason = self._parse_ports(buf, p)
         if reason >= 0:
             return reason, None
-        if scope == self._scope_ext and self._martian(p):
+        cfg = self._cfg()
+        if scope == self._scope_ext and self._martian(p, cfg):
             return _STAT["DROP_MARTIAN"], None
         front = self._filter_has(_C["LB_FILTER_FRONTEND"], p.daddr, p.dport)
         back = self._filter_has(_C["LB_FILTER_BACKEND"], p.saddr, p.sport)
         if not front and not back:
-            return self._no_service(p, scope), None
+            return self._no_service(p, scope, cfg), None
         now = self.clock() & _U64
         if back:
             rev = self._reverse(p, now)
             if rev is not None:
                 return rev
         if not front:
-            return self._no_service(p, scope), None
-        return self._forward(p, scope, now)
+            return self._no_service(p, scope, cfg), None
+        return self._forward(p, scope, now, cfg)
 
     def _icmp_decide(self, p: Pkt, e: IcmpErr, now: int) -> IcmpNat | None:
         """lb_icmp_decide (lib/icmp.h)."""
@@ -756,12 +761,10 @@ class UserspaceDatapath:
         raw = (self._filter if words is None else words).ref(_u32key(bit >> 6))
         return raw is not None and bool(int.from_bytes(raw, "little") >> (bit & 63) & 1)
 
-    def _in_svc_cidr(self, addr: int) -> bool:
+    def _in_svc_cidr(self, addr: int, cfg: Any | None) -> bool:
         """lb_in_svc_cidr (lib/lb.h)."""
-        raw = self._config.ref(_u32key(0))
-        if raw is None:
+        if cfg is None:
             return False
-        cfg = _ffi.from_buffer("struct lb_config *", raw)
         if cfg.svc_cidrs_spill:
             return self._svc_cidrs.ref(_pack("struct lb_lpm4_key", prefixlen=32,
                                              addr=addr)) is not None
@@ -773,17 +776,14 @@ class UserspaceDatapath:
         never a GRO aggregate, so the ingress device's MTU is not checked."""
         if not p.df or p.frag != FRAG_NONE or self.route_mtu is None:
             return 0
-        raw = self._config.ref(_u32key(0))
+        cfg = self._cfg()
         tot_len = p.len - p.l3_off
-        if raw is None:
-            return 0
-        cfg = _ffi.from_buffer("struct lb_config *", raw)
-        if not cfg.min_mtu or tot_len <= cfg.min_mtu:
+        if cfg is None or not cfg.min_mtu or tot_len <= cfg.min_mtu:
             return 0
         mtu = self.route_mtu(n.saddr, n.daddr)
         return mtu if mtu is not None and tot_len > mtu else 0
 
-    def _martian(self, p: Pkt) -> bool:
+    def _martian(self, p: Pkt, cfg: Any | None) -> bool:
         """lb_martian (lib/translate.h)."""
         s, d = socket.ntohl(p.saddr), socket.ntohl(p.daddr)
         if s >> 28 == 0xE or s == 0xFFFFFFFF:
@@ -792,11 +792,7 @@ class UserspaceDatapath:
             return False
         if s >> 24 in (0, 127):
             return True
-        raw = self._config.ref(_u32key(0))
-        if raw is None:
-            return False
-        cfg = _ffi.from_buffer("struct lb_config *", raw)
-        return any(ip and ip == p.saddr for ip in cfg.node_ips)
+        return cfg is not None and any(ip and ip == p.saddr for ip in cfg.node_ips)
 
     def _frag_ports(self, p: Pkt) -> int:
         """lb_frag_ports (lib/frag.h)."""
@@ -834,15 +830,13 @@ class UserspaceDatapath:
             daddr, dport = v.nat_addr, v.nat_port
         return _STAT["REVNAT"], Nat(rn.addr, daddr, rn.port, dport)
 
-    def _masq_addr(self, p: Pkt, svc: Any, b: Any) -> int:
+    def _masq_addr(self, p: Pkt, svc: Any, b: Any, cfg: Any | None) -> int:
         """lb_masq_addr: 0 for a backend on the node's own address (the
         node's stack keeps the client's source), the node's address for
         external traffic that kube-proxy masquerades, the hairpin address for
         a pod reaching itself, else 0 (the client's own source)."""
-        raw = self._config.ref(_u32key(0))
-        if raw is None:
+        if cfg is None:
             return 0
-        cfg = _ffi.from_buffer("struct lb_config *", raw)
         if b.addr == cfg.node_ip:
             return 0  # a backend on the node's own address: see the C
         if svc.flags & _C["LB_SVC_MASQUERADE"]:
@@ -851,11 +845,12 @@ class UserspaceDatapath:
             return int(cfg.hairpin_ip)
         return 0
 
-    def _forward(self, p: Pkt, scope: int, now: int) -> tuple[int, Nat | None]:
+    def _forward(self, p: Pkt, scope: int, now: int,
+                 cfg: Any | None) -> tuple[int, Nat | None]:
         """lb_forward."""
         svc = self._service(p, scope)
         if svc is None:
-            return self._no_service(p, scope), None
+            return self._no_service(p, scope, cfg), None
         reason = _STAT["DNAT_ESTABLISHED"]
         b = None
         masq_addr = masq_port = 0
@@ -878,7 +873,7 @@ class UserspaceDatapath:
             b = self._backend(bid)
             if b is None:
                 return _STAT["DROP_BACKEND_GONE"], None
-            masq_addr = self._masq_addr(p, svc, b)
+            masq_addr = self._masq_addr(p, svc, b, cfg)
             if masq_addr:
                 masq_port = self._masq_port(p, b, masq_addr, self.flow_hash(p), now)
                 if not masq_port:
@@ -975,7 +970,7 @@ class UserspaceDatapath:
 
     # --- lb.h --------------------------------------------------------------------------
 
-    def _no_service(self, p: Pkt, scope: int) -> int:
+    def _no_service(self, p: Pkt, scope: int, cfg: Any | None) -> int:
         """lb_no_service: REJECT at a ClusterIP on a port it lacks, DROP
         elsewhere in the service CIDRs; only pods reach ClusterIPs."""
         if scope != self._scope_int:
@@ -983,7 +978,7 @@ class UserspaceDatapath:
         if (self._filter_has(_C["LB_FILTER_VIP"], p.daddr, 0)
                 and self._vips.ref(_u32key(p.daddr)) is not None):
             return _STAT["REJECT_NO_PORT"]
-        if self._in_svc_cidr(p.daddr):
+        if self._in_svc_cidr(p.daddr, cfg):
             return _STAT["DROP_UNKNOWN_VIP"]
         return _STAT["PASS_NOT_SERVICE"]
 
