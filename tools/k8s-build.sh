@@ -113,9 +113,9 @@ mapfile -t staging < <(sed -n 's#^[[:space:]]*\(k8s\.io/[^[:space:]]*\)[[:space:
     "$k8s_gomod")
 ((${#staging[@]})) || { log "no staging modules found in $k8s_gomod"; exit 1; }
 etcd_version=$(sed -n 's#^[[:space:]]*go\.etcd\.io/etcd/server/v3[[:space:]]\{1,\}\(v[^[:space:]]*\).*#\1#p' \
-    "$k8s_gomod" | head -n 1)
+    "$k8s_gomod" | sed -n 1p)
 [ -n "$etcd_version" ] || { log "no etcd server version in $k8s_gomod"; exit 1; }
-go_directive=$(sed -n 's/^go[[:space:]]\{1,\}\([0-9.]*\)$/\1/p' "$k8s_gomod" | head -n 1)
+go_directive=$(sed -n 's/^go[[:space:]]\{1,\}\([0-9.]*\)$/\1/p' "$k8s_gomod" | sed -n 1p)
 log "staging modules: ${#staging[@]} at $STAGING_VERSION; etcd $etcd_version; go $go_directive"
 
 {
@@ -198,7 +198,9 @@ for b in "${BINARIES[@]}"; do
     [ -x "$work/bin/$b" ] || { log "missing $b after build"; exit 1; }
 done
 "$work/bin/kube-apiserver" --version >&2
-"$work/bin/etcd" --version | head -n 1 >&2
+# sed reads all of it: `head -n 1` could close the pipe while etcd still
+# writes, and pipefail would fail the build on the SIGPIPE.
+"$work/bin/etcd" --version | sed -n 1p >&2
 
 # Publish: replace any stale bin dir, then write the stamp last.
 mkdir -p "$OUT"
