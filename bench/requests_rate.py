@@ -152,7 +152,7 @@ def _build(kind: str, specs: Sequence[SvcSpec], dp: Any) -> Lab:
     return lab
 
 
-def _refresh_pods(lab: Lab, dp: Any, workers: int) -> None:
+def refresh_pods(lab: Lab, dp: Any, workers: int) -> None:
     """New client and backend namespaces (no TCP state left), servers started, tc attached."""
     topo, node = lab.topo, lab.node
     for pod in list(lab.pods.values()):
@@ -170,7 +170,7 @@ def _refresh_pods(lab: Lab, dp: Any, workers: int) -> None:
         topo.exec(node, [sys.executable, "-c", _FLUSH_CT])
 
 
-def _check_isolation(lab: Lab) -> None:
+def check_isolation(lab: Lab) -> None:
     """Programs only where the kind says, rules only where the kind says."""
     topo, node = lab.topo, lab.node
     link = topo.exec(node, ["ip", "-d", "link", "show", "eth0"]).stdout
@@ -183,7 +183,7 @@ def _check_isolation(lab: Lab) -> None:
         raise BenchError(f"{lab.kind}: netfilter rules {'missing' if not rules else 'present'}")
 
 
-def _targets(lab: Lab) -> dict[str, tuple[Any, str, tuple[str, ...]]]:
+def targets_of(lab: Lab) -> dict[str, tuple[Any, str, tuple[str, ...]]]:
     """path -> (where wrk runs, url, hosts to split over)."""
     topo = lab.topo
     client = lab.pods["client"]
@@ -215,8 +215,8 @@ def _tcp_state(lab: Lab, where: Any) -> dict[str, int]:
             "paws_timewait": sum(b["PAWSTimewait"] for b in backends)}
 
 
-def _check_reachable(lab: Lab) -> None:
-    for path, (where, url, split) in _targets(lab).items():
+def check_reachable(lab: Lab) -> None:
+    for path, (where, url, split) in targets_of(lab).items():
         seen = set()
         for _ in range(8):
             for target in split or (url,):
@@ -229,7 +229,7 @@ def _check_reachable(lab: Lab) -> None:
 
 def _one_run(lab: Lab, n: int, path: str, load: str, rep: int,
              seconds: float) -> dict[str, Any]:
-    where, url, split = _targets(lab)[path]
+    where, url, split = targets_of(lab)[path]
     tcp0 = _tcp_state(lab, where)
     result = wrk.run(lab.topo, where, url, seconds=seconds, close=load == "connections",
                      split=split)
@@ -243,7 +243,7 @@ def _one_run(lab: Lab, n: int, path: str, load: str, rep: int,
 
 
 @contextlib.contextmanager
-def _labs(specs: Sequence[SvcSpec], dp: Any) -> Iterator[dict[str, Lab]]:
+def open_labs(specs: Sequence[SvcSpec], dp: Any) -> Iterator[dict[str, Lab]]:
     labs: dict[str, Lab] = {}
     try:
         for kind in KINDS:
@@ -276,16 +276,16 @@ def run(mode: Mode, scales: Sequence[int] | None = None, kinds: Sequence[str] = 
                 raise BenchError(f"programming {n} services: {res.errors[:3]}")
             log(f"requests: {n} services programmed into the maps in "
                 f"{time.perf_counter() - started:.1f} s")
-            with _labs(specs, dp) as labs:
+            with open_labs(specs, dp) as labs:
                 loads[str(n)] = {k: round(v.load_seconds, 2) for k, v in labs.items()
                                  if v.load_seconds}
                 order = [k for k in KINDS if k in kinds]
                 for rep in range(reps):
                     rotated = order[rep % len(order):] + order[:rep % len(order)]
                     for kind in rotated:
-                        _refresh_pods(labs[kind], dp, workers)
-                        _check_isolation(labs[kind])
-                        _check_reachable(labs[kind])
+                        refresh_pods(labs[kind], dp, workers)
+                        check_isolation(labs[kind])
+                        check_reachable(labs[kind])
                     # Kinds take turns run by run, so a change in background load hits
                     # every kind of a row alike.
                     for load, path in ROWS:

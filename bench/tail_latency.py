@@ -77,7 +77,7 @@ def _busiest_worker(lab: rr.Lab) -> int:
 
 
 def _one(lab: rr.Lab, dp: Any, path: str, rep: int, seconds: float) -> dict[str, Any]:
-    where, url, split = rr._targets(lab)[path]
+    where, url, split = rr.targets_of(lab)[path]
     seen: dict[str, int] = {}
 
     def sample() -> None:
@@ -149,14 +149,14 @@ def measure(reps: int, seconds: float, kinds: Sequence[str] = KINDS) -> dict[str
         res = reconciler_for(dp).sync(workload.desired_of(specs, node_model))
         if res.errors:
             raise BenchError(f"programming the services: {res.errors[:3]}")
-        with rr._labs(specs, dp) as labs:
+        with rr.open_labs(specs, dp) as labs:
             for rep in range(reps):
                 order = [k for k in KINDS if k in kinds]
                 order = order[rep % len(order):] + order[:rep % len(order)]
                 for kind in order:
-                    rr._refresh_pods(labs[kind], dp, workers=2)
-                    rr._check_isolation(labs[kind])
-                    rr._check_reachable(labs[kind])
+                    rr.refresh_pods(labs[kind], dp, workers=2)
+                    rr.check_isolation(labs[kind])
+                    rr.check_reachable(labs[kind])
                 for path in PATHS:
                     for kind in order:
                         runs.append(_one(labs[kind], dp, path, rep, seconds))
