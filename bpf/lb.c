@@ -37,12 +37,13 @@ int xdp_lb_external(struct xdp_md *ctx)
 	void *data_end = (void *)(long)ctx->data_end;
 	struct lb_pkt p = {};
 	struct lb_nat n = {};
+	__u32 zero = 0, mtu = 0;
+	struct lb_config *cfg = lb_config.lookup(&zero);
 	int reason = lb_decide(&p, data, data_end, data_end - data,
-			       LB_SCOPE_EXTERNAL, &n);
-	__u32 mtu = 0;
+			       LB_SCOPE_EXTERNAL, cfg, &n);
 
 	if (lb_rewrites(reason)) {
-		mtu = lb_path_mtu_xdp(ctx, &p, &n);
+		mtu = lb_path_mtu_xdp(ctx, &p, &n, cfg);
 		if (mtu)
 			reason = LB_STAT_REJECT_FRAG_NEEDED;
 		else if (lb_nat_xdp(ctx, &p, &n))
@@ -62,10 +63,12 @@ int tc_lb_from_pod(struct __sk_buff *skb)
 	struct lb_pkt p = {};
 	struct lb_nat n = {};
 	void *data, *data_end;
+	__u32 zero = 0;
+	struct lb_config *cfg = lb_config.lookup(&zero);
 	int reason;
 
 	lb_pull(skb, &data, &data_end);
-	reason = lb_decide(&p, data, data_end, skb->len, LB_SCOPE_INTERNAL, &n);
+	reason = lb_decide(&p, data, data_end, skb->len, LB_SCOPE_INTERNAL, cfg, &n);
 
 	if (lb_rewrites(reason) && lb_nat_skb(skb, &p, &n))
 		reason = LB_STAT_ERROR;

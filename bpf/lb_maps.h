@@ -10,7 +10,7 @@
  * pinned maps written with another layout.
  */
 
-#define LB_LAYOUT_VERSION 5
+#define LB_LAYOUT_VERSION 6
 
 /* Service scope: external traffic (XDP on the node device) and traffic from
  * local pods (tc on their veth) may see different backend sets when a traffic
@@ -47,6 +47,7 @@
 #define LB_CT_SEEN_FIN  0x02
 #define LB_CT_SEEN_RST  0x04
 #define LB_CT_SEEN_REPLY 0x08
+#define LB_CT_EXTERNAL  0x10 /* created from outside (LB_SCOPE_EXTERNAL) */
 
 #define LB_PROTO_TCP 6
 #define LB_PROTO_UDP 17
@@ -125,6 +126,7 @@ struct lb_ct_val {
 	__u64 last_seen_ns;  /* refreshed at most once a second */
 	__u32 backend_id;    /* forward entries */
 	__u32 svc_id;        /* both directions */
+	__u32 group_id;      /* the service port the backend was chosen in */
 	__u32 nat_addr;      /* reply entries: original client when masqueraded */
 	__u16 nat_port;
 	__u8  flags;         /* LB_CT_* */

@@ -54,10 +54,10 @@ REWRITES = _stats("DNAT_NEW", "DNAT_ESTABLISHED", "REVNAT")
 POLICED = _stats("DNAT_NEW", "DNAT_ESTABLISHED", "PASS_NOT_SERVICE", "PASS_OTHER_PROTO")
 # lb_rejects: answered with an ICMP port unreachable (or fragmentation needed).
 REJECTS = _stats("REJECT_NO_ENDPOINTS", "REJECT_NO_PORT", "REJECT_FRAG_NEEDED")
-# lb_drops: dropped (a rejected packet too, when no ICMP answer can be made).
-DROPS = _stats("DROP_MALFORMED", "REJECT_NO_ENDPOINTS", "DROP_BACKEND_GONE",
-               "DROP_SOURCE_RANGE", "DROP_NO_LOCAL", "REJECT_NO_PORT", "DROP_UNKNOWN_VIP",
-               "DROP_POLICY", "ERROR", "DROP_MARTIAN", "REJECT_FRAG_NEEDED")
+# lb_drops: dropped; a rejected packet too, when no ICMP answer can be made.
+DROPS = REJECTS | _stats("DROP_MALFORMED", "DROP_BACKEND_GONE", "DROP_SOURCE_RANGE",
+                         "DROP_NO_LOCAL", "DROP_UNKNOWN_VIP", "DROP_POLICY", "ERROR",
+                         "DROP_MARTIAN")
 
 
 def _name(const: str) -> str:

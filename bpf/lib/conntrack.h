@@ -103,11 +103,12 @@ LB_INLINE void lb_ct_answered(struct lb_ct_val *reply, __u32 frontend_addr,
 }
 
 /* Record a new flow client -> frontend served by backend b: the forward
- * entry keeps the backend (and the source it is given, when masqueraded),
- * the reply entry lets replies from b be reverse-translated to the frontend
+ * entry keeps the backend, the service port it was chosen in, the scope it
+ * came from (lib/translate.h, lb_established) and, when masqueraded, the
+ * source it is given; the reply entry lets replies from b be reverse-translated to the frontend
  * and, when masqueraded, back to the client. */
-LB_INLINE int lb_ct_create(const struct lb_pkt *p, __u32 svc_id,
-			   __u32 backend_id, const struct lb_backend *b,
+LB_INLINE int lb_ct_create(const struct lb_pkt *p, const struct lb_svc_val *svc,
+			   __u8 scope, __u32 backend_id, const struct lb_backend *b,
 			   __u32 masq_addr, __u16 masq_port, __u64 now)
 {
 	struct lb_ct_key k;
@@ -115,10 +116,13 @@ LB_INLINE int lb_ct_create(const struct lb_pkt *p, __u32 svc_id,
 
 	v.created_ns = now;
 	v.last_seen_ns = now;
-	v.svc_id = svc_id;
+	v.svc_id = svc->svc_id;
+	v.group_id = svc->group_id;
 	v.backend_id = backend_id;
+	if (scope == LB_SCOPE_EXTERNAL)
+		v.flags = LB_CT_EXTERNAL;
 	if (masq_addr) {
-		v.flags = LB_CT_MASQ;
+		v.flags |= LB_CT_MASQ;
 		v.nat_addr = masq_addr;
 		v.nat_port = masq_port;
 	}

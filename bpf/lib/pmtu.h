@@ -25,15 +25,13 @@
 /* The MTU of the translated packet's route when the packet is too big for
  * it, else 0. */
 LB_INLINE __u32 lb_path_mtu_xdp(struct xdp_md *ctx, const struct lb_pkt *p,
-				const struct lb_nat *n)
+				const struct lb_nat *n, const struct lb_config *cfg)
 {
 	struct bpf_fib_lookup fib = {};
-	struct lb_config *cfg;
-	__u32 zero = 0, tot_len = p->len - p->l3_off, in_mtu = 0;
+	__u32 tot_len = p->len - p->l3_off, in_mtu = 0;
 
 	if (!p->df || p->frag != LB_FRAG_NONE)
 		return 0;
-	cfg = lb_config.lookup(&zero);
 	if (!cfg || !cfg->min_mtu || tot_len <= cfg->min_mtu)
 		return 0;
 	/* Longer than the device it came in on: an aggregate of generic XDP

@@ -69,25 +69,46 @@ LB_INLINE __u32 lb_masq_addr(const struct lb_pkt *p, const struct lb_svc_val *sv
 	return 0;
 }
 
+/* The backend of an established flow to a frontend, 0 when the flow must
+ * be balanced (again). Its forward entry says everything: no service
+ * lookup, which costs as much as the conntrack lookup itself (Cilium and
+ * Katran look the service up first; their entries do not name the choice's
+ * service port). The choice stands while the frontend still has the
+ * entry's reverse-NAT id (lb_rev_nat is zeroed when a frontend goes), the
+ * backend id still belongs to the service port it was chosen in (an id
+ * freed by one service may since serve another), the flow came the way it
+ * was created (a pod's flow is no outside client's) and it has not closed
+ * and started over on the same 5-tuple. */
+LB_INLINE struct lb_backend *lb_established(const struct lb_pkt *p, struct lb_ct_val *v,
+					    __u8 scope)
+{
+	struct lb_rev_nat *rn;
+	struct lb_backend *b;
+	__u32 svc_id;
+
+	if (!v || lb_ct_reopened(v, p))
+		return 0;
+	if (!!(v->flags & LB_CT_EXTERNAL) != (scope == LB_SCOPE_EXTERNAL))
+		return 0;
+	svc_id = v->svc_id;
+	rn = lb_rev_nat.lookup(&svc_id);
+	if (!rn || rn->addr != p->daddr || rn->port != p->dport)
+		return 0;
+	b = lb_backend(v->backend_id);
+	return b && b->group_id == v->group_id ? b : 0;
+}
+
 /* A packet to a frontend: keep the flow's backend, or choose one. */
 LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
 			 const struct lb_config *cfg, struct lb_nat *n)
 {
-	struct lb_svc_val *svc = lb_service(p, scope);
-	struct lb_backend *b = 0;
-	struct lb_ct_val *v;
+	struct lb_ct_val *v = lb_ct_lookup(p, LB_CT_FORWARD, now);
+	struct lb_backend *b = lb_established(p, v, scope);
 	int reason = LB_STAT_DNAT_ESTABLISHED;
 	__u32 id, hash, masq_addr = 0;
 	__u16 masq_port = 0;
+	struct lb_svc_val *svc;
 
-	if (!svc)
-		return lb_no_service(p, scope, cfg);
-	v = lb_ct_lookup(p, LB_CT_FORWARD, now);
-	/* The flow's backend, while it is still one of this service's (an id
-	 * freed by one service may since serve another) and the flow has not
-	 * closed and started over on the same 5-tuple. */
-	if (v && v->svc_id == svc->svc_id && !lb_ct_reopened(v, p))
-		b = lb_backend_of(v->backend_id, svc);
 	if (b) {
 		lb_ct_touch(v, p, now);
 		if (v->flags & LB_CT_MASQ) {
@@ -97,6 +118,9 @@ LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
 	} else {
 		/* New flow, or its backend is gone: choose again, so that a
 		 * UDP client moves on at once instead of sending into a void. */
+		svc = lb_service(p, scope);
+		if (!svc)
+			return lb_no_service(p, scope, cfg);
 		if (!lb_source_allowed(p, svc))
 			return LB_STAT_DROP_SOURCE_RANGE;
 		if (svc->maglev_size == 0)
@@ -113,7 +137,7 @@ LB_INLINE int lb_forward(const struct lb_pkt *p, __u8 scope, __u64 now,
 			if (!masq_port)
 				return LB_STAT_ERROR;
 		}
-		if (lb_ct_create(p, svc->svc_id, id, b, masq_addr, masq_port, now))
+		if (lb_ct_create(p, svc, scope, id, b, masq_addr, masq_port, now))
 			return LB_STAT_ERROR;
 		reason = LB_STAT_DNAT_NEW;
 	}
@@ -148,18 +172,18 @@ LB_INLINE int lb_martian(const struct lb_pkt *p, const struct lb_config *cfg)
 	return 0;
 }
 
+/* cfg: lb_config's entry, read once per packet by the caller (0 while
+ * the agent has not written it). */
 LB_INLINE int lb_decide(struct lb_pkt *p, void *data, void *data_end,
-			__u32 len, __u8 scope, struct lb_nat *n)
+			__u32 len, __u8 scope, const struct lb_config *cfg,
+			struct lb_nat *n)
 {
 	int reason = lb_parse_ports(data, data_end, len, p);
-	struct lb_config *cfg;
-	__u32 zero = 0;
 	int front, back;
 	__u64 now;
 
 	if (reason >= 0)
 		return reason;
-	cfg = lb_config.lookup(&zero);
 	if (scope == LB_SCOPE_EXTERNAL && lb_martian(p, cfg))
 		return LB_STAT_DROP_MARTIAN;
 	/* A reply comes from a backend, a request goes to a frontend: the

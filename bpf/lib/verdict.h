@@ -26,17 +26,17 @@ LB_INLINE int lb_rejects(int reason)
 	       reason == LB_STAT_REJECT_FRAG_NEEDED;
 }
 
+/* A rejected packet is dropped too when no ICMP answer can be made. */
 LB_INLINE int lb_drops(int reason)
 {
-	return reason == LB_STAT_DROP_MALFORMED ||
-	       reason == LB_STAT_REJECT_NO_ENDPOINTS ||
+	return lb_rejects(reason) ||
+	       reason == LB_STAT_DROP_MALFORMED ||
 	       reason == LB_STAT_DROP_BACKEND_GONE ||
 	       reason == LB_STAT_DROP_SOURCE_RANGE ||
 	       reason == LB_STAT_DROP_NO_LOCAL ||
-	       reason == LB_STAT_REJECT_NO_PORT ||
 	       reason == LB_STAT_DROP_UNKNOWN_VIP ||
 	       reason == LB_STAT_DROP_POLICY || reason == LB_STAT_ERROR ||
-	       reason == LB_STAT_DROP_MARTIAN || reason == LB_STAT_REJECT_FRAG_NEEDED;
+	       reason == LB_STAT_DROP_MARTIAN;
 }
 
 #endif

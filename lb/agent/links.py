@@ -11,14 +11,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pyroute2.netlink.rtnl import RTMGRP_LINK
+from pyroute2.netlink.rtnl.ifinfmsg import IFF_LOOPBACK, IFF_UP
+
 from lb.datapath.netns import call_in, iproute
 
 log = logging.getLogger("lbctl.agent")
 
 # How often the devices are listed even when no link event arrived.
 LINK_RESCAN_PERIOD = 2.0
-RTMGRP_LINK = 1
-IFF_UP, IFF_LOOPBACK = 0x1, 0x8
 
 
 def min_mtu(netns: str | None) -> int:

@@ -28,7 +28,7 @@ SVC_FLAGS = {
 }
 BACKEND_FLAGS = {"LB_BACKEND_LOCAL": "local", "LB_BACKEND_TERMINATING": "terminating"}
 CT_FLAGS = {"LB_CT_MASQ": "masq", "LB_CT_SEEN_FIN": "fin", "LB_CT_SEEN_RST": "rst",
-            "LB_CT_SEEN_REPLY": "reply"}
+            "LB_CT_SEEN_REPLY": "reply", "LB_CT_EXTERNAL": "external"}
 CT_DIRECTIONS = {layout.const("LB_CT_FORWARD"): "forward", layout.const("LB_CT_REPLY"): "reply",
                  layout.const("LB_CT_POLICY"): "policy-egress",
                  layout.const("LB_CT_POLICY_INGRESS"): "policy-ingress"}
@@ -110,6 +110,7 @@ def conntrack(maps: Mapping[str, BpfMap]) -> list[dict[str, Any]]:
             "protocol": _proto(k.proto),
             "backend_id": v.backend_id,
             "svc_id": v.svc_id,
+            "group_id": v.group_id,
             "age_s": round(max(0, now - v.created_ns) / 1e9, 1),
             "idle_s": round(max(0, now - v.last_seen_ns) / 1e9, 1),
             "flags": _flags(v.flags, CT_FLAGS),

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from lb.datapath.instance import reconciler_for
+from lb.datapath.instance import Kind, Sizes, reconciler_for, throwaway
+from lb.datapath.interface import PacketDatapath
 from lb.encoding import ip_be, port_be
 from lb.inspect import packets
 from lb.inspect.trace import Tracer
@@ -21,6 +22,7 @@ from lb.sources.manifests import build_cluster
 from loader import layout, libbpf
 from loader.build import Datapath
 from loader.programs import TC_FROM_POD, TC_TO_EXTERNAL, TC_TO_POD, XDP_EXTERNAL
+from tests.conftest import require_root
 
 VIP = "10.96.0.10"
 NODE = Node(name="node-a", ips=("192.0.2.1",))
@@ -56,7 +58,7 @@ def web(backends: list[str]) -> list[dict[str, Any]]:
     return [service("web", VIP, ports, "NodePort"), endpoint_slice("web", backends, eps)]
 
 
-def program(dp: Datapath, docs: list[dict[str, Any]], rec: Reconciler | None = None
+def program(dp: PacketDatapath, docs: list[dict[str, Any]], rec: Reconciler | None = None
             ) -> Reconciler:
     result = build_cluster((d, "test") for d in docs)
     assert not result.errors
@@ -188,6 +190,75 @@ def test_flow_moves_on_when_its_backend_is_removed(datapath: Datapath) -> None:
         p = packets.parse(run(datapath, TC, packets.build("10.244.1.5", sport, VIP, 53,
                                                           "udp")).data)
         assert p is not None and p.dst == "10.244.1.11"
+
+
+def _forward_entry(dp: PacketDatapath, client: str, sport: int) -> Any:
+    for k, v in dp.map("lb_ct").items():
+        if (k.dir == layout.const("LB_CT_FORWARD") and k.saddr == ip_be(client)
+                and k.sport == port_be(sport)):
+            return v
+    raise AssertionError(f"no forward entry of {client}:{sport}")
+
+
+# Ids run out at once: two frontends, service ports and backends fit.
+TINY = Sizes(max_services=3, max_backends=3, maglev_slots=1 << 12, ct_size=1024)
+
+
+def _clusterip(name: str, vip: str, port: int, backend: str, proto: str = "UDP"
+               ) -> list[dict[str, Any]]:
+    return [service(name, vip, [{"name": "p", "port": port, "targetPort": 5353,
+                                 "protocol": proto}]),
+            endpoint_slice(name, [backend], [{"name": "p", "port": 5353, "protocol": proto}])]
+
+
+@pytest.mark.parametrize("kind", ["kernel", "userspace"])
+def test_ids_a_gone_frontend_leaves_do_not_carry_its_flows(kind: Kind) -> None:
+    """An established flow is judged from its conntrack entry alone. The
+    ids it names (frontend, service port, backend) are freed with the
+    frontend and, once fresh ones run out, handed out again; a packet of
+    the old flow that the pre-filter lets through must then be balanced
+    afresh at its own frontend, not follow the ids to whatever took them."""
+    if kind == "kernel":
+        require_root()
+    with throwaway(kind, TINY) as dp:
+        keep = _clusterip("keep", "10.96.0.9", 53, "10.244.1.9")
+        rec = program(dp, keep + _clusterip("dns", VIP, 53, "10.244.1.10"))
+        flow = packets.build("10.244.1.5", 46000, VIP, 53, "udp", payload=b"q")
+        p = packets.parse(dp.run(TC, flow).data)
+        assert p is not None and (p.dst, p.dport) == ("10.244.1.10", 5353)
+        old = _forward_entry(dp, "10.244.1.5", 46000)
+        program(dp, keep, rec)  # dns goes: its ids are freed
+        program(dp, keep + _clusterip("dns2", "10.96.0.20", 53, "10.244.1.20"), rec)
+        # The new frontend took every id the old flow's entry names.
+        rn = dp.map("lb_rev_nat").lookup(old.svc_id)
+        b = dp.map("lb_backends").lookup(old.backend_id)
+        assert rn is not None and rn.addr == ip_be("10.96.0.20"), "frontend id not reused"
+        assert b is not None and b.addr == ip_be("10.244.1.20"), "backend id not reused"
+        assert b.group_id == old.group_id, "service port id not reused"
+        # A pre-filter that answers "maybe" for everything (a false positive).
+        for i in range(dp.sizes.filter_words):
+            dp.map("lb_filter").update(i, (1 << 64) - 1)
+        out = dp.run(TC, flow)
+        assert out.data == flow, "the old flow followed reused ids"
+        assert _forward_entry(dp, "10.244.1.5", 46000).svc_id == old.svc_id
+
+
+def test_a_pods_flow_is_not_continued_from_outside(datapath: Datapath) -> None:
+    """A conntrack entry a pod's flow created (tc) answers for that way in
+    only: the same 5-tuple arriving from outside (XDP, a spoofed source)
+    is balanced as outside traffic, and a ClusterIP is none of it."""
+    program(datapath, web(["10.244.1.10"]))
+    to_vip = packets.build("10.244.1.5", 47000, VIP, 80, "tcp")
+    to_node_port = packets.build("10.244.1.5", 47001, "192.0.2.1", 30080, "tcp")
+    for frame in (to_vip, to_node_port):
+        p = packets.parse(run(datapath, TC, frame).data)
+        assert p is not None and p.dst == "10.244.1.10"
+    assert run(datapath, XDP, to_vip).data == to_vip, "a ClusterIP is not served outside"
+    new = stat_packets(datapath, "DNAT_NEW")
+    run(datapath, XDP, to_node_port)
+    assert stat_packets(datapath, "DNAT_NEW") == new + 1, "balanced as a new outside flow"
+    entry = _forward_entry(datapath, "10.244.1.5", 47001)
+    assert entry.flags & layout.const("LB_CT_EXTERNAL")
 
 
 def test_non_service_traffic_passes_untouched(datapath: Datapath) -> None:

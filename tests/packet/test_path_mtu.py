@@ -67,8 +67,7 @@ def node_ns() -> Iterator[str]:
 def both(datapath: Datapath, node_ns: str) -> list[Any]:
     """The kernel's programs (run in node_ns) and the twin, programmed alike:
     a NodePort served by BACKEND, the node's smallest MTU SMALL_MTU."""
-    twin = UserspaceDatapath.new(SMALL)
-    twin.route_mtu = route_mtu
+    twin = UserspaceDatapath.new(SMALL, route_mtu=route_mtu)
     for dp in (datapath, twin):
         program(dp, SMALL_MTU)
 

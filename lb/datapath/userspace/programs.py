@@ -557,9 +557,10 @@ class UserspaceDatapath:
         self._scope_int = _C["LB_SCOPE_INTERNAL"]
 
     @classmethod
-    def new(cls, sizes: Sizes, clock: Callable[[], int] = time.monotonic_ns) -> UserspaceDatapath:
+    def new(cls, sizes: Sizes, clock: Callable[[], int] = time.monotonic_ns,
+            route_mtu: Callable[[int, int], int | None] | None = None) -> UserspaceDatapath:
         """An empty instance with every map, sized as a kernel instance of `sizes`."""
-        return cls(new_userspace_maps(sizes), sizes, clock)
+        return cls(new_userspace_maps(sizes), sizes, clock, route_mtu=route_mtu)
 
     # --- entry points -----------------------------------------------------------
 
@@ -576,10 +577,11 @@ class UserspaceDatapath:
     def xdp_lb_external(self, frame: bytes) -> Verdict:
         buf = bytearray(frame)
         p = Pkt()
-        reason, n = self._decide(p, buf, self._scope_ext)
+        cfg = self._cfg()
+        reason, n = self._decide(p, buf, self._scope_ext, cfg)
         mtu = 0
         if reason in REWRITES and n is not None:
-            mtu = self._path_mtu(p, n)
+            mtu = self._path_mtu(p, n, cfg)
             if mtu:
                 reason = _STAT["REJECT_FRAG_NEEDED"]
             elif nat_xdp(buf, p, n):
@@ -595,7 +597,7 @@ class UserspaceDatapath:
     def tc_lb_from_pod(self, frame: bytes) -> Verdict:
         buf = bytearray(frame)
         p = Pkt()
-        reason, n = self._decide(p, buf, self._scope_int)
+        reason, n = self._decide(p, buf, self._scope_int, self._cfg())
         if reason in REWRITES and n is not None and nat_skb(buf, p, n):
             reason = _STAT["ERROR"]
         if reason == _STAT["PASS_OTHER_PROTO"]:
@@ -678,12 +680,12 @@ class UserspaceDatapath:
         raw = self._config.ref(_u32key(0))
         return None if raw is None else _ffi.from_buffer("struct lb_config *", raw)
 
-    def _decide(self, p: Pkt, buf: bytearray, scope: int) -> tuple[int, Nat | None]:
-        """lb_decide: lb_config is read once, as the C does."""
+    def _decide(self, p: Pkt, buf: bytearray, scope: int,
+                cfg: Any | None) -> tuple[int, Nat | None]:
+        """lb_decide, over lb_config as the entry point read it."""
         reason = self._parse_ports(buf, p)
         if reason >= 0:
             return reason, None
-        cfg = self._cfg()
         if scope == self._scope_ext and self._martian(p, cfg):
             return _STAT["DROP_MARTIAN"], None
         front = self._filter_has(_C["LB_FILTER_FRONTEND"], p.daddr, p.dport)
@@ -771,12 +773,11 @@ class UserspaceDatapath:
         return any(m and addr & m == net
                    for net, m in zip(cfg.svc_cidr_net, cfg.svc_cidr_mask, strict=True))
 
-    def _path_mtu(self, p: Pkt, n: Nat) -> int:
+    def _path_mtu(self, p: Pkt, n: Nat, cfg: Any | None) -> int:
         """lb_path_mtu_xdp (lib/pmtu.h). A frame here is as it was sent,
         never a GRO aggregate, so the ingress device's MTU is not checked."""
         if not p.df or p.frag != FRAG_NONE or self.route_mtu is None:
             return 0
-        cfg = self._cfg()
         tot_len = p.len - p.l3_off
         if cfg is None or not cfg.min_mtu or tot_len <= cfg.min_mtu:
             return 0
@@ -845,24 +846,38 @@ class UserspaceDatapath:
             return int(cfg.hairpin_ip)
         return 0
 
+    def _established(self, p: Pkt, v: Any | None, scope: int) -> Any | None:
+        """lb_established: the backend of an established flow, from its
+        forward entry alone."""
+        if v is None or _ct_reopened(v, p):
+            return None
+        if bool(v.flags & _C["LB_CT_EXTERNAL"]) != (scope == self._scope_ext):
+            return None
+        raw = self._rev_nat.ref(_u32key(v.svc_id))
+        if raw is None:
+            return None
+        rn = _ffi.from_buffer("struct lb_rev_nat *", raw)
+        if rn.addr != p.daddr or rn.port != p.dport:
+            return None
+        b = self._backend(v.backend_id)
+        return b if b is not None and b.group_id == v.group_id else None
+
     def _forward(self, p: Pkt, scope: int, now: int,
                  cfg: Any | None) -> tuple[int, Nat | None]:
         """lb_forward."""
-        svc = self._service(p, scope)
-        if svc is None:
-            return self._no_service(p, scope, cfg), None
         reason = _STAT["DNAT_ESTABLISHED"]
-        b = None
         masq_addr = masq_port = 0
         v = self._ct_lookup(p, _C["LB_CT_FORWARD"], now)
-        if v is not None and v.svc_id == svc.svc_id and not _ct_reopened(v, p):
-            b = self._backend_of(v.backend_id, svc)
+        b = self._established(p, v, scope)
         if b is not None and v is not None:
             self._ct_touch(v, p, now)
             if v.flags & _C["LB_CT_MASQ"]:
                 masq_addr, masq_port = v.nat_addr, v.nat_port
         else:
             # A new flow, or its backend is gone: choose again.
+            svc = self._service(p, scope)
+            if svc is None:
+                return self._no_service(p, scope, cfg), None
             if not self._source_allowed(p, svc):
                 return _STAT["DROP_SOURCE_RANGE"], None
             if svc.maglev_size == 0:
@@ -878,7 +893,7 @@ class UserspaceDatapath:
                 masq_port = self._masq_port(p, b, masq_addr, self.flow_hash(p), now)
                 if not masq_port:
                     return _STAT["ERROR"], None
-            if self._ct_create(p, svc.svc_id, bid, b, masq_addr, masq_port, now):
+            if self._ct_create(p, svc, scope, bid, b, masq_addr, masq_port, now):
                 return _STAT["ERROR"], None
             reason = _STAT["DNAT_NEW"]
         if masq_addr:
@@ -930,14 +945,16 @@ class UserspaceDatapath:
         if raw is not None:
             _ffi.from_buffer("struct lb_ct_val *", raw).flags |= _C["LB_CT_SEEN_REPLY"]
 
-    def _ct_create(self, p: Pkt, svc_id: int, backend_id: int, b: Any, masq_addr: int,
-                   masq_port: int, now: int) -> int:
+    def _ct_create(self, p: Pkt, svc: Any, scope: int, backend_id: int, b: Any,
+                   masq_addr: int, masq_port: int, now: int) -> int:
         """lb_ct_create: the forward entry, then the reply entry, which also
         remembers the client (for a masqueraded flow's replies)."""
-        v = layout.new("struct lb_ct_val", created_ns=now, last_seen_ns=now, svc_id=svc_id,
-                       backend_id=backend_id)
+        v = layout.new("struct lb_ct_val", created_ns=now, last_seen_ns=now,
+                       svc_id=svc.svc_id, group_id=svc.group_id, backend_id=backend_id)
+        if scope == self._scope_ext:
+            v.flags = _C["LB_CT_EXTERNAL"]
         if masq_addr:
-            v.flags = _C["LB_CT_MASQ"]
+            v.flags |= _C["LB_CT_MASQ"]
             v.nat_addr = masq_addr
             v.nat_port = masq_port
         k = self._ct_key(p.saddr, p.daddr, p.sport, p.dport, p.proto, _C["LB_CT_FORWARD"])
