@@ -37,8 +37,8 @@ int xdp_lb_external(struct xdp_md *ctx)
 	void *data_end = (void *)(long)ctx->data_end;
 	struct lb_pkt p = {};
 	struct lb_nat n = {};
-	__u32 zero = 0, mtu = 0;
-	struct lb_config *cfg = lb_config.lookup(&zero);
+	struct lb_config *cfg = lb_cfg();
+	__u32 mtu = 0;
 	int reason = lb_decide(&p, data, data_end, data_end - data,
 			       LB_SCOPE_EXTERNAL, cfg, &n);
 
@@ -63,8 +63,7 @@ int tc_lb_from_pod(struct __sk_buff *skb)
 	struct lb_pkt p = {};
 	struct lb_nat n = {};
 	void *data, *data_end;
-	__u32 zero = 0;
-	struct lb_config *cfg = lb_config.lookup(&zero);
+	struct lb_config *cfg = lb_cfg();
 	int reason;
 
 	lb_pull(skb, &data, &data_end);
@@ -143,7 +142,6 @@ int tc_lb_to_external(struct __sk_buff *skb)
 	struct lb_pkt p = {};
 	struct lb_config *cfg;
 	void *data, *data_end;
-	__u32 zero = 0;
 	int reason, verdict;
 
 	lb_pull(skb, &data, &data_end);
@@ -158,7 +156,7 @@ int tc_lb_to_external(struct __sk_buff *skb)
 	 * the node forwards) leaves untouched and records no fragment. */
 	if (reason != -1)
 		return TC_ACT_OK;
-	cfg = lb_config.lookup(&zero);
+	cfg = lb_cfg();
 	if (!cfg || p.saddr != cfg->node_ip || lb_frag_ports(&p) != -1)
 		return TC_ACT_OK;
 	verdict = lb_reverse_skb(skb, &p);

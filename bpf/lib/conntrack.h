@@ -105,8 +105,9 @@ LB_INLINE void lb_ct_answered(struct lb_ct_val *reply, __u32 frontend_addr,
 /* Record a new flow client -> frontend served by backend b: the forward
  * entry keeps the backend, the service port it was chosen in, the scope it
  * came from (lib/translate.h, lb_established) and, when masqueraded, the
- * source it is given; the reply entry lets replies from b be reverse-translated to the frontend
- * and, when masqueraded, back to the client. */
+ * source it is given; the reply entry lets replies from b be
+ * reverse-translated to the frontend and, when masqueraded, back to the
+ * client. */
 LB_INLINE int lb_ct_create(const struct lb_pkt *p, const struct lb_svc_val *svc,
 			   __u8 scope, __u32 backend_id, const struct lb_backend *b,
 			   __u32 masq_addr, __u16 masq_port, __u64 now)

@@ -111,7 +111,6 @@ LB_INLINE int lb_icmp_decide(const struct lb_pkt *p, const struct lb_icmp_err *e
 	struct lb_rev_nat *rn;
 	struct lb_backend *b;
 	struct lb_ct_val *v;
-	__u32 id;
 
 	n->outer_saddr = p->saddr;
 	n->outer_daddr = p->daddr;
@@ -121,9 +120,8 @@ LB_INLINE int lb_icmp_decide(const struct lb_pkt *p, const struct lb_icmp_err *e
 	n->dport = e->dport;
 	v = lb_ct_lookup(&q, LB_CT_REPLY, now);
 	if (v) {
-		id = v->svc_id;
-		rn = lb_rev_nat.lookup(&id);
-		if (!rn || rn->addr == 0)
+		rn = lb_frontend(v->svc_id);
+		if (!rn)
 			return -1;
 		if (p->saddr == e->daddr)
 			n->outer_saddr = rn->addr;

@@ -57,4 +57,23 @@ BPF_TABLE_PINNED("lpm_trie", struct lb_src_range_key, __u32, lb_source_ranges,
 		 LB_MAX_SOURCE_RANGES, LB_PIN_DIR "/lb_source_ranges",
 		 BPF_F_NO_PREALLOC);
 
+/* The lookups every program makes the same way. */
+
+/* lb_config's one entry; 0 while the agent has not written it. */
+LB_INLINE struct lb_config *lb_cfg(void)
+{
+	__u32 zero = 0;
+
+	return lb_config.lookup(&zero);
+}
+
+/* The frontend a reverse-NAT id stands for; 0 once it is gone (the agent
+ * zeroes its entry). */
+LB_INLINE struct lb_rev_nat *lb_frontend(__u32 svc_id)
+{
+	struct lb_rev_nat *rn = lb_rev_nat.lookup(&svc_id);
+
+	return rn && rn->addr ? rn : 0;
+}
+
 #endif

@@ -12,8 +12,7 @@
 
 LB_INLINE int lb_sock_ours(struct bpf_sock_addr *ctx)
 {
-	__u32 zero = 0;
-	struct lb_config *cfg = lb_config.lookup(&zero);
+	struct lb_config *cfg = lb_cfg();
 
 	return cfg && cfg->netns_cookie && cfg->netns_cookie == bpf_get_netns_cookie(ctx);
 }

@@ -22,13 +22,11 @@ LB_INLINE int lb_reverse(const struct lb_pkt *p, __u64 now, struct lb_nat *n)
 {
 	struct lb_ct_val *v = lb_ct_lookup(p, LB_CT_REPLY, now);
 	struct lb_rev_nat *rn;
-	__u32 svc_id;
 
 	if (!v || lb_ct_reply_reopened(v, p))
 		return -1;
-	svc_id = v->svc_id;
-	rn = lb_rev_nat.lookup(&svc_id);
-	if (!rn || rn->addr == 0)
+	rn = lb_frontend(v->svc_id);
+	if (!rn)
 		return -1;
 	lb_ct_touch(v, p, now);
 	if (!(v->flags & LB_CT_SEEN_REPLY))
@@ -84,14 +82,12 @@ LB_INLINE struct lb_backend *lb_established(const struct lb_pkt *p, struct lb_ct
 {
 	struct lb_rev_nat *rn;
 	struct lb_backend *b;
-	__u32 svc_id;
 
 	if (!v || lb_ct_reopened(v, p))
 		return 0;
 	if (!!(v->flags & LB_CT_EXTERNAL) != (scope == LB_SCOPE_EXTERNAL))
 		return 0;
-	svc_id = v->svc_id;
-	rn = lb_rev_nat.lookup(&svc_id);
+	rn = lb_frontend(v->svc_id);
 	if (!rn || rn->addr != p->daddr || rn->port != p->dport)
 		return 0;
 	b = lb_backend(v->backend_id);

@@ -707,11 +707,8 @@ class UserspaceDatapath:
         osrc, odst = p.saddr, p.daddr
         v = self._ct_lookup(q, _C["LB_CT_REPLY"], now)
         if v is not None:
-            raw = self._rev_nat.ref(_u32key(v.svc_id))
-            if raw is None:
-                return None
-            rn = _ffi.from_buffer("struct lb_rev_nat *", raw)
-            if rn.addr == 0:
+            rn = self._frontend(v.svc_id)
+            if rn is None:
                 return None
             saddr, sport = e.saddr, e.sport
             if p.saddr == e.daddr:
@@ -817,11 +814,8 @@ class UserspaceDatapath:
         v = self._ct_lookup(p, _C["LB_CT_REPLY"], now)
         if v is None or _ct_reply_reopened(v, p):
             return None
-        raw = self._rev_nat.ref(_u32key(v.svc_id))
-        if raw is None:
-            return None
-        rn = _ffi.from_buffer("struct lb_rev_nat *", raw)
-        if rn.addr == 0:
+        rn = self._frontend(v.svc_id)
+        if rn is None:
             return None
         self._ct_touch(v, p, now)
         if not v.flags & _C["LB_CT_SEEN_REPLY"]:
@@ -846,6 +840,15 @@ class UserspaceDatapath:
             return int(cfg.hairpin_ip)
         return 0
 
+    def _frontend(self, svc_id: int) -> Any | None:
+        """lb_frontend (lib/maps.h): the frontend of a reverse-NAT id, None
+        once it is gone."""
+        raw = self._rev_nat.ref(_u32key(svc_id))
+        if raw is None:
+            return None
+        rn = _ffi.from_buffer("struct lb_rev_nat *", raw)
+        return rn if rn.addr else None
+
     def _established(self, p: Pkt, v: Any | None, scope: int) -> Any | None:
         """lb_established: the backend of an established flow, from its
         forward entry alone."""
@@ -853,11 +856,8 @@ class UserspaceDatapath:
             return None
         if bool(v.flags & _C["LB_CT_EXTERNAL"]) != (scope == self._scope_ext):
             return None
-        raw = self._rev_nat.ref(_u32key(v.svc_id))
-        if raw is None:
-            return None
-        rn = _ffi.from_buffer("struct lb_rev_nat *", raw)
-        if rn.addr != p.daddr or rn.port != p.dport:
+        rn = self._frontend(v.svc_id)
+        if rn is None or rn.addr != p.daddr or rn.port != p.dport:
             return None
         b = self._backend(v.backend_id)
         return b if b is not None and b.group_id == v.group_id else None
