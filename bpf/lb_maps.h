@@ -48,6 +48,7 @@
 #define LB_CT_SEEN_RST  0x04
 #define LB_CT_SEEN_REPLY 0x08
 #define LB_CT_EXTERNAL  0x10 /* created from outside (LB_SCOPE_EXTERNAL) */
+#define LB_CT_NODE_SOCKET 0x20 /* a reply 5-tuple a node's own connection took over */
 
 #define LB_PROTO_TCP 6
 #define LB_PROTO_UDP 17

@@ -70,6 +70,23 @@ LB_INLINE int lb_ct_reply_reopened(const struct lb_ct_val *v, const struct lb_pk
 	       (v->flags & (LB_CT_SEEN_FIN | LB_CT_SEEN_RST));
 }
 
+/* A node's own connection has reopened a closed flow's reply 5-tuple (its
+ * socket took the port the flow was masqueraded to): the entry becomes that
+ * connection's. Its packets then pass as they are, and the entry, alive
+ * while they flow, keeps new masqueraded flows off the port (lb_masq_port
+ * probes on). Linux conntrack resolves the same clash the other way round,
+ * giving the node's connection another source port (nf_nat_core.c,
+ * get_unique_tuple). svc_id 0 means no frontend, so an ICMP error about the
+ * connection is not translated either. */
+LB_INLINE void lb_ct_yield(struct lb_ct_val *v, __u64 now)
+{
+	v->flags = LB_CT_NODE_SOCKET | LB_CT_SEEN_REPLY;
+	v->svc_id = 0;
+	v->nat_addr = 0;
+	v->nat_port = 0;
+	v->last_seen_ns = now;
+}
+
 /* Note what this packet says about the flow's state, without a map update. */
 LB_INLINE void lb_ct_touch(struct lb_ct_val *v, const struct lb_pkt *p,
 			   __u64 now)

@@ -23,8 +23,14 @@ LB_INLINE int lb_reverse(const struct lb_pkt *p, __u64 now, struct lb_nat *n)
 	struct lb_ct_val *v = lb_ct_lookup(p, LB_CT_REPLY, now);
 	struct lb_rev_nat *rn;
 
-	if (!v || lb_ct_reply_reopened(v, p))
+	if (!v)
 		return -1;
+	if (lb_ct_reply_reopened(v, p))
+		lb_ct_yield(v, now);
+	if (v->flags & LB_CT_NODE_SOCKET) {
+		lb_ct_touch(v, p, now);
+		return -1;
+	}
 	rn = lb_frontend(v->svc_id);
 	if (!rn)
 		return -1;

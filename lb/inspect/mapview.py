@@ -28,7 +28,8 @@ SVC_FLAGS = {
 }
 BACKEND_FLAGS = {"LB_BACKEND_LOCAL": "local", "LB_BACKEND_TERMINATING": "terminating"}
 CT_FLAGS = {"LB_CT_MASQ": "masq", "LB_CT_SEEN_FIN": "fin", "LB_CT_SEEN_RST": "rst",
-            "LB_CT_SEEN_REPLY": "reply", "LB_CT_EXTERNAL": "external"}
+            "LB_CT_SEEN_REPLY": "reply", "LB_CT_EXTERNAL": "external",
+            "LB_CT_NODE_SOCKET": "node-socket"}
 CT_DIRECTIONS = {layout.const("LB_CT_FORWARD"): "forward", layout.const("LB_CT_REPLY"): "reply",
                  layout.const("LB_CT_POLICY"): "policy-egress",
                  layout.const("LB_CT_POLICY_INGRESS"): "policy-ingress"}

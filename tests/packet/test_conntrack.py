@@ -110,7 +110,22 @@ def test_a_syn_ack_on_a_closed_flows_reply_entry_is_not_reverse_translated(
     # Both sides close.
     dp.run(XDP, packets.build("198.51.100.10", 43000, "192.0.2.1", 30080, flags="FA"))
     dp.run(XDP, packets.build("10.244.1.10", 8080, "192.0.2.1", masq, flags="FA"))
-    # A new connection of the node's own on that port: its SYN-ACK passes untouched.
+    # A new connection of the node's own on that port: its SYN-ACK passes
+    # untouched, and so does the rest of it (the node's socket would never
+    # see its data otherwise, the client would get it instead).
     syn_ack = packets.build("10.244.1.10", 8080, "192.0.2.1", masq, flags="SA")
     assert dp.run(XDP, syn_ack).data == syn_ack
     assert dp.run(TC, syn_ack).data == syn_ack
+    data = packets.build("10.244.1.10", 8080, "192.0.2.1", masq, flags="PA",
+                         payload=b"HTTP/1.1 200")
+    assert dp.run(TC, data).data == data
+    assert dp.run(XDP, data).data == data
+    reply_key = {k: v for k, v in dp.map("lb_ct").items()
+                 if k.dir == layout.const("LB_CT_REPLY") and socket.ntohs(k.dport) == masq}
+    assert [v.flags for v in reply_key.values()] == [
+        layout.const("LB_CT_NODE_SOCKET") | layout.const("LB_CT_SEEN_REPLY")]
+    # While that connection lives, a new masqueraded flow of the same client
+    # port is given another port, not the node's.
+    again = packets.parse(dp.run(XDP, packets.build(
+        "198.51.100.10", 43000, "192.0.2.1", 30080)).data)
+    assert again is not None and again.src == "192.0.2.1" and again.sport != masq

@@ -512,6 +512,15 @@ def _ct_reply_reopened(v: Any, p: Pkt) -> bool:
                 and v.flags & (_C["LB_CT_SEEN_FIN"] | _C["LB_CT_SEEN_RST"]))
 
 
+def _ct_yield(v: Any, now: int) -> None:
+    """lb_ct_yield: the reply 5-tuple is now a node's own connection's."""
+    v.flags = _C["LB_CT_NODE_SOCKET"] | _C["LB_CT_SEEN_REPLY"]
+    v.svc_id = 0
+    v.nat_addr = 0
+    v.nat_port = 0
+    v.last_seen_ns = now
+
+
 class UserspaceDatapath:
     """The programs of bpf/lb.c over DictMaps. `clock` stands for lb_now
     (bpf/lib/common.h: monotonic nanoseconds as of the last tick), which
@@ -812,7 +821,12 @@ class UserspaceDatapath:
     def _reverse(self, p: Pkt, now: int) -> tuple[int, Nat] | None:
         """lb_reverse."""
         v = self._ct_lookup(p, _C["LB_CT_REPLY"], now)
-        if v is None or _ct_reply_reopened(v, p):
+        if v is None:
+            return None
+        if _ct_reply_reopened(v, p):
+            _ct_yield(v, now)
+        if v.flags & _C["LB_CT_NODE_SOCKET"]:
+            self._ct_touch(v, p, now)
             return None
         rn = self._frontend(v.svc_id)
         if rn is None:
