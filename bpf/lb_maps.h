@@ -122,8 +122,8 @@ struct lb_ct_key {
 };
 
 struct lb_ct_val {
-	__u64 created_ns;    /* bpf_ktime_get_ns() of the first packet (the coarse
-	                      * clock for policy entries) */
+	__u64 created_ns;    /* lb_now() of the first packet (loader/clock.py reads
+	                      * the same clock) */
 	__u64 last_seen_ns;  /* refreshed at most once a second */
 	__u32 backend_id;    /* forward entries */
 	__u32 svc_id;        /* both directions */

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from loader import layout, libbpf
+from loader.clock import DatapathClock
 from loader.maps import BpfMap, kernel_type, max_entries, specs
 from loader.programs import PROGRAMS
 from loader.sizes import Sizes
@@ -52,6 +53,7 @@ class BuildOptions:
     pin_dir: Path
     sizes: Sizes = field(default_factory=Sizes)
     defines: dict[str, str] = field(default_factory=dict)
+    clock: DatapathClock = field(default_factory=DatapathClock.of_kernel)
 
     def max_entries(self) -> dict[str, int]:
         return max_entries(self.sizes.defines())
@@ -59,6 +61,7 @@ class BuildOptions:
     def cflags(self) -> list[str]:
         flags = {
             "LB_PIN_DIR": f'"{self.pin_dir}"',
+            "LB_NSEC_PER_JIFFY": f"{self.clock.nsec_per_jiffy}ULL",
             **{k: str(v) for k, v in self.sizes.defines().items()},
             **self.defines,
         }

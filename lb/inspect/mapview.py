@@ -3,7 +3,6 @@ Works from any process: maps are opened by their pins."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -14,6 +13,7 @@ from lb.model import PROTO_NAMES
 from lb.policy import view as policy_view
 from lb.verdicts import reason
 from loader import layout
+from loader.clock import DatapathClock
 from loader.maps import BpfMap
 
 SVC_FLAGS = {
@@ -100,8 +100,7 @@ def maglev(maps: Mapping[str, BpfMap]) -> list[dict[str, Any]]:
 
 
 def conntrack(maps: Mapping[str, BpfMap]) -> list[dict[str, Any]]:
-    # lb_now (bpf/lib/common.h) lags this clock by at most a tick.
-    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    now = DatapathClock.of_kernel().now_ns()
     rows = []
     for k, v in maps["lb_ct"].items():
         rows.append({

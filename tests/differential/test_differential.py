@@ -27,7 +27,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -721,7 +720,8 @@ class Pair:
 
     def age(self, seconds: int) -> None:
         delta = seconds * 1_000_000_000
-        for maps, now in ((self.k.maps, time.monotonic_ns()), (self.umaps, self.clock.now)):
+        kernel_now = self.k.dp.opts.clock.now_ns()
+        for maps, now in ((self.k.maps, kernel_now), (self.umaps, self.clock.now)):
             for name, stamp in (("lb_ct", "last_seen_ns"), ("lb_affinity", "last_used_ns")):
                 m = maps[name]
                 for k, v in list(m.items()):

@@ -15,6 +15,7 @@ import yaml
 
 from lab import objects
 from lb.datapath.instance import SMALL, THROWAWAY_PREFIX, reconciler_for
+from lb.inspect import packets
 from lb.model import Node
 from lb.service import desired
 from lb.sources.manifests import load
@@ -115,6 +116,28 @@ def test_maps_lists_the_service_from_a_second_process() -> None:
             backends = json.loads(lbctl("maps", "backends", "-o", "json", "--instance",
                                         pin_dir.name).stdout)
             assert {b["address"] for b in backends} == ENDPOINTS
+    finally:
+        remove_pins(pin_dir)
+
+
+def test_maps_conntrack_ages_flows_by_the_datapaths_clock() -> None:
+    """The programs stamp entries with their own clock (jiffies); `lbctl maps
+    conntrack` must read the same one, or every age is nonsense."""
+    require_root()
+    pin_dir = new_pin_dir("ages")
+    try:
+        with Datapath(BuildOptions(pin_dir, SMALL)) as dp:
+            cluster = load([TOMCAT]).cluster
+            reconciler_for(dp).sync(desired.compute(cluster, Node("n1", ("192.0.2.1",))))
+            syn = packets.build("10.244.1.5", 40001, CLUSTER_IP, 8080)
+            assert dp.run("tc_lb_from_pod", syn).data != syn, "the flow was translated"
+            time.sleep(1.5)
+            rows = json.loads(lbctl("maps", "conntrack", "-o", "json", "--instance",
+                                    pin_dir.name).stdout)
+            flow = [r for r in rows if r["source"] == "10.244.1.5:40001"]
+            assert len(flow) == 1 and flow[0]["direction"] == "forward", rows
+            assert 1.4 <= flow[0]["age_s"] <= 4.0, flow
+            assert 1.4 <= flow[0]["idle_s"] <= 4.0, flow
     finally:
         remove_pins(pin_dir)
 
