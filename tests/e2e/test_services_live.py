@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,23 @@ def test_nodeport_on_node_a_served_by_a_pod_on_node_b_is_masqueraded(two: TwoNod
     spread = curl_many(two.topo, two.topo.external, f"http://{a0.node.ip}:30080/", 50,
                        timeout=3)
     assert spread == {b0.name: 50}
+
+
+def test_a_node_socket_on_the_port_of_a_masqueraded_flow_gets_its_replies(
+        two: TwoNodes) -> None:
+    """A NodePort flow is masqueraded to the client's own port, and the node's
+    ephemeral ports are drawn from the same range: once that flow has closed,
+    the node's own connection to the same backend from that port must get its
+    replies, not have them reverse-translated to the old client."""
+    a0, _a1, b0, _b1 = two.topo.pods
+    two.program(web(two, [b0]))
+    port = ("--local-port", "47011")
+    body = curl(two.topo, two.topo.external, f"http://{a0.node.ip}:30080/", timeout=3,
+                extra=port)
+    assert body.split() == [b0.name, a0.node.ip], "masqueraded to node A"
+    time.sleep(0.5)  # the backend's FIN reaches node A's XDP: the flow has closed
+    body = curl(two.topo, a0.node, f"http://{b0.ip}:8080/", timeout=3, extra=port)
+    assert body.split() == [b0.name, a0.node.ip]
 
 
 def test_nodeport_served_by_a_host_network_endpoint_of_the_same_node(two: TwoNodes) -> None:
