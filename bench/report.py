@@ -356,8 +356,10 @@ def _control_section(doc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     out = ["## 3. Control plane: programming services (10 endpoints each)", "",
            "xdplb: `desired.compute` over the cluster model, then `Reconciler.sync` into the "
            "pinned maps of a loaded datapath, in a fresh process per size. One change = one "
-           "endpoint of one service replaced, applied as the agent does (compute over "
-           "everything, then a sync that writes the difference); median of "
+           "endpoint of one service replaced, applied as the agent does (the changed objects "
+           "new and the others kept, as a watch delivers them; `desired.compute` through "
+           "the agent's memo, which computes that one service again; then a sync that "
+           "writes the difference); median of "
            f"{doc['method']['changes']}. Peak RSS is the agent process's high-water mark "
            "while programming (after the programs were loaded) and for the whole process "
            "(BCC's compiler included).", "",

@@ -20,6 +20,9 @@ from loader.maps import BpfMap
 
 from .topology import LabError, Node, Topology
 
+# What the agent logs when its incremental desired state was wrong (lb/agent/loop.py).
+DRIFT = "computed incrementally differ from a full recompute"
+
 
 class LabAgent:
     """The agent of one lab node, with its own instance (pin directory).
@@ -32,7 +35,9 @@ class LabAgent:
         self.instance = instance or f"lblab-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.argv = [sys.executable, "-m", "lb.cli", "run", "--netns", node.ns,
                      "--node-name", node.name, "--node-ip", node.ip,
-                     "--instance", self.instance, "--min-sync-period", "0.1", *extra]
+                     "--instance", self.instance, "--min-sync-period", "0.1",
+                     # Every sync proves the incremental desired state right.
+                     "--incremental-check-period", "0", *extra]
         for dev in node.ifaces or [node.iface]:
             self.argv += ["--iface", dev]
         for f in files:
@@ -95,9 +100,16 @@ class LabAgent:
     def __enter__(self) -> LabAgent:
         return self.start()
 
+    def drift(self) -> list[str]:
+        """Log lines of syncs whose incremental desired state was wrong."""
+        return [line for line in self.lines if DRIFT in line]
+
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.down()
+        if t is None and self.drift():
+            raise LabError("the incremental desired state differed from a full recompute:\n"
+                           + "\n".join(self.drift()))
 
 
 @contextlib.contextmanager
@@ -116,3 +128,7 @@ def agents_on(topo: Topology, files: Sequence[Path], *, extra: Sequence[str] = (
     finally:
         for agent in agents:
             agent.down()
+    drift = [line for agent in agents for line in agent.drift()]
+    if drift:
+        raise LabError("the incremental desired state differed from a full recompute:\n"
+                       + "\n".join(drift))

@@ -35,3 +35,6 @@ class AgentConfig:
     node_port_cidrs: tuple[str, ...] | None = None
     # --maglev-min-table-size: the smallest Maglev table (lb/service/maglev.py).
     min_table_size: int = TABLE_SIZES[0]
+    # --incremental-check-period: how often the desired state kept by the
+    # memo is compared with a full recompute (0: every sync).
+    incremental_check_period: float = 300.0

@@ -73,6 +73,8 @@ class Agent:
 
         self.metrics: Metrics = Metrics()
         self._retry: Cluster | None = None
+        self.memo = desired.Memo()
+        self._full_checked = time.monotonic()
         self._last_cluster: Cluster | None = None
         self._node_port_ips: tuple[str, ...] = ()
         self._min_mtu = 0
@@ -121,7 +123,7 @@ class Agent:
             self._last_cluster = cluster
             self.metrics.health.node_eligible = node.eligible
             self.metrics.policies_read(cluster)
-            state = desired.compute(cluster, node)
+            state = self._desired(cluster, node)
             res = self.reconciler.sync(state)
             for line in bounded(res.errors):
                 log.error("refused %s", line)
@@ -147,6 +149,24 @@ class Agent:
                  len(state.entries), took * 1000, res.added, res.updated, res.removed,
                  res.backends_added, res.backends_removed, len(res.refusals))
         return True
+
+    def _desired(self, cluster: Cluster, node: Node) -> desired.DesiredState:
+        """The desired state, recomputed for the services whose objects
+        changed; now and then also in full, to prove the memo right."""
+        state = desired.compute(cluster, node, self.memo)
+        period = self.config.incremental_check_period
+        if time.monotonic() - self._full_checked < period:
+            return state
+        self._full_checked = time.monotonic()
+        full = desired.compute(cluster, node)
+        differ = desired.drift(state, full)
+        if not differ:
+            return state
+        log.error("desired state: %d entries computed incrementally differ from a full "
+                  "recompute; programming the full one", differ)
+        self.metrics.desired_drift.inc(differ)
+        self.memo = desired.Memo()
+        return full
 
     def _with_links(self, node: Node) -> Node:
         """`node` as its devices say: their smallest MTU and, with

@@ -305,6 +305,10 @@ class Metrics:
                                "protocol, scope) in the service map.", registry=r)
         self.backends = Gauge("xdplb_backends_programmed",
                               "Entries in the backend map.", registry=r)
+        self.desired_drift = Counter(
+            "xdplb_desired_state_drift", "Frontend entries the incremental desired state "
+            "had wrong, found by the periodic full recompute (--incremental-check-period); "
+            "anything but 0 is a bug", registry=r)
         self.frontend_changes = Counter("xdplb_frontend_changes", "Frontends written by "
                                         "syncs, by operation.", ["op"], registry=r)
         self.refused_total = Counter(

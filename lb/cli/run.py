@@ -50,7 +50,8 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
         metrics_addr=args.metrics_addr, healthz_addr=args.healthz_addr, netns=args.netns,
         sizes=sizes_from_args(args, Sizes()), conntrack_defines=conntrack_defines(args),
         cgroup=args.cgroup, node_port_cidrs=node_port_cidrs(args),
-        min_table_size=args.maglev_min_table_size)
+        min_table_size=args.maglev_min_table_size,
+        incremental_check_period=float(args.incremental_check_period))
 
 
 def node_port_cidrs(args: argparse.Namespace) -> tuple[str, ...] | None:
@@ -78,6 +79,8 @@ def _flag_problem(args: argparse.Namespace) -> str | None:
         return "--kubeconfig: only with --kubernetes"
     if args.resync_period < 0:
         return "--resync-period: must be >= 0 (0: never)"
+    if args.incremental_check_period < 0:
+        return "--incremental-check-period: must be >= 0 (0: every sync)"
     from lb.agent.metrics import parse_addr  # prometheus_client: not for every lbctl command
 
     for flag, value in (("--metrics-addr", args.metrics_addr),
@@ -172,6 +175,12 @@ def add_commands(sub: Any) -> None:
                         + ": a backend added or removed moves about 1/N of new flows; larger "
                         "tables move fewer besides, at 4 bytes a slot per service port "
                         "(default %(default)s)")
+    r.add_argument("--incremental-check-period", type=float, default=300.0,
+                   metavar="SECONDS",
+                   help="a sync recomputes only the services whose objects changed; this "
+                        "often one also recomputes everything and counts what differs in "
+                        "xdplb_desired_state_drift_total, which must stay 0 (0: every sync; "
+                        "default %(default)s)")
     r.add_argument("--kubernetes", action="store_true",
                    help="watch the API server (in-cluster, or --kubeconfig / $KUBECONFIG); "
                         "--node-name defaults to the hostname, --node-ip to the Node's "

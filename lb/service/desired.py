@@ -9,8 +9,8 @@ A Local traffic policy narrows that to endpoints on this node."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from lb.model import (
@@ -19,6 +19,7 @@ from lb.model import (
     UNPROXIED_LABELS,
     Cluster,
     Endpoint,
+    EndpointSlice,
     Node,
     Service,
     ServicePort,
@@ -268,16 +269,74 @@ def _sctp_servable(svc: Service, port: ServicePort, eps: list[tuple[Endpoint, in
     return not other
 
 
-def compute(cluster: Cluster, node: Node) -> DesiredState:
+def _same(a: object, b: object) -> bool:
+    # Sources keep the objects that did not change, so identity decides
+    # almost always; a file source re-reads everything and needs ==.
+    return a is b or a == b
+
+
+def _same_slices(a: Sequence[EndpointSlice], b: Sequence[EndpointSlice]) -> bool:
+    return len(a) == len(b) and all(x is y or x == y for x, y in zip(a, b, strict=True))
+
+
+@dataclass
+class Memo:
+    """Each service's entries with the inputs they were computed from (its
+    Service, its EndpointSlices, the node), so that `compute` works only on
+    the services whose inputs changed, as kube-proxy's change trackers hand
+    its sync the services and endpoints that changed
+    (pkg/proxy/servicechangetracker.go, endpointschangetracker.go). The
+    entries are a pure function of those inputs, so a hit equals a
+    recompute; `full` in the agent checks that it does."""
+
+    node: Node | None = None
+    by_service: dict[str, tuple[Service, tuple[EndpointSlice, ...], tuple[FrontendEntry, ...]]] = (
+        field(default_factory=dict))
+    computed: int = 0  # services computed afresh by the last compute
+    reused: int = 0
+
+    def start(self, cluster: Cluster, node: Node) -> None:
+        if self.node is None or not _same(self.node, node):
+            self.by_service.clear()  # every entry depends on the node
+            self.node = node
+        for key in [k for k in self.by_service if k not in cluster.services]:
+            del self.by_service[key]
+        self.computed = self.reused = 0
+
+    def entries(self, cluster: Cluster, svc: Service, node: Node) -> tuple[FrontendEntry, ...]:
+        slices = tuple(cluster.slices_of(svc.key))
+        hit = self.by_service.get(svc.key)
+        if hit is not None and _same(hit[0], svc) and _same_slices(hit[1], slices):
+            self.reused += 1
+            return hit[2]
+        out = tuple(_service_entries(cluster, svc, node))
+        self.by_service[svc.key] = (svc, slices, out)
+        self.computed += 1
+        return out
+
+
+def drift(a: DesiredState, b: DesiredState) -> int:
+    """How many frontends' entries differ between two states, plus one when
+    anything else does: 0 when they are equal."""
+    n = sum(1 for f in a.entries.keys() | b.entries.keys()
+            if a.entries.get(f) != b.entries.get(f))
+    return n + (replace(a, entries={}) != replace(b, entries={}))
+
+
+def compute(cluster: Cluster, node: Node, memo: Memo | None = None) -> DesiredState:
     """The datapath contents for `node`. When two services claim the same
     frontend, the one whose namespace/name sorts first keeps it and the
-    other is logged."""
+    other is logged. With `memo`, services whose inputs are unchanged since
+    its last compute keep their entries (the same objects) uncomputed."""
     entries: dict[Frontend, FrontendEntry] = {}
+    if memo is not None:
+        memo.start(cluster, node)
+    entries_of = memo.entries if memo is not None else _service_entries
     for key in sorted(cluster.services):
         svc = cluster.services[key]
         if not programmed(svc):
             continue
-        for e in _service_entries(cluster, svc, node):
+        for e in entries_of(cluster, svc, node):
             if e.frontend in entries and entries[e.frontend].service != svc.key:
                 log.error("%s: frontend %s already belongs to %s; skipped", svc.key,
                           e.frontend, entries[e.frontend].service)

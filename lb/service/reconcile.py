@@ -207,7 +207,9 @@ class Reconciler:
         # frontends are written first: they keep the room they have.
         changed = dict(sorted(
             ((f, e) for f, e in entries.items()
-             if f not in self.applied or self.applied[f].entry != e),
+             # The desired state's memo hands back the very entry it had.
+             if f not in self.applied or (self.applied[f].entry is not e
+                                          and self.applied[f].entry != e)),
             key=lambda item: (item[0] not in self.applied, item[0])))
         self._write_backends(changed, res)
         self._plan_tables(changed)

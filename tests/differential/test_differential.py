@@ -53,7 +53,7 @@ from lb.datapath.userspace.programs import (
 from lb.inspect import packets
 from lb.model import Cluster, Node
 from lb.service import maglev
-from lb.service.desired import DesiredState, compute
+from lb.service.desired import DesiredState, Memo, compute, drift
 from lb.service.reconcile import Reconciler
 from lb.sources.manifests import API_RULES, build_cluster
 from lb.verdicts import reason
@@ -760,11 +760,15 @@ def raw_table_of(m: BpfMap) -> dict[str, str]:
 def run_scenario(kernel: KernelSide, sc: Scenario) -> None:
     pair = Pair(kernel)
     node = node_of(sc.node_ips, sc.service_cidrs)
+    memo = Memo()
 
     def program(services: tuple[SvcSpec, ...]) -> None:
         cluster = cluster_of(services, sc.policies)
         with _quiet("lb.service.desired"):
-            state = compute(cluster, node)
+            # Programmed as the agent does, through the memo, which must
+            # agree with a full recompute every time.
+            state = compute(cluster, node, memo)
+            assert drift(state, compute(cluster, node)) == 0
         pair.program(state, cluster, node)
 
     program(sc.services)
