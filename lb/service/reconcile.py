@@ -321,8 +321,10 @@ class Reconciler:
                 self.ranges.pop(sid, None)
 
     def _ensure_groups(self, entries: dict[Frontend, FrontendEntry]) -> None:
-        for f, e in sorted(entries.items()):
-            if e.group in self.groups:
+        # Sorted for the same ids on every node, but only what has no group
+        # yet: a change at 10k services must not sort them all.
+        for f, e in sorted((f, e) for f, e in entries.items() if e.group not in self.groups):
+            if e.group in self.groups:  # another frontend of the same group came first
                 continue
             old = self._recovered_groups.get(f)
             if old is not None and old not in self.groups.values():
