@@ -375,16 +375,17 @@ def _control_section(doc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
            f"{doc['method']['load_cap_seconds']:.0f} s were not run.", ""]
     rows = []
     for r in ours:
+        programming = r["peak_rss_programming_kib"] - r["rss_loaded_kib"]
         rows.append([f"{r['services']:,}", _secs(_ours(r, "compute")),
                      _secs(r["sync_seconds"]), _secs(_ours_program(r)),
                      _secs(_ours_change(r)), _secs(r["change_sync_seconds"]),
-                     f"{(r['peak_rss_programming_kib'] - r['rss_loaded_kib']) / 1024:.0f} MiB "
-                     f"(+{r['rss_loaded_kib'] / 1024:.0f})",
+                     f"{programming / 1024:.0f} MiB (+{r['rss_loaded_kib'] / 1024:.0f})",
+                     f"{programming / 1024 / (r['services'] / 1000):.1f} MiB",
                      f"{r['peak_rss_process_kib'] / 1024:.0f} MiB"])
     out += ["### xdplb", ""]
     out += _table(["services", "compute", "sync", "program (compute + sync)",
                    "change (compute + sync)", "change: sync alone",
-                   "RSS programming (+loaded)", "RSS peak"], rows)
+                   "RSS programming (+loaded)", "per 1,000 services", "RSS peak"], rows)
     rows = []
     for b in base:
         if b.get("skipped"):
