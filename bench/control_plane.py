@@ -53,7 +53,7 @@ from bench.common import (
     write_result,
 )
 
-SIZES_FULL = (1_000, 10_000, 30_000)
+SIZES_FULL = (1_000, 10_000, 30_000, 100_000)
 ENDPOINTS = 10
 CHANGES = 5
 LOAD_CAP = 150.0

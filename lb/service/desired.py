@@ -287,7 +287,7 @@ class Memo:
     its sync the services and endpoints that changed
     (pkg/proxy/servicechangetracker.go, endpointschangetracker.go). The
     entries are a pure function of those inputs, so a hit equals a
-    recompute; `full` in the agent checks that it does."""
+    recompute; the agent's periodic full recompute checks that it does."""
 
     node: Node | None = None
     by_service: dict[str, tuple[Service, tuple[EndpointSlice, ...], tuple[FrontendEntry, ...]]] = (
