@@ -107,9 +107,8 @@ class LabAgent:
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.down()
-        if t is None and self.drift():
-            raise LabError("the incremental desired state differed from a full recompute:\n"
-                           + "\n".join(self.drift()))
+        if t is None:
+            check_drift([self])
 
 
 @contextlib.contextmanager
@@ -128,6 +127,11 @@ def agents_on(topo: Topology, files: Sequence[Path], *, extra: Sequence[str] = (
     finally:
         for agent in agents:
             agent.down()
+    check_drift(agents)
+
+
+def check_drift(agents: Sequence[LabAgent]) -> None:
+    """Raise when any agent's incremental desired state was ever wrong."""
     drift = [line for agent in agents for line in agent.drift()]
     if drift:
         raise LabError("the incremental desired state differed from a full recompute:\n"

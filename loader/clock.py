@@ -14,6 +14,7 @@ import gzip
 import re
 import time
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 NSEC_PER_SEC = 1_000_000_000
@@ -61,9 +62,11 @@ def jiffies() -> int:
     return int(m.group(1))
 
 
+@cache
 def kernel_hz() -> int:
     """CONFIG_HZ from the kernel's own config when it offers one, else
-    measured: jiffies over 200 ms of CLOCK_MONOTONIC, nearest choice."""
+    measured: jiffies over 200 ms of CLOCK_MONOTONIC, nearest choice. The
+    kernel's, so asked once per process: every build reads it."""
     try:
         m = _HZ_LINE.search(gzip.decompress(KERNEL_CONFIG.read_bytes()))
     except OSError:

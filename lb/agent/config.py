@@ -11,6 +11,9 @@ from lb.service.maglev import TABLE_SIZES
 from lb.sources.manifests import Rules
 from loader.sizes import Sizes
 
+# --incremental-check-period's default (seconds).
+INCREMENTAL_CHECK_PERIOD = 300.0
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -37,4 +40,4 @@ class AgentConfig:
     min_table_size: int = TABLE_SIZES[0]
     # --incremental-check-period: how often the desired state kept by the
     # memo is compared with a full recompute (0: every sync).
-    incremental_check_period: float = 300.0
+    incremental_check_period: float = INCREMENTAL_CHECK_PERIOD

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lb.agent.config import AgentConfig
+from lb.agent.config import INCREMENTAL_CHECK_PERIOD, AgentConfig
 from lb.agent.loop import Agent, StartError
 from lb.agent.nodeports import PRIMARY, parse_cidrs
 from lb.cli.nodeflags import UsageError, add_node_args, node_from_args, rules_from_args
@@ -175,7 +175,8 @@ def add_commands(sub: Any) -> None:
                         + ": a backend added or removed moves about 1/N of new flows; larger "
                         "tables move fewer besides, at 4 bytes a slot per service port "
                         "(default %(default)s)")
-    r.add_argument("--incremental-check-period", type=float, default=300.0,
+    r.add_argument("--incremental-check-period", type=float,
+                   default=INCREMENTAL_CHECK_PERIOD,
                    metavar="SECONDS",
                    help="a sync recomputes only the services whose objects changed; this "
                         "often one also recomputes everything and counts what differs in "
