@@ -8,10 +8,14 @@ BCC's compiler included) and for the programming step alone (VmHWM after resetti
 through /proc/self/clear_refs once the programs are loaded).
 
 `desired.compute` (over `lb.model.Cluster`, which indexes its slices by service) and the
-sync are timed separately. One change (one endpoint of one service replaced) is timed as the
-agent runs it: the cluster as a watch delivers it (the changed Service and EndpointSlice new,
-every other object kept), `desired.compute` through the agent's memo (which computes only
-that service again) and a sync that writes the difference; the sync alone is reported too.
+sync are timed separately. A change is timed as the agent runs it: the cluster as a
+change-tracking watch delivers it (the changed Service and EndpointSlice new, every other
+object kept, the slices' index kept up to date, `Cluster.changes` naming the service),
+`desired.compute` through the agent's memo (which computes only that service again) and a
+sync of the frontends that changed; the sync alone is reported too. Changes: one endpoint of
+one service replaced (median of CHANGES), one service added, and the 100 endpoints of one
+service replaced one by one (CHURN changes, their total). Building the snapshot (the
+source's work) is not timed.
 
 Baselines, in a throwaway network namespace: kube-proxy's rule sets for the same services
 (bench.kuberules) loaded with `iptables-restore --noflush` (the Debian default `iptables`,
@@ -56,6 +60,7 @@ from bench.common import (
 SIZES_FULL = (1_000, 10_000, 30_000, 100_000)
 ENDPOINTS = 10
 CHANGES = 5
+CHURN = 100
 LOAD_CAP = 150.0
 NODE_IP = "192.0.2.1"
 TOOLS = ("iptables", "iptables-legacy", "nftables")
@@ -82,12 +87,35 @@ def _changed_specs(specs: list[workload.SvcSpec], k: int) -> tuple[int, workload
 
 # -- this project (worker side) --------------------------------------------------------------
 
+class Watch:
+    """Snapshots as a change-tracking source hands them out: each a new Cluster that keeps
+    every untouched object and the slices' index, and names the services it changed."""
+
+    def __init__(self, specs: list[workload.SvcSpec]) -> None:
+        from lb.model import Cluster
+
+        self.cluster: Cluster = workload.cluster_of(specs)
+        self.index = {s.service_key: (s,) for s in self.cluster.slices.values()}
+        self.cluster = replace(self.cluster, slice_index=self.index)
+
+    def apply(self, spec: workload.SvcSpec) -> None:
+        """`spec` added or changed."""
+        from lb.model import Changes
+
+        one = workload.cluster_of([spec])
+        self.index = {**self.index, **{s.service_key: (s,) for s in one.slices.values()}}
+        self.cluster = replace(
+            self.cluster, services={**self.cluster.services, **one.services},
+            slices={**self.cluster.slices, **one.slices}, slice_index=self.index,
+            changes=Changes(self.cluster.revision, frozenset(one.services)))
+
+
 def ours_worker(services: int) -> dict[str, Any]:
     from lb.datapath.instance import Sizes, reconciler_for
     from lb.service import desired
     from lb.service.maglev import table_size
 
-    needed = (services + CHANGES + 1) * table_size(ENDPOINTS)
+    needed = (services + CHANGES + 2) * table_size(ENDPOINTS)
     sizes = Sizes(max_services=1 << max(12, math.ceil(math.log2(services * 1.2))),
                   max_backends=1 << max(14, math.ceil(math.log2(services * ENDPOINTS * 1.2))),
                   maglev_slots=1 << max(20, math.ceil(math.log2(needed))), ct_size=1 << 16)
@@ -101,10 +129,10 @@ def ours_worker(services: int) -> dict[str, Any]:
         node = workload.node_model("node", [NODE_IP])
         _reset_peak()
         specs = workload.fillers(services, ENDPOINTS)
-        cluster = workload.cluster_of(specs)
+        watch = Watch(specs)
         memo = desired.Memo()
         t = time.perf_counter()
-        state = desired.compute(cluster, node, memo)
+        state = desired.compute(watch.cluster, node, memo)
         out["compute_seconds"] = time.perf_counter() - t
         t = time.perf_counter()
         res = rec.sync(state)
@@ -113,28 +141,45 @@ def ours_worker(services: int) -> dict[str, Any]:
             raise BenchError(f"sync of {services} services: {res.added} added, "
                              f"{res.errors[:3]}")
         out["peak_rss_programming_kib"] = _status_kb("VmHWM")
+
+        def change(spec: workload.SvcSpec, what: str) -> tuple[float, float]:
+            """(compute + sync, sync) of one change, checked to touch one frontend."""
+            watch.apply(spec)
+            t = time.perf_counter()
+            state = desired.compute(watch.cluster, node, memo)
+            t_compute = time.perf_counter() - t
+            if memo.computed != 1:
+                raise BenchError(f"{what}: {memo.computed} services computed, not 1")
+            t = time.perf_counter()
+            res = rec.sync(state)
+            t_sync = time.perf_counter() - t
+            if res.errors or res.updated + res.added != 1:
+                raise BenchError(f"{what}: {res.updated} updated, {res.added} added, "
+                                 f"{res.errors[:3]}")
+            return t_compute + t_sync, t_sync
+
         changes_sync, changes_total = [], []
         for k in range(CHANGES):
             idx, new = _changed_specs(specs, k)
             specs[idx] = new
-            # As a watch delivers it: the changed objects new, the others kept.
-            one = workload.cluster_of([new])
-            cluster = replace(cluster, services={**cluster.services, **one.services},
-                              slices={**cluster.slices, **one.slices})
-            t = time.perf_counter()
-            state = desired.compute(cluster, node, memo)
-            t_compute = time.perf_counter() - t
-            if memo.computed != 1:
-                raise BenchError(f"change {k}: {memo.computed} services computed, not 1")
-            t = time.perf_counter()
-            res = rec.sync(state)
-            t_sync = time.perf_counter() - t
-            if res.errors or res.updated != 1:
-                raise BenchError(f"change {k}: {res.updated} updated, {res.errors[:3]}")
-            changes_sync.append(t_sync)
-            changes_total.append(t_compute + t_sync)
+            total, alone = change(new, f"change {k}")
+            changes_sync.append(alone)
+            changes_total.append(total)
         out["change_sync_seconds"] = median(changes_sync)
         out["change_seconds"] = median(changes_total)
+        added = workload.fillers(1, ENDPOINTS, start=services + CHANGES + 1)[0]
+        out["add_service_seconds"], _ = change(added, "one service added")
+        # A rollout of 100 pods behind one service, one EndpointSlice update each.
+        rolled = replace(specs[0], endpoints=tuple(
+            workload.filler_endpoint(services * ENDPOINTS + j) for j in range(CHURN)))
+        specs[0] = rolled
+        change(rolled, "the rolled service at 100 endpoints")
+        churn = []
+        for j in range(CHURN):
+            rolled = workload.with_endpoint_replaced(rolled, j, CHANGES + 1 + j)
+            churn.append(change(rolled, f"rollout step {j}")[0])
+        out["churn_seconds"] = sum(churn)
+        out["churn_change_seconds"] = median(churn)
     out["peak_rss_process_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return out
 
@@ -255,7 +300,7 @@ def run(mode: Mode, sizes: Sequence[int] | None = None,
             log(f"control_plane: {tool} {n} services: {row['rules']} rules loaded in "
                 f"{row['load_seconds']:.2f} s, change {row['change_seconds'] * 1000:.0f} ms")
     return {
-        "method": {"endpoints_per_service": ENDPOINTS, "changes": CHANGES,
+        "method": {"endpoints_per_service": ENDPOINTS, "changes": CHANGES, "churn": CHURN,
                    "load_cap_seconds": LOAD_CAP},
         "xdplb": ours,
         "baselines": baselines,

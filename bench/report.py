@@ -356,11 +356,12 @@ def _control_section(doc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     base = doc["baselines"]
     out = ["## 3. Control plane: programming services (10 endpoints each)", "",
            "xdplb: `desired.compute` over the cluster model, then `Reconciler.sync` into the "
-           "pinned maps of a loaded datapath, in a fresh process per size. One change = one "
-           "endpoint of one service replaced, applied as the agent does (the changed objects "
-           "new and the others kept, as a watch delivers them; `desired.compute` through "
-           "the agent's memo, which computes that one service again; then a sync that "
-           "writes the difference); median of "
+           "pinned maps of a loaded datapath, in a fresh process per size. A change is "
+           "applied as the agent does: the snapshot as a change-tracking watch delivers it "
+           "(the changed objects new, the others kept, `Cluster.changes` naming the "
+           "service), `desired.compute` through the agent's memo (which computes that one "
+           "service again), then a sync of the frontends that changed. One change = one "
+           "endpoint of one service replaced, median of "
            f"{doc['method']['changes']}. Peak RSS is the agent process's high-water mark "
            "while programming (after the programs were loaded) and for the whole process "
            "(BCC's compiler included).", "",
@@ -397,6 +398,17 @@ def _control_section(doc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
                      _secs(b["load_seconds"]), _secs(b["change_seconds"]),
                      _secs(b.get("full_resync_seconds")),
                      f"{b['peak_rss_tool_kib'] / 1024:.0f} MiB"])
+    churn = [r for r in ours if "churn_seconds" in r]
+    if churn:
+        out += ["### xdplb: churn", "",
+                "One service added (10 endpoints); a rollout behind one service of 100 "
+                "endpoints: each endpoint replaced in turn, one EndpointSlice update each "
+                "(compute + sync of every step).", ""]
+        out += _table(["services", "one service added", "rollout: 100 changes in all",
+                       "rollout: median change"],
+                      [[f"{r['services']:,}", _secs(r["add_service_seconds"]),
+                        _secs(r["churn_seconds"]), _secs(r["churn_change_seconds"])]
+                       for r in churn])
     out += ["### kube-proxy's rule sets", ""]
     out += _table(["tool", "services", "rules", "load from empty", "one change",
                    "full resync", "tool peak RSS"], rows)

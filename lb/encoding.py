@@ -36,7 +36,12 @@ def port_host(value: int) -> int:
 
 def ip_int(ip: str | int) -> int:
     """An address as a host-order int."""
-    return ip if isinstance(ip, int) else int(ipaddress.IPv4Address(ip))
+    if isinstance(ip, int):
+        return ip
+    try:  # the C parser: ipaddress costs ten times as much per address
+        return int.from_bytes(socket.inet_pton(socket.AF_INET, ip), "big")
+    except OSError:
+        return int(ipaddress.IPv4Address(ip))  # its ValueError names what is wrong
 
 
 def ip_text(ip: int) -> str:

@@ -4,6 +4,7 @@ sources produce these frozen dataclasses."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -95,6 +96,17 @@ class EndpointSlice:
 
 
 @dataclass(frozen=True)
+class Changes:
+    """What a snapshot changed against an earlier one of the same source
+    (kube-proxy's change trackers: pkg/proxy/servicechangetracker.go,
+    endpointschangetracker.go): the keys of the services whose Service or
+    whose EndpointSlices were added, changed or removed."""
+
+    since: object  # the earlier snapshot's `revision`
+    services: frozenset[str]
+
+
+@dataclass(frozen=True)
 class Cluster:
     """Everything read from a source, keyed by namespace/name: a snapshot,
     never changed once built (sources build a new one per change)."""
@@ -106,6 +118,15 @@ class Cluster:
     policies: dict[str, NetworkPolicy] = field(default_factory=dict)
     # ServiceCIDR name -> its CIDRs (networking.k8s.io/v1).
     service_cidrs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Said by sources that track changes; None: compare to find them.
+    changes: Changes | None = field(default=None, compare=False)
+    # The slices by service key, from a source that keeps them so; None:
+    # indexed here on first use.
+    slice_index: Mapping[str, Sequence[EndpointSlice]] | None = field(default=None,
+                                                                       compare=False)
+    # This snapshot's identity for a later one's `changes` (never copied by
+    # dataclasses.replace: every snapshot gets its own).
+    revision: object = field(default_factory=object, init=False, compare=False, repr=False)
 
     def all_service_cidrs(self) -> tuple[str, ...]:
         """The IPv4 CIDRs of every ServiceCIDR, sorted, each once."""
@@ -113,9 +134,11 @@ class Cluster:
                              if ":" not in c}))
 
     @cached_property
-    def _slices_by_service(self) -> dict[str, list[EndpointSlice]]:
+    def _slices_by_service(self) -> Mapping[str, Sequence[EndpointSlice]]:
         # Built once per snapshot: scanning every slice per service would
         # make the desired state quadratic in the number of services.
+        if self.slice_index is not None:
+            return self.slice_index
         index: dict[str, list[EndpointSlice]] = {}
         for s in self.slices.values():
             index.setdefault(s.service_key, []).append(s)

@@ -40,18 +40,18 @@ def health_checks(cluster: Cluster, state: DesiredState) -> dict[int, HealthChec
     the node's traffic, but the check fails so that the load balancer stops
     sending new flows here (kube-proxy, pkg/proxy/endpointschangetracker.go,
     getLocalReadyEndpointIPs)."""
+    checked = [svc for svc in cluster.services.values()
+               if svc.type == "LoadBalancer" and svc.external_traffic_local
+               and svc.health_check_node_port]
+    if not checked:  # most clusters: no pass over every entry on every sync
+        return {}
     local: dict[str, set[str]] = {}
     for e in state.entries.values():
         if e.frontend.scope == SCOPE_EXTERNAL:
             local.setdefault(e.service, set()).update(
                 b.ip for b in e.backends if b.local and not b.terminating)
-    out = {}
-    for svc in cluster.services.values():
-        if (svc.type == "LoadBalancer" and svc.external_traffic_local
-                and svc.health_check_node_port):
-            out[svc.health_check_node_port] = HealthCheck(
-                svc.namespace, svc.name, len(local.get(svc.key, ())))
-    return out
+    return {port: HealthCheck(svc.namespace, svc.name, len(local.get(svc.key, ())))
+            for svc in checked if (port := svc.health_check_node_port)}
 
 
 def answer(hc: HealthCheck) -> tuple[int, bytes]:

@@ -139,7 +139,7 @@ class Agent:
             self.metrics.sync_failed(time.monotonic() - start)
             return False
         took = time.monotonic() - start
-        self.metrics.synced(took, res, state, self.reconciler)
+        self.metrics.synced(took, res, self.reconciler)
         self.metrics.refused(self.source.errors)
         if kube:
             self.metrics.programmed(kube.programmed())

@@ -47,7 +47,6 @@ from lb.agent.httpserver import http_server
 from lb.counters import count
 from lb.model import Cluster
 from lb.refusal import BOUNDED_MAPS
-from lb.service.desired import DesiredState
 from lb.service.reconcile import Reconciler, SyncResult
 from lb.verdicts import REASONS, reason
 from loader import layout, libbpf
@@ -352,8 +351,7 @@ class Metrics:
     def tick(self) -> None:
         self.health.tick()
 
-    def synced(self, seconds: float, res: SyncResult, state: DesiredState,
-               reconciler: Reconciler) -> None:
+    def synced(self, seconds: float, res: SyncResult, reconciler: Reconciler) -> None:
         self.sync_duration.observe(seconds)
         if res.refusals:
             self.sync_errors.labels("frontend").inc(len(res.refusals))
@@ -362,7 +360,7 @@ class Metrics:
             self.map_refusals.labels(name).set(full.get(name, 0))
         applied = reconciler.applied
         self.frontends.set(len(applied))
-        self.services.set(len({e.service for f, e in state.entries.items() if f in applied}))
+        self.services.set(len(reconciler.service_users))
         self.backends.set(len(reconciler.backends))
         for op, n in (("added", res.added), ("updated", res.updated),
                       ("removed", res.removed)):

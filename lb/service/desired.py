@@ -9,9 +9,10 @@ A Local traffic policy narrows that to endpoints on this node."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from types import MappingProxyType
 
 from lb.model import (
     PROTO_NAMES,
@@ -83,8 +84,11 @@ class FrontendEntry:
 
 @dataclass(frozen=True)
 class DesiredState:
-    entries: dict[Frontend, FrontendEntry]
-    vips: frozenset[str] = frozenset()
+    """A node's datapath contents. One computed through a Memo is a view of
+    the memo's entries, valid until its next compute, and says which
+    frontends changed since the state computed before it."""
+
+    entries: Mapping[Frontend, FrontendEntry]
     service_cidrs: tuple[str, ...] = ()
     node_ip: str | None = None
     hairpin_ip: str | None = None
@@ -93,6 +97,11 @@ class DesiredState:
     # source is a martian (bpf/lib/translate.h, lb_martian).
     node_ips: tuple[str, ...] = ()
     min_mtu: int = 0
+    # This state's identity, and its changes against the state `since`
+    # (frontends whose entry was added, changed or removed); None: unknown.
+    token: object = field(default_factory=object, compare=False, repr=False)
+    since: object | None = field(default=None, compare=False, repr=False)
+    changed: frozenset[Frontend] | None = field(default=None, compare=False, repr=False)
 
     def backends(self) -> set[tuple[str, Backend]]:
         return {(e.group, b) for e in self.entries.values() for b in e.backends}
@@ -280,39 +289,103 @@ def _same_slices(a: Sequence[EndpointSlice], b: Sequence[EndpointSlice]) -> bool
 
 
 @dataclass
+class _Computed:
+    """One service's entries and the objects they were computed from."""
+
+    service: Service
+    slices: tuple[EndpointSlice, ...]
+    entries: dict[Frontend, FrontendEntry]
+
+
+@dataclass
 class Memo:
-    """Each service's entries with the inputs they were computed from (its
-    Service, its EndpointSlices, the node), so that `compute` works only on
-    the services whose inputs changed, as kube-proxy's change trackers hand
-    its sync the services and endpoints that changed
-    (pkg/proxy/servicechangetracker.go, endpointschangetracker.go). The
-    entries are a pure function of those inputs, so a hit equals a
-    recompute; the agent's periodic full recompute checks that it does."""
+    """The desired state kept between computes, so that `compute` works only
+    on the services whose inputs changed, as kube-proxy's change trackers
+    hand its sync the services and endpoints that changed
+    (pkg/proxy/servicechangetracker.go, endpointschangetracker.go). A
+    service's entries are a pure function of its Service, its
+    EndpointSlices and the node, so a kept one equals a recompute; the
+    agent's periodic full recompute checks that it does.
+
+    Which services to look at: the snapshot's `changes` when they are
+    against the snapshot computed last, else every service (each compared
+    with what it was computed from, by identity first)."""
 
     node: Node | None = None
-    by_service: dict[str, tuple[Service, tuple[EndpointSlice, ...], tuple[FrontendEntry, ...]]] = (
-        field(default_factory=dict))
+    by_service: dict[str, _Computed] = field(default_factory=dict)
+    # Frontend -> the services whose entries claim it; the first by key owns it.
+    claims: dict[Frontend, set[str]] = field(default_factory=dict)
+    entries: dict[Frontend, FrontendEntry] = field(default_factory=dict)
+    cluster: object | None = None  # revision of the snapshot computed last
+    token: object | None = None  # of the state computed last
     computed: int = 0  # services computed afresh by the last compute
     reused: int = 0
 
-    def start(self, cluster: Cluster, node: Node) -> None:
-        if self.node is None or not _same(self.node, node):
-            self.by_service.clear()  # every entry depends on the node
-            self.node = node
-        for key in [k for k in self.by_service if k not in cluster.services]:
-            del self.by_service[key]
-        self.computed = self.reused = 0
+    def reset(self) -> None:
+        self.by_service.clear()
+        self.claims.clear()
+        self.entries.clear()
+        self.node = self.cluster = self.token = None
 
-    def entries(self, cluster: Cluster, svc: Service, node: Node) -> tuple[FrontendEntry, ...]:
-        slices = tuple(cluster.slices_of(svc.key))
-        hit = self.by_service.get(svc.key)
-        if hit is not None and _same(hit[0], svc) and _same_slices(hit[1], slices):
-            self.reused += 1
-            return hit[2]
-        out = tuple(_service_entries(cluster, svc, node))
-        self.by_service[svc.key] = (svc, slices, out)
-        self.computed += 1
-        return out
+    def update(self, cluster: Cluster, node: Node) -> frozenset[Frontend]:
+        """Bring the entries up to `cluster` and `node`; the frontends whose
+        entry changed."""
+        self.computed = self.reused = 0
+        if self.node is None or not _same(self.node, node):
+            self.reset()  # every entry depends on the node
+            self.node = node
+        changes = cluster.changes
+        if changes is not None and self.cluster is not None and changes.since is self.cluster:
+            keys: Iterable[str] = changes.services
+        else:
+            keys = cluster.services.keys() | self.by_service.keys()
+        self.cluster = cluster.revision
+        touched: set[Frontend] = set()
+        for key in keys:
+            touched |= self._service(cluster, key, node)
+        return frozenset(f for f in touched if self._settle(f))
+
+    def _service(self, cluster: Cluster, key: str, node: Node) -> set[Frontend]:
+        """Recompute service `key` if its inputs changed; the frontends its
+        old or new entries name (none when it is unchanged)."""
+        svc = cluster.services.get(key)
+        hit = self.by_service.get(key)
+        if svc is None or not programmed(svc):
+            if hit is None:
+                return set()
+            del self.by_service[key]
+            new: dict[Frontend, FrontendEntry] = {}
+        else:
+            slices = tuple(cluster.slices_of(key))
+            if hit is not None and _same(hit.service, svc) and _same_slices(hit.slices, slices):
+                self.reused += 1
+                return set()
+            new = {e.frontend: e for e in _service_entries(cluster, svc, node)}
+            self.by_service[key] = _Computed(svc, slices, new)
+            self.computed += 1
+        old = hit.entries if hit is not None else {}
+        for f in old.keys() - new.keys():
+            owners = self.claims[f]
+            owners.discard(key)
+            if not owners:
+                del self.claims[f]
+        for f in new.keys() - old.keys():
+            self.claims.setdefault(f, set()).add(key)
+        return old.keys() | new.keys()
+
+    def _settle(self, f: Frontend) -> bool:
+        """Give `f` to the first service claiming it; whether its entry changed."""
+        owners = self.claims.get(f)
+        before = self.entries.get(f)
+        if not owners:
+            self.entries.pop(f, None)
+            return before is not None
+        owner = min(owners)
+        for other in sorted(owners - {owner}):
+            log.error("%s: frontend %s already belongs to %s; skipped", other, f, owner)
+        e = self.by_service[owner].entries[f]
+        self.entries[f] = e
+        return before is not e
 
 
 def drift(a: DesiredState, b: DesiredState) -> int:
@@ -326,30 +399,28 @@ def drift(a: DesiredState, b: DesiredState) -> int:
 def compute(cluster: Cluster, node: Node, memo: Memo | None = None) -> DesiredState:
     """The datapath contents for `node`. When two services claim the same
     frontend, the one whose namespace/name sorts first keeps it and the
-    other is logged. With `memo`, services whose inputs are unchanged since
-    its last compute keep their entries (the same objects) uncomputed."""
-    entries: dict[Frontend, FrontendEntry] = {}
-    if memo is not None:
-        memo.start(cluster, node)
-    entries_of = memo.entries if memo is not None else _service_entries
-    for key in sorted(cluster.services):
-        svc = cluster.services[key]
-        if not programmed(svc):
-            continue
-        for e in entries_of(cluster, svc, node):
-            if e.frontend in entries and entries[e.frontend].service != svc.key:
-                log.error("%s: frontend %s already belongs to %s; skipped", svc.key,
-                          e.frontend, entries[e.frontend].service)
-                continue
-            entries[e.frontend] = e
-    vips = frozenset(e.frontend.ip for e in entries.values()
-                     if e.flags & const("LB_SVC_CLUSTER_IP"))
+    other is logged. With `memo`, only the services whose inputs changed
+    since its last compute are computed again; the state returned is a
+    view of the memo's entries and names the frontends that changed."""
+    fresh = memo is None
+    memo = Memo() if memo is None else memo
+    since = memo.token
+    try:
+        changed = memo.update(cluster, node)
+    except BaseException:
+        memo.reset()  # half updated: the next compute starts over
+        raise
+    if memo.token is None:  # started over (a new node): no delta to tell
+        since = None
     # --service-cidr and the cluster's ServiceCIDR objects, as kube-proxy
     # follows them (OnServiceCIDRsChanged, pkg/proxy/nftables/proxier.go).
     cidrs = tuple(sorted({*node.service_cidrs, *cluster.all_service_cidrs()}))
     own = sorted({ip for ip in (*node.ips, *(node.node_port_ips or ())) if ":" not in ip},
                  key=lambda ip: (ip not in node.ips, ip))
-    return DesiredState(entries, vips=vips, service_cidrs=cidrs,
-                        node_ip=node.ips[0] if node.ips else None, hairpin_ip=node.hairpin_ip,
-                        netns_cookie=node.netns_cookie, node_ips=tuple(own),
-                        min_mtu=node.min_mtu)
+    state = DesiredState(
+        memo.entries if fresh else MappingProxyType(memo.entries), service_cidrs=cidrs,
+        node_ip=node.ips[0] if node.ips else None, hairpin_ip=node.hairpin_ip,
+        netns_cookie=node.netns_cookie, node_ips=tuple(own), min_mtu=node.min_mtu,
+        since=None if fresh else since, changed=None if fresh else changed)
+    memo.token = state.token
+    return state

@@ -20,6 +20,14 @@ them: a frontend already programmed keeps its previous backends rather than
 losing them, a new one waits. Frontends already programmed are written
 first, so a new service never takes the room an existing one needs.
 
+A sync costs what changed, as kube-proxy's partial syncs do: the desired
+state says which frontends changed since the state synced before it, and
+every shared resource (frontend ids, service-port ids, backends, ClusterIPs,
+source ranges, pre-filter bits) is counted per programmed entry, so that
+only the ones a change touched are looked at. A state that cannot say
+(the first, or one after a sync that raised) gets a full pass over
+everything, which the counts make equal to the incremental one.
+
 The reconciler can rebuild its bookkeeping from the pinned maps, so an
 agent restarted over live maps keeps every id and range and disturbs no
 established flow."""
@@ -27,12 +35,13 @@ established flow."""
 from __future__ import annotations
 
 import array
-import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from lb.encoding import ip_be, ip_str, lpm4_key, port_be, port_host, source_range_key
 from lb.prefilter import BACKEND, FRONTEND, VIP, Member, Prefilter
@@ -45,6 +54,9 @@ from loader.libbpf import BpfError, MapFull
 from loader.maps import BpfMap
 
 log = logging.getLogger(__name__)
+
+CLUSTER_IP = layout.const("LB_SVC_CLUSTER_IP")
+_K = TypeVar("_K")
 
 BackendKey = tuple[int, str, int, int]  # group id, ip, port, proto
 FrontendAddr = tuple[str, int, int]  # ip, port, proto
@@ -84,6 +96,8 @@ class Applied:
     # What was written, to skip it next time it is wanted unchanged; None
     # when adopted from pinned maps (written again on the first sync).
     entry: FrontendEntry | None = None
+    # The backends it keeps in lb_backends: its own and its draining ones.
+    backend_keys: tuple[BackendKey, ...] = ()
 
     @property
     def off(self) -> int:
@@ -92,6 +106,18 @@ class Applied:
     @property
     def size(self) -> int:
         return self.table.size if self.table else 0
+
+
+@dataclass
+class Touched:
+    """What one sync's changes may have left unused or changed: only these
+    are looked at by its last steps (everything, on a full pass)."""
+
+    frontends: set[FrontendAddr] = field(default_factory=set)
+    groups: set[int] = field(default_factory=set)
+    backends: set[BackendKey] = field(default_factory=set)
+    vips: set[str] = field(default_factory=set)
+    ranges: dict[int, FrontendAddr] = field(default_factory=dict)  # svc_id -> its frontend
 
 
 @dataclass
@@ -140,6 +166,20 @@ class Reconciler:
         self.vips: set[str] = set()
         self.cidrs: set[str] = set()
         self.ranges: dict[int, set[str]] = {}  # svc_id -> CIDRs
+        self._arrive: list[Member] = []
+        self._leave: list[Member] = []
+        # Per programmed entry: who uses each shared resource.
+        self.by_addr: dict[FrontendAddr, set[Frontend]] = {}
+        self.group_users: Counter[int] = Counter()
+        self.backend_users: Counter[BackendKey] = Counter()
+        self.vip_users: Counter[str] = Counter()
+        self.service_users: Counter[str] = Counter()  # namespace/name -> entries
+        self._group_names: dict[int, str] = {}
+        # The state the maps were last synced to, for the next one's delta.
+        self._synced: object | None = None
+        # Refused last time: looked at again on every sync until they fit.
+        self._retry = Touched()
+        self._retry_frontends: set[Frontend] = set()
         self.config: tuple[str | None, str | None, int, tuple[str, ...],
                            tuple[str, ...], int] | None = None
         self.prefilter = Prefilter(maps["lb_filter"], filter_words)
@@ -161,6 +201,7 @@ class Reconciler:
             self.applied[f] = Applied(v.svc_id, v.group_id, table, v.flags,
                                       v.affinity_timeout, table.key[1] if table else ())
             self._recovered_groups[f] = v.group_id
+            self._group_names.setdefault(v.group_id, "")
             fa = (f.ip, f.port, f.proto)
             if fa not in self.frontend_ids:
                 self.frontend_ids[fa] = v.svc_id
@@ -185,6 +226,10 @@ class Reconciler:
         for k in range_keys:
             cidr = f"{ip_str(k.addr)}/{k.prefixlen - 32}"
             self.ranges.setdefault(socket.ntohl(k.svc_id), set()).add(cidr)
+        key_of = {bid: key for key, (bid, _) in self.backends.items()}
+        for f, a in self.applied.items():
+            a.backend_keys = tuple(key_of[b] for b in a.backend_ids if b in key_of)
+            self._count(f, a, 1, Touched())
         self.prefilter.recover(self._members())
         return len(self.applied)
 
@@ -197,45 +242,95 @@ class Reconciler:
     def sync(self, desired: DesiredState) -> SyncResult:
         res = SyncResult()
         self._release_quarantine()
-        # Everything this sync may program passes the pre-filter before it
-        # is written; what is not programmed after all is cleared at the end.
-        self.prefilter.admit(_desired_members(desired))
-        entries = dict(desired.entries)
-        kept: set[Frontend] = set()
-        self._ensure_groups(entries)
+        entries = desired.entries
+        delta = desired.changed
+        if desired.since is None or desired.since is not self._synced:
+            delta = None
+        full = delta is None
+        # A sync that raises leaves the maps half way: the next is a full pass.
+        self._synced = None
+        look = (entries.keys() | self.applied.keys() if delta is None
+                else delta | self._retry_frontends)
+        touched = Touched() if not full else self._everything()
+        if not full:
+            touched.vips |= self._retry.vips
+            touched.ranges |= self._retry.ranges
+        self._retry, self._retry_frontends = Touched(), set()
+        # Members that come and go with programmed entries, counted at the
+        # end in one pass (the pending hold covers the new ones until then).
+        self._arrive, self._leave = [], []
         # Most syncs change a handful of entries among thousands. Programmed
         # frontends are written first: they keep the room they have.
         changed = dict(sorted(
-            ((f, e) for f, e in entries.items()
+            ((f, e) for f in look if (e := entries.get(f)) is not None
              # The desired state's memo hands back the very entry it had.
-             if f not in self.applied or (self.applied[f].entry is not e
-                                          and self.applied[f].entry != e)),
+             and (f not in self.applied or (self.applied[f].entry is not e
+                                            and self.applied[f].entry != e))),
             key=lambda item: (item[0] not in self.applied, item[0])))
-        self._write_backends(changed, res)
+        # Everything this sync may program passes the pre-filter before it
+        # is written; held until the end, when what is programmed holds it.
+        pending = list(_members_of(changed.values()))
+        self.prefilter.hold(pending)
+        self._ensure_groups(changed, touched)
+        self._write_backends(changed, res, touched)
         self._plan_tables(changed)
         for f, e in changed.items():
             try:
-                self._write_entry(f, e, res)
+                self._write_entry(f, e, res, touched)
             except (Exhausted, BpfError, ValueError) as err:
-                entries.pop(f)
-                if f in self.applied:
-                    kept.add(f)
-                stays = "keeps its previous entry" if f in kept else "not programmed"
+                self._retry_frontends.add(f)
+                stays = "keeps its previous entry" if f in self.applied else "not programmed"
                 self._refuse(res, f"{e.service}: frontend {f} {stays}", err)
-        for f in sorted(set(self.applied) - set(entries) - kept):
-            self._remove_entry(f, res)
-        self._drop_unused(entries, kept, res)
+        for f in sorted(f for f in look if f not in entries and f in self.applied):
+            self._remove_entry(f, res, touched)
+        self._drop_unused(touched, res)
         self._recovered_groups.clear()
-        self._write_node(desired, entries, kept, res)
-        self._write_source_ranges(entries, kept, res)
-        self.prefilter.settle(self._members())
+        self._write_node(desired, touched, res)
+        self._write_source_ranges(touched, res)
+        self.prefilter.hold(self._arrive)
+        self.prefilter.release(self._leave)
+        self.prefilter.release(pending)
+        self._synced = desired.token
         return res
 
-    def _members(self) -> set[Member]:
-        """The pre-filter's members for what the maps hold."""
-        return ({(FRONTEND, f.ip, f.port) for f in self.applied}
-                | {(VIP, ip, 0) for ip in self.vips}
-                | {(BACKEND, ip, port) for _, ip, port, _ in self.backends})
+    def _everything(self) -> Touched:
+        """A full pass looks at every shared resource there is."""
+        ranges = {sid: ("", 0, 0) for sid in self.ranges}  # no frontend: none wanted
+        ranges |= {sid: fa for fa, sid in self.frontend_ids.items()}
+        return Touched(set(self.frontend_ids), {*self.groups.values(), *self._group_names},
+                       set(self.backends), self.vips | set(self.vip_users), ranges)
+
+    def _members(self) -> Iterator[Member]:
+        """The pre-filter's members for what the maps hold, one per holder."""
+        for f in self.applied:
+            yield (FRONTEND, f.ip, f.port)
+        for ip in self.vips:
+            yield (VIP, ip, 0)
+        for _, ip, port, _ in self.backends:
+            yield (BACKEND, ip, port)
+
+    def _count(self, f: Frontend, a: Applied, sign: int, touched: Touched) -> None:
+        """Count what entry `a` of `f` uses in (sign 1) or out (-1)."""
+        fa = (f.ip, f.port, f.proto)
+        users = self.by_addr.setdefault(fa, set())
+        if sign > 0:
+            users.add(f)
+        else:
+            users.discard(f)
+            if not users:
+                del self.by_addr[fa]
+        touched.frontends.add(fa)
+        touched.ranges[a.svc_id] = fa
+        _bump(self.group_users, a.group_id, sign)
+        touched.groups.add(a.group_id)
+        for k in a.backend_keys:
+            _bump(self.backend_users, k, sign)
+        touched.backends.update(a.backend_keys)
+        if a.flags & CLUSTER_IP:
+            _bump(self.vip_users, f.ip, sign)
+            touched.vips.add(f.ip)
+        if a.entry is not None:
+            _bump(self.service_users, a.entry.service, sign)
 
     @staticmethod
     def _refuse(res: SyncResult, subject: str, err: Exception) -> None:
@@ -245,8 +340,7 @@ class Reconciler:
 
     # --- node-wide entries: config, ClusterIP set, service CIDRs ---------
 
-    def _write_node(self, desired: DesiredState, entries: dict[Frontend, FrontendEntry],
-                    kept: set[Frontend], res: SyncResult) -> None:
+    def _write_node(self, desired: DesiredState, touched: Touched, res: SyncResult) -> None:
         want = tuple(sorted(c for c in desired.service_cidrs
                             if ipaddress.ip_network(c).version == 4))
         config = (desired.node_ip, desired.hairpin_ip, desired.netns_cookie, desired.node_ips,
@@ -274,18 +368,21 @@ class Reconciler:
             self.config = config
         # Only ClusterIPs actually programmed: a refused service must not
         # turn into REJECTs for its clients.
-        want_vips = ({f.ip for f in entries if f.ip in desired.vips}
-                     | {f.ip for f in kept if f.ip in self.vips})
         vips = self.maps["lb_vips"]
-        for ip in sorted(self.vips - want_vips):
-            vips.delete(ip_be(ip))
-            self.vips.discard(ip)
-        for ip in sorted(want_vips - self.vips):
-            try:
-                vips.update(ip_be(ip), 1)
+        for ip in sorted(touched.vips):
+            if ip not in self.vip_users and ip in self.vips:
+                vips.delete(ip_be(ip))
+                self.vips.discard(ip)
+                self._leave.append((VIP, ip, 0))
+            elif ip in self.vip_users and ip not in self.vips:
+                try:
+                    vips.update(ip_be(ip), 1)
+                except BpfError as err:
+                    self._refuse(res, f"ClusterIP {ip}", err)
+                    self._retry.vips.add(ip)
+                    continue
                 self.vips.add(ip)
-            except BpfError as err:
-                self._refuse(res, f"ClusterIP {ip}", err)
+                self._arrive.append((VIP, ip, 0))
         cidrs = self.maps["lb_svc_cidrs"]
         for c in sorted(set(want) - self.cidrs):
             cidrs.update(_lpm4(c), 1)
@@ -293,25 +390,23 @@ class Reconciler:
             cidrs.delete(_lpm4(c))
         self.cidrs = set(want)
 
-    def _write_source_ranges(self, entries: dict[Frontend, FrontendEntry],
-                             kept: set[Frontend], res: SyncResult) -> None:
-        want: dict[int, set[str]] = {}
-        for f in kept:
-            sid = self.applied[f].svc_id
-            want.setdefault(sid, set()).update(self.ranges.get(sid, set()))
-        for f, e in entries.items():
-            if e.source_ranges and (f.ip, f.port, f.proto) in self.frontend_ids:
-                sid = self.frontend_ids[(f.ip, f.port, f.proto)]
-                want.setdefault(sid, set()).update(
-                    c for c in e.source_ranges if ipaddress.ip_network(c).version == 4)
+    def _write_source_ranges(self, touched: Touched, res: SyncResult) -> None:
         rmap = self.maps["lb_source_ranges"]
-        for sid in sorted(set(want) | set(self.ranges)):
-            have, need = self.ranges.get(sid, set()), want.get(sid, set())
+        for sid, fa in sorted(touched.ranges.items()):
+            need: set[str] = set()
+            if self.frontend_ids.get(fa) == sid:
+                for f in self.by_addr.get(fa, ()):
+                    e = self.applied[f].entry
+                    # Adopted from the pins and not written since: what they hold.
+                    need |= (self.ranges.get(sid, set()) if e is None else
+                             {c for c in e.source_ranges if ipaddress.ip_network(c).version == 4})
+            have = self.ranges.get(sid, set())
             for c in sorted(need - have):
                 try:
                     rmap.update(_range_key(sid, c), 1)
                 except BpfError as err:
                     self._refuse(res, f"source range {c}", err)
+                    self._retry.ranges[sid] = fa
                     need = need - {c}
             for c in sorted(have - need):
                 rmap.delete(_range_key(sid, c))
@@ -320,24 +415,31 @@ class Reconciler:
             else:
                 self.ranges.pop(sid, None)
 
-    def _ensure_groups(self, entries: dict[Frontend, FrontendEntry]) -> None:
+    def _ensure_groups(self, entries: dict[Frontend, FrontendEntry], touched: Touched) -> None:
         # Sorted for the same ids on every node, but only what has no group
         # yet: a change at 10k services must not sort them all.
         for f, e in sorted((f, e) for f, e in entries.items() if e.group not in self.groups):
             if e.group in self.groups:  # another frontend of the same group came first
                 continue
             old = self._recovered_groups.get(f)
-            if old is not None and old not in self.groups.values():
-                self.groups[e.group] = old
-                continue
-            # When ids run out its frontends are refused, and reported, one by one.
-            with contextlib.suppress(Exhausted):
-                self.groups[e.group] = self.group_ids.alloc()
+            if old is not None and self._group_names.get(old) == "":  # adopted, unnamed
+                gid = old
+            else:
+                # When ids run out its frontends are refused, and reported, one by one.
+                try:
+                    gid = self.group_ids.alloc()
+                except Exhausted:
+                    continue
+            self.groups[e.group] = gid
+            self._group_names[gid] = e.group
+            touched.groups.add(gid)
 
-    def _write_backends(self, entries: dict[Frontend, FrontendEntry], res: SyncResult) -> None:
+    def _write_backends(self, entries: dict[Frontend, FrontendEntry], res: SyncResult,
+                        touched: Touched) -> None:
         # Collected and written in one batch: a sync from empty writes
         # every backend, and a syscall each would dominate it.
         writes: list[tuple[int, Backend, int, int]] = []
+        new: list[Member] = []  # keys new to lb_backends: each holds its bit
         for e in entries.values():
             gid = self.groups.get(e.group)
             if gid is None:
@@ -355,7 +457,11 @@ class Reconciler:
                     continue
                 writes.append((bid, b, flags, gid))
                 self.backends[key] = (bid, flags)
-                res.backends_added += not have
+                # Unused at the end (its frontend refused): cleared again.
+                touched.backends.add(key)
+                if not have:
+                    new.append((BACKEND, b.ip, b.port))
+                    res.backends_added += 1
         if not writes:
             return
         values = layout.ffi.new("struct lb_backend[]", len(writes))
@@ -365,6 +471,7 @@ class Reconciler:
         keys = array.array("I", (w[0] for w in writes))
         self.maps["lb_backends"].update_batch(keys.tobytes(), bytes(layout.ffi.buffer(values)),
                                               len(writes))
+        self._arrive += new
 
     def _usable(self, e: FrontendEntry, gid: int) -> list[tuple[Backend, int]]:
         named = [(b, self.backends.get((gid, b.ip, b.port, b.proto))) for b in e.backends]
@@ -396,7 +503,8 @@ class Reconciler:
         self._inherit = {next(iter(keys)): t for t, keys in leaving.items()
                          if len(keys) == 1 and moves[t] == t.users}
 
-    def _write_entry(self, f: Frontend, e: FrontendEntry, res: SyncResult) -> None:
+    def _write_entry(self, f: Frontend, e: FrontendEntry, res: SyncResult,
+                     touched: Touched) -> None:
         gid = self.groups.get(e.group)
         if gid is None:
             raise Exhausted(f"all {self.group_ids.limit - 1} service-port ids are in use",
@@ -407,14 +515,20 @@ class Reconciler:
             self.maps["lb_rev_nat"].update(sid, layout.new(
                 "struct lb_rev_nat", addr=ip_be(f.ip), port=port_be(f.port))[0])
             self.frontend_ids[fa] = sid
+            touched.frontends.add(fa)  # unused at the end (refused): freed again
         sid = self.frontend_ids[fa]
         usable = self._usable(e, gid)
         bids = tuple(sorted(bid for _, bid in usable))
+        keys = tuple((gid, b.ip, b.port, b.proto) for b in (*e.backends, *e.draining))
         old = self.applied.get(f)
         if (old is not None and old.backend_ids == bids and old.group_id == gid
                 and old.flags == e.flags and old.svc_id == sid
                 and old.affinity_timeout == e.affinity_timeout):
-            old.entry = e
+            # The services map holds it already; what it keeps may differ
+            # (draining backends, source ranges).
+            self._count(f, old, -1, touched)
+            old.entry, old.backend_keys = e, keys
+            self._count(f, old, 1, touched)
             return
         table = self._table_for((gid, bids), usable, old, res) if usable else None
         val = layout.new(
@@ -435,11 +549,16 @@ class Reconciler:
                 table.users += 1
             if old_table is not None:
                 self._release(old_table)
-        self.applied[f] = Applied(sid, gid, table, e.flags, e.affinity_timeout, bids, e)
+        new = Applied(sid, gid, table, e.flags, e.affinity_timeout, bids, e, keys)
+        if old:
+            self._count(f, old, -1, touched)
+        self._count(f, new, 1, touched)
         if old:
             res.updated += 1
         else:
+            self._arrive.append((FRONTEND, f.ip, f.port))
             res.added += 1
+        self.applied[f] = new
 
     def _table_for(self, key: TableKey, usable: list[tuple[Backend, int]],
                    old: Applied | None, res: SyncResult) -> Table:
@@ -495,36 +614,37 @@ class Reconciler:
         if self.tables.get(t.key) is t:
             del self.tables[t.key]
 
-    def _remove_entry(self, f: Frontend, res: SyncResult) -> None:
+    def _remove_entry(self, f: Frontend, res: SyncResult, touched: Touched) -> None:
         old = self.applied.pop(f)
         self.maps["lb_services"].delete(svc_key(f))
+        self._count(f, old, -1, touched)
+        self._leave.append((FRONTEND, f.ip, f.port))
         if old.table is not None:
             self._release(old.table)
         res.removed += 1
 
-    def _drop_unused(self, entries: dict[Frontend, FrontendEntry], kept: set[Frontend],
-                     res: SyncResult) -> None:
-        live_frontends = {(f.ip, f.port, f.proto) for f in self.applied}
-        for fa in sorted(set(self.frontend_ids) - live_frontends):
+    def _drop_unused(self, touched: Touched, res: SyncResult) -> None:
+        """Free what the sync's changes left without users."""
+        # Sorted for the same order on every node, but only what goes.
+        for fa in sorted(fa for fa in touched.frontends
+                         if fa in self.frontend_ids and fa not in self.by_addr):
             sid = self.frontend_ids.pop(fa)
             self.maps["lb_rev_nat"].update(sid, layout.new("struct lb_rev_nat")[0])
             self._quarantine.append(("svc", sid, 0))
-        live_groups = {self.groups[e.group] for e in entries.values() if e.group in self.groups}
-        live_groups |= {self.applied[f].group_id for f in kept}
-        kept_ids = {bid for f in kept for bid in self.applied[f].backend_ids}
-        wanted: set[BackendKey] = set()
-        for e in entries.values():
-            gid = self.groups.get(e.group)
-            if gid is not None:
-                wanted.update((gid, b.ip, b.port, b.proto) for b in (*e.backends, *e.draining))
-        wanted |= {key for key, (bid, _) in self.backends.items() if bid in kept_ids}
-        for key in sorted(set(self.backends) - wanted):
+        for key in sorted(k for k in touched.backends
+                          if k in self.backends and k not in self.backend_users):
             bid, _ = self.backends.pop(key)
             self.maps["lb_backends"].update(bid, layout.new("struct lb_backend")[0])
             self._quarantine.append(("backend", bid, 0))
+            self._leave.append((BACKEND, key[1], key[2]))
             res.backends_removed += 1
-        for name in sorted(g for g, gid in self.groups.items() if gid not in live_groups):
-            self._quarantine.append(("group", self.groups.pop(name), 0))
+        for gid in sorted(g for g in touched.groups
+                          if g not in self.group_users and g in self._group_names):
+            # "": adopted from the pins and not named since.
+            name = self._group_names.pop(gid)
+            if self.groups.get(name) == gid:
+                del self.groups[name]
+            self._quarantine.append(("group", gid, 0))
 
     def _release_quarantine(self) -> None:
         for kind, a, b in self._quarantine:
@@ -556,7 +676,20 @@ def _backend_flags(b: Backend) -> int:
     return flags
 
 
-def _desired_members(desired: DesiredState) -> set[Member]:
-    return ({(FRONTEND, f.ip, f.port) for f in desired.entries}
-            | {(VIP, ip, 0) for ip in desired.vips}
-            | {(BACKEND, b.ip, b.port) for e in desired.entries.values() for b in e.backends})
+def _members_of(entries: Iterable[FrontendEntry]) -> Iterator[Member]:
+    """The pre-filter's members for `entries`."""
+    for e in entries:
+        yield (FRONTEND, e.frontend.ip, e.frontend.port)
+        if e.flags & CLUSTER_IP:
+            yield (VIP, e.frontend.ip, 0)
+        for b in (*e.backends, *e.draining):
+            yield (BACKEND, b.ip, b.port)
+
+
+def _bump(counter: Counter[_K], key: _K, by: int) -> None:
+    """Count `key` up or down; at 0 it is gone."""
+    n = counter[key] + by
+    if n > 0:
+        counter[key] = n
+    else:
+        del counter[key]

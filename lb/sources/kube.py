@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from lb.model import Cluster, Node
+from lb.model import Changes, Cluster, Node
 from lb.sources.manifests import API_RULES, LoadResult, ManifestError, build_cluster
 
 log = logging.getLogger("lbctl.kube")
@@ -593,16 +593,21 @@ class ParsedObjects:
     the one kind merged across objects, are not watched), so merging the
     per-object results equals building all at once, while a change costs
     parsing one object instead of every object of the cluster (about a
-    second for 20,000 Pods). A bad object is logged once per version."""
+    second for 20,000 Pods). A bad object is logged once per version.
+
+    The objects parsed anew (and those gone) are what changed: each snapshot
+    says which services they touch, against the snapshot built before it."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, str], tuple[Mapping[str, Any], str | None, LoadResult]] = {}
+        self._last: object | None = None  # revision of the snapshot built last
 
     def build(self, docs: Iterable[Mapping[str, Any]]
               ) -> tuple[Cluster, tuple[ManifestError, ...]]:
         cache: dict[tuple[str, str], tuple[Mapping[str, Any], str | None, LoadResult]] = {}
         maps: dict[str, dict[str, Any]] = {name: {} for name in _CLUSTER_MAPS}
         errors: list[ManifestError] = []
+        touched: set[str] = set()
         for doc in docs:
             key = (str(doc.get("kind")), object_key(doc) or "")
             rv = _rv(doc)
@@ -610,7 +615,10 @@ class ParsedObjects:
             if hit is not None and (hit[0] is doc or (rv is not None and hit[1] == rv)):
                 result = hit[2]
             else:
+                if hit is not None:
+                    touched |= _services_of(hit[2].cluster)
                 result = build_cluster([(doc, SOURCE)], API_RULES)
+                touched |= _services_of(result.cluster)
                 for err in result.errors:
                     log.error("skipped: %s", err)
                 for err in result.warnings:
@@ -619,8 +627,18 @@ class ParsedObjects:
             for name in _CLUSTER_MAPS:
                 maps[name].update(getattr(result.cluster, name))
             errors.extend(result.errors)
+        for key in self._cache.keys() - cache.keys():
+            touched |= _services_of(self._cache[key][2].cluster)
         self._cache = cache
-        return Cluster(**maps), tuple(errors)
+        changes = Changes(self._last, frozenset(touched)) if self._last is not None else None
+        cluster = Cluster(**maps, changes=changes)
+        self._last = cluster.revision
+        return cluster, tuple(errors)
+
+
+def _services_of(objects: Cluster) -> set[str]:
+    """The services a Service's or an EndpointSlice's parsed form touches."""
+    return set(objects.services) | {s.service_key for s in objects.slices.values()}
 
 
 # --- the source -------------------------------------------------------------------

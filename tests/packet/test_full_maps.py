@@ -83,7 +83,7 @@ def gauge(m: Metrics, map_name: str) -> float | None:
 def sync(rec: Reconciler, m: Metrics, cluster: Cluster) -> SyncResult:
     state = desired.compute(cluster, NODE)
     res = rec.sync(state)
-    m.synced(0.001, res, state, rec)
+    m.synced(0.001, res, rec)
     return res
 
 
@@ -156,8 +156,7 @@ def test_full_policy_maps_keep_the_last_good_policy(
     assert [r.map_name for r in refusals] == ["lb_pol_endpoints"], refusals
     assert "4 isolated pods, the map holds 2" in str(refusals[0])
     assert "keep the previous policy" in caplog.text and "lb_pol_endpoints" in caplog.text
-    m.synced(0.001, SyncResult(refusals=refusals), desired.compute(too_big, NODE),
-             reconciler_for(tiny))
+    m.synced(0.001, SyncResult(refusals=refusals), reconciler_for(tiny))
     assert gauge(m, "lb_pol_endpoints") == 1
     # The maps still hold the good policy, exactly.
     assert verdicts(too_big, writer) == before

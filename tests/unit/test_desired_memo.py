@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -43,23 +44,34 @@ def service_docs(i: int, rng: random.Random) -> list[dict[str, Any]]:
     return [svc(name, **spec), eps(*endpoints, name=name)]
 
 
-def mutate(docs: dict[int, list[dict[str, Any]]], rng: random.Random) -> set[str]:
-    """One change of the kinds a cluster sees; the services it touches."""
-    i = rng.randrange(30)
+def mutate(docs: dict[int, list[dict[str, Any]]], rng: random.Random,
+           make: Callable[[int, random.Random], list[dict[str, Any]]] = service_docs,
+           count: int = 30) -> set[str]:
+    """One change of the kinds a cluster sees (of services `make` writes);
+    the services it touches."""
+    i = rng.randrange(count)
     what = rng.random()
     if i not in docs or what < 0.15:
-        docs[i] = service_docs(i, rng)
+        docs[i] = make(i, rng)
     elif what < 0.25:
         del docs[i]
-    elif what < 0.7:
+    elif what < 0.75:
         endpoints = docs[i][1]["endpoints"]
-        if endpoints:
+        if endpoints and rng.random() < 0.7:
             e = rng.choice(endpoints)
-            e["conditions"]["ready"] = not e["conditions"]["ready"]
+            if rng.random() < 0.5:
+                e["conditions"]["ready"] = not e["conditions"]["ready"]
+            else:
+                e["conditions"]["terminating"] = not e["conditions"]["terminating"]
+                e["conditions"]["serving"] = True
+        elif endpoints and rng.random() < 0.5:
+            endpoints.remove(rng.choice(endpoints))
         else:
-            endpoints.append(ep(f"10.244.{i}.9"))
-    else:
+            endpoints.append(ep(f"10.244.{i}.{rng.randint(10, 30)}"))
+    elif what < 0.9:
         docs[i][0]["spec"]["ports"][0]["port"] = rng.choice([80, 81, 8080])
+    else:
+        docs[i][0]["spec"]["sessionAffinity"] = rng.choice(["None", "ClientIP"])
     return {f"default/s{i}"}
 
 

@@ -314,6 +314,31 @@ def test_per_object_parsing_equals_building_all_at_once() -> None:
     assert cluster.services["default/a"].cluster_ips == ("10.96.0.99",)
 
 
+def test_each_snapshot_names_the_services_its_changes_touch() -> None:
+    docs: list[dict[str, Any]] = [
+        {**service("web", "1"), "kind": "Service", "apiVersion": "v1"},
+        {**service("other", "1", ip="10.96.0.11"), "kind": "Service", "apiVersion": "v1"},
+        {**eslice("web-1", "1"), "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1"},
+        {"kind": "Pod", "apiVersion": "v1", "metadata": {"name": "p", "namespace": "default"},
+         "spec": {"nodeName": "n", "containers": [{"name": "c"}]}, "status": {"phase": "Running"}},
+    ]
+    parsed = ParsedObjects()
+    first, _ = parsed.build(docs)
+    assert first.changes is None, "nothing to be against yet"
+    same, _ = parsed.build(docs)
+    assert same.changes is not None and same.changes.since is first.revision
+    assert same.changes.services == frozenset()
+    # An EndpointSlice changed: its service; a Pod changed: no service.
+    slice2 = {**docs[2], "metadata": {**docs[2]["metadata"], "resourceVersion": "2"}}
+    pod2 = {**docs[3], "metadata": {**docs[3]["metadata"], "resourceVersion": "2"}}
+    after, _ = parsed.build([docs[0], docs[1], slice2, pod2])
+    assert after.changes is not None and after.changes.since is same.revision
+    assert after.changes.services == {"default/web"}
+    # A Service gone, and the slice with it.
+    gone, _ = parsed.build([docs[0], pod2])
+    assert gone.changes is not None and gone.changes.services == {"default/other", "default/web"}
+
+
 def test_a_kind_the_api_server_does_not_serve_counts_as_none(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """ServiceCIDR before 1.33: a 404 is "none", so the first snapshot is

@@ -62,8 +62,8 @@ def test_health_and_readiness(served: tuple[Metrics, str]) -> None:
     time.sleep(0.3)
     assert get(url + "/healthz")[0] == 503, "the loop stopped turning"
     m.tick()
-    empty: Any = SimpleNamespace(entries={}, applied={}, backends={})
-    m.synced(0.002, SyncResult(added=2), empty, empty)
+    empty: Any = SimpleNamespace(applied={}, backends={}, service_users={})
+    m.synced(0.002, SyncResult(added=2), empty)
     assert get(url + "/healthz")[0] == 200
     code, body = get(url + "/readyz")
     assert code == 200 and json.loads(body)["lastUpdated"].endswith("Z")
@@ -116,13 +116,13 @@ def test_node_eligibility_follows_kube_proxy() -> None:
 def test_sync_metrics(served: tuple[Metrics, str]) -> None:
     m, url = served
     f1, f2 = object(), object()
-    state: Any = SimpleNamespace(entries={f1: SimpleNamespace(service="ns/a"),
-                                          f2: SimpleNamespace(service="ns/a")})
-    rec: Any = SimpleNamespace(applied={f1: 1, f2: 2}, backends={1: 1, 2: 2, 3: 3})
+    # Two frontends of one service (the reconciler counts them per service).
+    rec: Any = SimpleNamespace(applied={f1: 1, f2: 2}, backends={1: 1, 2: 2, 3: 3},
+                               service_users={"ns/a": 2})
     full = [Refusal("ns/b: frontend", "no room", "lb_backends"),
             Refusal("ns/c: frontend", "no room", "lb_backends"),
             Refusal("ns/d: ClusterIP", "bad", "")]
-    m.synced(0.003, SyncResult(added=2, refusals=full), state, rec)
+    m.synced(0.003, SyncResult(added=2, refusals=full), rec)
     m.sync_failed(0.5)
     m.programmed([time.time() - 0.2, time.time() + 5])  # a clock ahead counts as 0
     m.refused([ManifestError("f", "spec", "bad"), ManifestError("g", "spec", "bad")])
@@ -144,7 +144,7 @@ def test_sync_metrics(served: tuple[Metrics, str]) -> None:
     assert s["xdplb_objects_refused_total"] == 2
     assert s["xdplb_objects_invalid"] == 1
     assert s["xdplb_sync_last_timestamp_seconds"] > 0
-    m.synced(0.001, SyncResult(), state, rec)  # the room was found: back to 0
+    m.synced(0.001, SyncResult(), rec)  # the room was found: back to 0
     assert samples(get(url + "/metrics")[1])["xdplb_map_refusals,map=lb_backends"] == 0
 
 
