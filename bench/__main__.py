@@ -1,6 +1,6 @@
 """python -m bench [--quick] [--only NAME ...] [--report-only]
 
-Runs the benchmarks (packet_cost, control_plane, requests, tail_latency), writes
+Runs the benchmarks (packet_cost, control_plane, programming, requests, tail_latency), writes
 bench/results/<date>-<name>[-quick].json for each and rebuilds bench/RESULTS.md.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 from bench import report
 from bench.common import Mode, log, require_root
 
-BENCHMARKS = ("packet_cost", "control_plane", "requests", "tail_latency")
+BENCHMARKS = ("packet_cost", "control_plane", "programming", "requests", "tail_latency")
 TOOLS = ("ip", "wrk", "curl", "ethtool", "sysctl", "tc", "iptables-restore",
          "iptables-legacy-restore", "nft")
 
@@ -33,6 +33,10 @@ def _entry(name: str) -> Callable[[Mode], dict[str, Any]]:
         from bench import control_plane
 
         return control_plane.main
+    if name == "programming":
+        from bench import programming
+
+        return programming.main
     if name == "tail_latency":
         from bench import tail_latency
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from lb.model import Cluster, Endpoint, EndpointPort, EndpointSlice, Node, Service, ServicePort
 from lb.service import desired
@@ -75,6 +76,42 @@ def with_endpoint_replaced(spec: SvcSpec, index: int, generation: int) -> SvcSpe
     eps = list(spec.endpoints)
     eps[index] = fresh
     return replace(spec, endpoints=tuple(eps))
+
+
+# -- API objects ----------------------------------------------------------------------------
+
+MANAGED_BY = "bench.xdplb.io"
+
+
+def service_object(spec: SvcSpec) -> dict[str, Any]:
+    """The Service as the API server takes it: no selector, so its EndpointSlice is
+    whatever this benchmark writes (no controller competes)."""
+    port: dict[str, Any] = {"name": spec.port_name, "protocol": spec.protocol,
+                            "port": spec.port, "targetPort": spec.target_port}
+    if spec.node_port:
+        port["nodePort"] = spec.node_port
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": spec.name, "namespace": spec.namespace},
+            "spec": {"type": "NodePort" if spec.node_port else "ClusterIP",
+                     "clusterIP": spec.cluster_ip, "ports": [port],
+                     "externalIPs": list(spec.external_ips)}}
+
+
+def slice_endpoints(spec: SvcSpec) -> list[dict[str, Any]]:
+    return [{"addresses": [ip], "conditions": {"ready": True},
+             "nodeName": spec.endpoint_node or "elsewhere"} for ip in spec.endpoints]
+
+
+def slice_object(spec: SvcSpec) -> dict[str, Any]:
+    """Its EndpointSlice, named as slice_of names it."""
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{spec.name}-1", "namespace": spec.namespace,
+                         "labels": {"kubernetes.io/service-name": spec.name,
+                                    "endpointslice.kubernetes.io/managed-by": MANAGED_BY}},
+            "addressType": "IPv4",
+            "ports": [{"name": spec.port_name, "port": spec.target_port,
+                       "protocol": spec.protocol}],
+            "endpoints": slice_endpoints(spec)}
 
 
 # -- model ----------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ BPF_TABLE_PINNED("hash", struct lb_svc_key, struct lb_svc_val, lb_services,
 BPF_TABLE_PINNED("array", __u32, struct lb_backend, lb_backends,
 		 LB_MAX_BACKENDS, LB_PIN_DIR "/lb_backends");
 /* One flat slab of Maglev slots (backend ids); each service entry owns the
- * range [maglev_off, maglev_off + maglev_size), as Katran's ch_rings does. */
+ * range [maglev_off, maglev_off + maglev_size), as Katran's ch_rings does.
+ * Mappable: the agent writes a new range as plain stores, no syscall per slot. */
 BPF_TABLE_PINNED("array", __u32, __u32, lb_maglev, LB_MAGLEV_SLOTS,
-		 LB_PIN_DIR "/lb_maglev");
+		 LB_PIN_DIR "/lb_maglev", BPF_F_MMAPABLE);
 BPF_TABLE_PINNED("array", __u32, struct lb_rev_nat, lb_rev_nat,
 		 LB_MAX_SERVICES, LB_PIN_DIR "/lb_rev_nat");
 BPF_TABLE_PINNED("lru_hash", struct lb_ct_key, struct lb_ct_val, lb_ct,

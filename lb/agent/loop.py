@@ -46,6 +46,7 @@ NODE_PROGRAM = XDP_EXTERNAL.name
 NODE_EGRESS_PROGRAM = TC_TO_EXTERNAL.name
 # A sync that raised is retried with the same cluster after this long.
 SYNC_RETRY_DELAY = 1.0
+LOOP_TICK = 0.1
 
 
 class StartError(RuntimeError):
@@ -78,6 +79,7 @@ class Agent:
         self._last_cluster: Cluster | None = None
         self._node_port_ips: tuple[str, ...] = ()
         self._min_mtu = 0
+        self._links_read = False
         self._links_checked = 0.0
         self.cgroup: Path | None = socklb.resolve_cgroup(config.cgroup) if config.cgroup else None
         self.stopping = threading.Event()
@@ -89,6 +91,8 @@ class Agent:
         """Attach to the pod devices not attached yet; forget the ones gone."""
         from pyroute2.netlink.exceptions import NetlinkError
 
+        # A link event: the next loop turn reads the devices' MTUs and addresses.
+        self._links_checked = 0.0
         with self._tc_lock:
             known = set(self.attachments.tc)
             if known == devs:
@@ -170,26 +174,33 @@ class Agent:
 
     def _with_links(self, node: Node) -> Node:
         """`node` as its devices say: their smallest MTU and, with
-        --nodeport-addresses CIDRs, the node's addresses there."""
-        self._min_mtu = min_mtu(self.config.netns)
+        --nodeport-addresses CIDRs, the node's addresses there. Read once,
+        then kept up to date by _links_moved: a netlink dump per sync would
+        cost more than the sync itself."""
+        if not self._links_read:
+            self._read_links()
         node = replace(node, min_mtu=self._min_mtu)
-        cidrs = self.config.node_port_cidrs
-        if cidrs is None:
+        if self.config.node_port_cidrs is None:
             return node
-        self._node_port_ips = addresses_in(cidrs, self.config.netns)
         return replace(node, node_port_ips=self._node_port_ips)
 
-    def _links_moved(self) -> bool:
-        """Whether what _with_links read changed since the last sync
-        (checked every LINK_RESCAN_PERIOD)."""
-        now = time.monotonic()
-        if now - self._links_checked < LINK_RESCAN_PERIOD:
-            return False
-        self._links_checked = now
+    def _read_links(self) -> bool:
+        """Read what _with_links uses; whether it changed."""
+        self._links_read = True
+        self._links_checked = time.monotonic()
+        mtu = min_mtu(self.config.netns)
         cidrs = self.config.node_port_cidrs
-        return (min_mtu(self.config.netns) != self._min_mtu
-                or (cidrs is not None
-                    and addresses_in(cidrs, self.config.netns) != self._node_port_ips))
+        ips = addresses_in(cidrs, self.config.netns) if cidrs is not None else ()
+        moved = (mtu, ips) != (self._min_mtu, self._node_port_ips)
+        self._min_mtu, self._node_port_ips = mtu, ips
+        return moved
+
+    def _links_moved(self) -> bool:
+        """Whether what _with_links uses changed since the last sync: read
+        every LINK_RESCAN_PERIOD, and on the loop turn after a link event."""
+        if time.monotonic() - self._links_checked < LINK_RESCAN_PERIOD:
+            return False
+        return self._read_links()
 
     def _close_stale_udp(self, state: desired.DesiredState) -> None:
         live = {(b.ip, b.port) for e in state.entries.values()
@@ -261,13 +272,29 @@ class Agent:
         self.attachments.save(self.config.instance)
 
     def _loop(self) -> None:
-        """Sync whenever the source changed, at most once per min_sync_period."""
+        """Sync as soon as the source changed, at most once per min_sync_period:
+        a change after a quiet spell is synced at once, one during the period
+        when it ends (kube-proxy's BoundedFrequencyRunner,
+        pkg/util/async/bounded_frequency_runner.go). The loop also turns every
+        LOOP_TICK for retries, moved links and the health clock."""
         last_sync = time.monotonic()
-        while not self.stopping.wait(0.1):
+        woken = self.source.changed if isinstance(self.source, KubeSource) else None
+        pending = False  # the source says changed, but has nothing to take yet
+        while not self.stopping.is_set():
+            due = last_sync + self.config.min_sync_period - time.monotonic()
+            if due > 0:
+                self.stopping.wait(min(due, LOOP_TICK))
+            elif woken is not None and not pending:
+                woken.wait(LOOP_TICK)
+            else:
+                self.stopping.wait(LOOP_TICK)
+            if self.stopping.is_set():
+                break
             self.metrics.tick()
             if time.monotonic() - last_sync < self.config.min_sync_period:
                 continue
             cluster = self.source.poll()
+            pending = cluster is None and woken is not None and woken.is_set()
             if cluster is None:
                 cluster = self._retry
             if cluster is None and self._last_cluster is not None and self._links_moved():

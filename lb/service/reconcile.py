@@ -583,8 +583,7 @@ class Reconciler:
         off = self.slab.alloc(size)
         slots = maglev.populate_array(names, size, labels=ids)
         try:
-            self.maps["lb_maglev"].update_batch(
-                array.array("I", range(off, off + size)).tobytes(), slots.tobytes(), size)
+            self.maps["lb_maglev"].write_array(off, slots.tobytes())
         except BpfError:
             self.slab.free(off, size)
             raise

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from lb.model import Changes, Cluster, Node
+from lb.model import Changes, Cluster, EndpointSlice, Node
 from lb.sources.manifests import API_RULES, LoadResult, ManifestError, build_cluster
 
 log = logging.getLogger("lbctl.kube")
@@ -260,6 +260,8 @@ class Store:
         self._objects: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in kinds}
         self._listed: set[str] = set()
         self._dirty = False
+        # (kind, key) of every object added, changed or deleted since the last take.
+        self._keys: dict[tuple[str, str], None] = {}
         # Network-programming triggers (Unix times) of EndpointSlice changes
         # not yet in a snapshot, and those of the last snapshot taken.
         self._pending: list[float] = []
@@ -296,6 +298,7 @@ class Store:
                 if before is not None and after is not None and _rv(before) == _rv(after):
                     continue
                 changed += 1
+                self._keys[(kind, key)] = None
                 self._trigger(kind, before, after, received)
             self._objects[kind] = objects
             first = kind not in self._listed
@@ -323,6 +326,7 @@ class Store:
                     return
                 objs[key] = obj
                 self._trigger(kind, before, obj, received)
+            self._keys[(kind, key)] = None
             self._mark()
 
     def listed(self) -> bool:
@@ -341,13 +345,30 @@ class Store:
         """Every object, when something changed since the last take and
         every kind has been listed; else None."""
         with self._lock:
-            if not self._dirty or self._listed != set(self._objects):
+            if not self._took():
                 return None
-            self._dirty = False
-            self.changed.clear()
-            self._taken.extend(self._pending)
-            self._pending = []
             return [o for objs in self._objects.values() for o in objs.values()]
+
+    def take_changes(self) -> dict[tuple[str, str], Mapping[str, Any] | None] | None:
+        """What changed since the last take, when every kind has been listed:
+        (kind, key) -> the object now, None when it was deleted. None when
+        nothing changed."""
+        with self._lock:
+            keys = self._keys
+            if not self._took():
+                return None
+            return {(kind, key): self._objects[kind].get(key) for kind, key in keys}
+
+    def _took(self) -> bool:
+        """Under the lock: whether there is something to take; if so, it is taken."""
+        if not self._dirty or self._listed != set(self._objects):
+            return False
+        self._dirty = False
+        self._keys = {}
+        self.changed.clear()
+        self._taken.extend(self._pending)
+        self._pending = []
+        return True
 
     def programmed(self) -> list[float]:
         """Trigger times of the changes the last snapshot held; called once
@@ -586,6 +607,9 @@ _CLUSTER_MAPS = tuple(f.name for f in fields(Cluster) if isinstance(getattr(Clus
                                                                         dict))
 
 
+Key = tuple[str, str]  # (kind, namespace/name)
+
+
 class ParsedObjects:
     """build_cluster, one object at a time, remembered per object version.
 
@@ -595,45 +619,108 @@ class ParsedObjects:
     parsing one object instead of every object of the cluster (about a
     second for 20,000 Pods). A bad object is logged once per version.
 
-    The objects parsed anew (and those gone) are what changed: each snapshot
-    says which services they touch, against the snapshot built before it."""
+    The maps and the slices' index are kept between snapshots and copied
+    only where a change lands (snapshots never change once handed out), so
+    a snapshot costs what changed, not what there is. The objects parsed
+    anew (and those gone) are what changed: each snapshot says which
+    services they touch, against the snapshot built before it."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, str], tuple[Mapping[str, Any], str | None, LoadResult]] = {}
+        self._cache: dict[Key, tuple[Mapping[str, Any], str | None, LoadResult]] = {}
+        self._maps: dict[str, dict[str, Any]] = {name: {} for name in _CLUSTER_MAPS}
+        self._index: dict[str, tuple[EndpointSlice, ...]] = {}
+        self._errors: dict[Key, tuple[ManifestError, ...]] = {}
         self._last: object | None = None  # revision of the snapshot built last
 
     def build(self, docs: Iterable[Mapping[str, Any]]
               ) -> tuple[Cluster, tuple[ManifestError, ...]]:
-        cache: dict[tuple[str, str], tuple[Mapping[str, Any], str | None, LoadResult]] = {}
-        maps: dict[str, dict[str, Any]] = {name: {} for name in _CLUSTER_MAPS}
-        errors: list[ManifestError] = []
+        """The snapshot of exactly `docs`, every object there is."""
+        seen = {(str(doc.get("kind")), object_key(doc) or ""): doc for doc in docs}
+        changes: dict[Key, Mapping[str, Any] | None] = {
+            key: doc for key, doc in seen.items() if not self._same(key, doc)}
+        changes.update(dict.fromkeys(self._cache.keys() - seen.keys()))
+        return self.apply(changes)
+
+    def _same(self, key: Key, doc: Mapping[str, Any]) -> bool:
+        hit = self._cache.get(key)
+        if hit is None:
+            return False
+        rv = _rv(doc)
+        return hit[0] is doc or (rv is not None and hit[1] == rv)
+
+    def apply(self, changes: Mapping[Key, Mapping[str, Any] | None]
+              ) -> tuple[Cluster, tuple[ManifestError, ...]]:
+        """The snapshot after `changes`: (kind, key) -> the object now, None
+        when it is gone."""
         touched: set[str] = set()
-        for doc in docs:
-            key = (str(doc.get("kind")), object_key(doc) or "")
-            rv = _rv(doc)
-            hit = self._cache.get(key)
-            if hit is not None and (hit[0] is doc or (rv is not None and hit[1] == rv)):
-                result = hit[2]
-            else:
-                if hit is not None:
-                    touched |= _services_of(hit[2].cluster)
-                result = build_cluster([(doc, SOURCE)], API_RULES)
-                touched |= _services_of(result.cluster)
-                for err in result.errors:
-                    log.error("skipped: %s", err)
-                for err in result.warnings:
-                    log.warning("%s", err)
-            cache[key] = (doc, rv, result)
-            for name in _CLUSTER_MAPS:
-                maps[name].update(getattr(result.cluster, name))
-            errors.extend(result.errors)
-        for key in self._cache.keys() - cache.keys():
-            touched |= _services_of(self._cache[key][2].cluster)
-        self._cache = cache
-        changes = Changes(self._last, frozenset(touched)) if self._last is not None else None
-        cluster = Cluster(**maps, changes=changes)
+        owned: set[str] = set()  # maps copied for this snapshot
+        index = self._index
+        for key, doc in changes.items():
+            if doc is not None and self._same(key, doc):
+                continue
+            old = self._cache.pop(key, None)
+            if old is not None:
+                touched |= _services_of(old[2].cluster)
+                index = self._unmerge(old[2].cluster, owned, index)
+                self._errors.pop(key, None)
+            if doc is None:
+                continue
+            result = build_cluster([(doc, SOURCE)], API_RULES)
+            for err in result.errors:
+                log.error("skipped: %s", err)
+            for err in result.warnings:
+                log.warning("%s", err)
+            touched |= _services_of(result.cluster)
+            index = self._merge(result.cluster, owned, index)
+            if result.errors:
+                self._errors[key] = result.errors
+            self._cache[key] = (doc, _rv(doc), result)
+        self._index = index
+        since = self._last
+        cluster = Cluster(**self._maps, slice_index=index,
+                          changes=Changes(since, frozenset(touched)) if since is not None
+                          else None)
         self._last = cluster.revision
-        return cluster, tuple(errors)
+        return cluster, tuple(e for errs in self._errors.values() for e in errs)
+
+    def _own(self, name: str, owned: set[str]) -> dict[str, Any]:
+        """This snapshot's copy of one map, made on its first change."""
+        if name not in owned:
+            self._maps[name] = dict(self._maps[name])
+            owned.add(name)
+        return self._maps[name]
+
+    def _merge(self, part: Cluster, owned: set[str],
+               index: dict[str, tuple[EndpointSlice, ...]]
+               ) -> dict[str, tuple[EndpointSlice, ...]]:
+        for name in _CLUSTER_MAPS:
+            entries = getattr(part, name)
+            if entries:
+                self._own(name, owned).update(entries)
+        if part.slices:
+            index = dict(index) if index is self._index else index
+            for es in part.slices.values():
+                index[es.service_key] = (*index.get(es.service_key, ()), es)
+        return index
+
+    def _unmerge(self, part: Cluster, owned: set[str],
+                 index: dict[str, tuple[EndpointSlice, ...]]
+                 ) -> dict[str, tuple[EndpointSlice, ...]]:
+        for name in _CLUSTER_MAPS:
+            entries = getattr(part, name)
+            if entries:
+                mine = self._own(name, owned)
+                for k in entries:
+                    mine.pop(k, None)
+        if part.slices:
+            index = dict(index) if index is self._index else index
+            for es in part.slices.values():
+                left = tuple(x for x in index.get(es.service_key, ()) if x.key != es.key)
+                if left:
+                    index[es.service_key] = left
+                else:
+                    index.pop(es.service_key, None)
+        return index
 
 
 def _services_of(objects: Cluster) -> set[str]:
@@ -714,11 +801,11 @@ class KubeSource:
         return True
 
     def poll(self) -> Cluster | None:
-        docs = self.store.take()
-        if docs is None:
+        changes = self.store.take_changes()
+        if changes is None:
             return None
-        cluster, self.errors = self._parsed.build(
-            d for d in docs if d.get("kind") != NODES.kind)  # Nodes feed node() only
+        cluster, self.errors = self._parsed.apply(
+            {k: d for k, d in changes.items() if k[0] != NODES.kind})  # Nodes feed node() only
         return cluster
 
     def programmed(self) -> list[float]:

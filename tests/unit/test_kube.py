@@ -4,6 +4,7 @@ partial lists change nothing), backoff and the Node defaults."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -15,7 +16,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import ProtocolError
 
-from lb.model import Node
+from lb.model import Cluster, Node
 from lb.service import desired
 from lb.sources import kube
 from lb.sources.kube import (
@@ -369,3 +370,51 @@ def test_service_cidrs_join_the_flag_for_the_unallocated_drop() -> None:
                         ({"cidrs": ["10.1.0.0/16", "10.2.0.0/16"]}, "spec.cidrs")):
         bad = build_cluster([({**cidr, "spec": spec}, "t")])
         assert bad.cluster.service_cidrs == {} and bad.errors[0].field == field
+
+
+def test_the_store_changes_applied_one_by_one_equal_a_build_from_every_object() -> None:
+    """The agent's path (Store.take_changes into ParsedObjects.apply) against a fresh
+    build from every object, over 300 random watch events of Services and
+    EndpointSlices (slices moving between services, bad objects among them); each
+    snapshot handed out stays as it was when later ones are built."""
+    rng = random.Random(7)
+    store = Store(("Service", "EndpointSlice"))
+    store.replace("Service", {})
+    store.replace("EndpointSlice", {})
+    parsed = ParsedObjects()
+    mirror: dict[tuple[str, str], dict[str, Any]] = {}
+    kept: list[tuple[Cluster, Cluster]] = []
+    for step in range(300):
+        kind = rng.choice(("Service", "EndpointSlice"))
+        name = f"o{rng.randrange(12)}"
+        if rng.random() < 0.25:
+            obj = store.get(kind, f"default/{name}")
+            if obj is not None:
+                store.apply(kind, "DELETED", obj)
+                del mirror[(kind, name)]
+        else:
+            rv = str(step)
+            if kind == "Service":
+                ip = "bad" if rng.random() < 0.1 else f"10.96.0.{rng.randrange(1, 250)}"
+                obj = {**service(name, rv, ip=ip), "kind": kind, "apiVersion": "v1"}
+            else:
+                obj = {**eslice(name, rv), "kind": kind, "apiVersion": "discovery.k8s.io/v1"}
+                obj["metadata"]["labels"] = {"kubernetes.io/service-name": f"o{rng.randrange(4)}"}
+                obj["endpoints"] = [{"addresses": [f"10.244.1.{rng.randrange(1, 250)}"]}]
+            store.apply(kind, "MODIFIED", obj)
+            mirror[(kind, name)] = obj
+        if rng.random() < 0.5:
+            continue
+        changes = store.take_changes()
+        if changes is None:
+            continue
+        cluster, errors = parsed.apply(changes)
+        whole, whole_errors = ParsedObjects().build(list(mirror.values()))
+        assert cluster == whole and cluster.slice_index is not None
+        assert {k: sorted(s.key for s in v) for k, v in cluster.slice_index.items()} == \
+            {k: sorted(s.key for s in v) for k, v in whole._slices_by_service.items()}
+        assert sorted(map(str, errors)) == sorted(map(str, whole_errors))
+        kept.append((cluster, copy.deepcopy(cluster)))
+    assert len(kept) > 50
+    for handed, as_it_was in kept:
+        assert handed == as_it_was

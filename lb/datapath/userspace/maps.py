@@ -249,6 +249,14 @@ class DictMap(BpfMap):
         return b"".join(bytes(self._data.get(i.to_bytes(self._ksize, sys.byteorder), zero)) + pad
                         for i in range(first, first + count))
 
+    def write_array(self, first: int, values: bytes) -> None:
+        count = len(values) // self._vsize
+        if not self._array or first < 0:
+            raise ValueError(f"slots [{first}, {first + count}) of {self.spec.name}")
+        keys = b"".join(i.to_bytes(self._ksize, sys.byteorder)
+                        for i in range(first, first + count))
+        self.update_batch(keys, values, count)
+
     def update_batch(self, keys: bytes, values: bytes, count: int) -> None:
         if len(keys) < count * self._ksize or len(values) < count * self._vsize:
             raise _error(errno.EINVAL, f"batch update of {self.spec.name}")
