@@ -74,6 +74,9 @@ CHANGE_TIMEOUT = 30.0
 # kube-proxy's iptables mode on iptables-nft takes minutes at 10k services
 # (bench/NOTES.md: iptables-restore of 3k services took about 190 s).
 FIRST_TIMEOUT = 300.0
+# Changes stop being written after this long per proxy (kube-proxy's syncs at 10k take
+# seconds each): the row says how many it took.
+CHANGE_BUDGET = 480.0
 PROXIES = ("xdplb", "kube-proxy nftables", "kube-proxy iptables")
 TRIGGER = "endpoints.kubernetes.io/last-change-trigger-time"
 WRITERS = 8
@@ -549,7 +552,12 @@ def measure(running: Running, api: Api, specs: list[workload.SvcSpec], changes: 
     mark = before[names[0]]
     missed = 0
     n = len(specs)
+    budget_ends = time.monotonic() + CHANGE_BUDGET
+    done = 0
     for k in range(changes):
+        if time.monotonic() > budget_ends:
+            break
+        done += 1
         i = (k * 7919) % n
         specs[i] = workload.with_endpoint_replaced(specs[i], k % ENDPOINTS, k + 1)
         fresh = specs[i].endpoints[k % ENDPOINTS]
@@ -571,7 +579,7 @@ def measure(running: Running, api: Api, specs: list[workload.SvcSpec], changes: 
     ms = [v * 1000 for v in latencies]
     return {
         "first_sync_seconds": first_seconds,
-        "changes": changes, "missed": missed,
+        "changes": done, "missed": missed,
         "latency_ms": {"p50": _quantile(ms, 0.5), "p90": _quantile(ms, 0.9),
                        "p99": _quantile(ms, 0.99), "max": max(ms),
                        "mean": statistics.fmean(ms)} if ms else None,
@@ -580,7 +588,7 @@ def measure(running: Running, api: Api, specs: list[workload.SvcSpec], changes: 
         "own_ms": {"p50": _quantile(own, 0.5), "p99": _quantile(own, 0.99),
                    "changes": len(own)} if own else None,
         "own_sync": histogram_summary(before[names[1]], after[names[1]]),
-        "cpu_seconds_per_change": cpu / changes if changes else None,
+        "cpu_seconds_per_change": cpu / done if done else None,
         "rss_mib": _proc_rss_mib(running.proc.pid),
     }
 
@@ -640,7 +648,7 @@ def run(mode: Mode, sizes: Sequence[int] | None = None, changes: int | None = No
     with contextlib.suppress(FileNotFoundError):
         os.unlink(_LOCK)
     return {"endpoints_per_service": ENDPOINTS, "changes": changes, "gap_seconds": GAP,
-            "rows": rows}
+            "budget_seconds": CHANGE_BUDGET, "rows": rows}
 
 
 def main(mode: Mode) -> dict[str, Any]:
@@ -660,22 +668,22 @@ def _ms(v: float | None) -> str:
 
 
 def markdown(doc: dict[str, Any]) -> list[str]:
+    budget = doc.get("budget_seconds", CHANGE_BUDGET)
     out = ["## Network programming latency against the real kube-proxy", "",
            f"A real API server; one proxy at a time on a fresh lab node, each at its "
-           f"defaults. {doc['changes']} changes, one at a time "
-           f"({doc['gap_seconds']} s apart): one endpoint of one service replaced by a "
-           f"merge patch of its EndpointSlice, timed from the write to the datapath serving "
-           f"the new endpoint (our pinned maps read; kube-proxy's chain listed with `nft` / "
-           f"`iptables -S`: `poll` is what one look costs). "
-           f"`own metric`: each change as the proxy's own network-programming histogram "
-           f"observed it (from the trigger-time annotation to the end of its sync: the "
-           f"histogram's sum, scraped after every change); `sync`: its sync-duration "
-           f"histogram over the changes (bucket bounds). `CPU/change`: the proxy process's "
-           f"CPU time over the changes, per change. kube-proxy's chains are listed with "
-           f"{RulesProbe.interval * 1000:.0f} ms between listings, our maps read every "
-           f"{MapsProbe.interval * 1000:.0f} ms.",
+           f"defaults. {doc['changes']} changes, one at a time ({doc['gap_seconds']} s "
+           f"apart; none begun after {budget:.0f} s of changes): one endpoint of one "
+           f"service replaced by a merge patch of its EndpointSlice, timed from the write "
+           f"to the datapath serving the new endpoint: our pinned maps read every "
+           f"{MapsProbe.interval * 1000:.0f} ms, kube-proxy's chain listed with `nft` / "
+           f"`iptables -S` with {RulesProbe.interval * 1000:.0f} ms between listings "
+           f"(`poll`: what one look costs). `own metric`: each change as the proxy's own "
+           f"network-programming histogram observed it (from the trigger-time annotation to "
+           f"the end of its sync: the histogram's sum, scraped after every change); `sync`: "
+           f"its sync-duration histogram over the changes (bucket bounds). `CPU/change`: the "
+           f"proxy process's CPU time over the changes, per change.",
            "",
-           "| services | proxy | first sync | p50 | p90 | p99 | max | missed | poll | "
+           "| services | proxy | first sync | p50 | p90 | p99 | max | changes (missed) | poll | "
            "own metric p50 / p99 | sync p50 / p99 | CPU/change | RSS |",
            "|" + "---|" * 13]
     for r in doc["rows"]:
@@ -688,7 +696,7 @@ def markdown(doc: dict[str, Any]) -> list[str]:
         out.append(
             f"| {r['services']:,} | {r['proxy']} | {r['first_sync_seconds']:.2f} s | "
             f"{_ms(lat.get('p50'))} ms | {_ms(lat.get('p90'))} ms | {_ms(lat.get('p99'))} ms | "
-            f"{_ms(lat.get('max'))} ms | {r['missed']} | {_ms(r['poll_ms'])} ms | "
+            f"{_ms(lat.get('max'))} ms | {r['changes']} ({r['missed']}) | {_ms(r['poll_ms'])} ms | "
             f"{_ms(own.get('p50'))} / {_ms(own.get('p99'))} ms | "
             f"<= {_ms(sync.get('p50_le_ms'))} / <= {_ms(sync.get('p99_le_ms'))} ms | "
             f"{_ms((r['cpu_seconds_per_change'] or 0) * 1000)} ms | {r['rss_mib']:.0f} MiB |")
