@@ -39,7 +39,7 @@ fuzz: setup
 soak: setup
 	$(PYTEST) -q -s -p no:cacheprovider tests/soak/soak_churn.py
 
-# Every benchmark at full scale (about 80 minutes); writes bench/results and bench/RESULTS.md.
+# Every benchmark at full scale (about 70 minutes); writes bench/results and bench/RESULTS.md.
 bench: setup
 	$(PY) -m bench
 
