@@ -184,6 +184,49 @@ def ours_worker(services: int) -> dict[str, Any]:
     return out
 
 
+def policy_worker() -> dict[str, Any]:
+    """NetworkPolicy programming under POLICIES policies (bench.policy_cost's cluster: 1,000
+    local pods, every one isolated): PolicyWriter.sync, compile and map writes, as the agent
+    runs it on every sync. Its first sync; pods added one at a time to a namespace its
+    policies select (median of CHANGES); a sync for a Service change (a snapshot that keeps
+    the pods, namespaces and policies, as the watch hands it out)."""
+    from bench import policy_cost
+    from lb.datapath.instance import SMALL, policy_writer_for
+    from lb.encoding import ip_text
+    from lb.model import Pod
+    from lb.policy.contents import diff
+
+    cluster, node = policy_cost.cluster(True), policy_cost.NODE
+    out: dict[str, Any] = {"pods": len(cluster.pods), "policies": len(cluster.policies)}
+    with datapath(SMALL, "cpp") as dp:
+        writer = policy_writer_for(dp)
+
+        def sync(c: Any, what: str) -> float:
+            t = time.perf_counter()
+            errors = writer.sync(c, node)
+            took = time.perf_counter() - t
+            if errors:
+                raise BenchError(f"policy, {what}: {errors[:3]}")
+            return took
+
+        out["first_seconds"] = sync(cluster, "first sync")
+        out["endpoints"], out["rules"] = len(writer.current.endpoints), len(writer.current.rules)
+        added, writes = [], []
+        for k in range(CHANGES):
+            pod = Pod("ns3", f"added-{k}", (("pod", "b"),), node.name, (f"10.244.9.{10 + k}",),
+                      ports=policy_cost.PORTS)
+            cluster = replace(cluster, pods={**cluster.pods, pod.key: pod})
+            before = writer.current
+            added.append(sync(cluster, f"pod {pod.key} added"))
+            writes.append(len(diff(before, writer.current)))
+            if pod.ips[0] not in {ip_text(a) for a in writer.current.endpoints}:
+                raise BenchError(f"policy: {pod.key} added but not isolated")
+        out["pod_added_seconds"], out["pod_added_writes"] = median(added), median(writes)
+        out["service_change_seconds"] = median(
+            [sync(replace(cluster, services={}), "a Service change") for _ in range(CHANGES)])
+    return out
+
+
 # -- baselines (worker side) -----------------------------------------------------------------
 
 def _restore(tool: str) -> list[str]:
@@ -283,6 +326,11 @@ def run(mode: Mode, sizes: Sequence[int] | None = None,
             f"{row['sync_seconds']:.2f} s, change {row['change_seconds'] * 1000:.0f} ms "
             f"(sync alone {row['change_sync_seconds'] * 1000:.1f} ms), peak RSS "
             f"{row['peak_rss_programming_kib'] / 1024:.0f} MiB")
+    policy = _worker(["policy"], timeout=1800)
+    log(f"control_plane: policy under {policy['policies']:,} policies: first sync "
+        f"{policy['first_seconds']:.2f} s, one pod added "
+        f"{policy['pod_added_seconds'] * 1000:.0f} ms ({policy['pod_added_writes']} writes), "
+        f"a Service change {policy['service_change_seconds'] * 1000:.2f} ms")
     baselines: list[dict[str, Any]] = []
     for tool in tools:
         points: list[tuple[int, float]] = []
@@ -303,6 +351,7 @@ def run(mode: Mode, sizes: Sequence[int] | None = None,
         "method": {"endpoints_per_service": ENDPOINTS, "changes": CHANGES, "churn": CHURN,
                    "load_cap_seconds": LOAD_CAP},
         "xdplb": ours,
+        "policy": policy,
         "baselines": baselines,
     }
 
@@ -320,12 +369,15 @@ def _worker_main(argv: Sequence[str]) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     o = sub.add_parser("ours")
     o.add_argument("services", type=int)
+    sub.add_parser("policy")
     r = sub.add_parser("rules")
     r.add_argument("tool", choices=TOOLS)
     r.add_argument("services", type=int)
     args = p.parse_args(argv)
     if args.what == "ours":
         out = ours_worker(args.services)
+    elif args.what == "policy":
+        out = policy_worker()
     else:
         out = rules_worker(args.tool, args.services)
     print(json.dumps(out))
@@ -337,4 +389,4 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if sys.argv[1:2] == ["worker"]:
         sys.exit(_worker_main(sys.argv[2:]))
-    sys.exit("usage: python -m bench.control_plane worker {ours|rules} ...")
+    sys.exit("usage: python -m bench.control_plane worker {ours|policy|rules} ...")

@@ -49,6 +49,8 @@ def _ratio(value: float | None) -> str:
 def _secs(value: float | None) -> str:
     if value is None:
         return "n/a"
+    if value < 0.001:
+        return f"{value * 1e6:.0f} µs"
     if value < 1:
         return f"{value * 1000:.0f} ms" if value >= 0.01 else f"{value * 1000:.1f} ms"
     return f"{value:.1f} s"
@@ -409,11 +411,26 @@ def _control_section(doc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
                       [[f"{r['services']:,}", _secs(r["add_service_seconds"]),
                         _secs(r["churn_seconds"]), _secs(r["churn_change_seconds"])]
                        for r in churn])
+    pol = doc.get("policy")
+    if pol:
+        out += ["### xdplb: NetworkPolicy", "",
+                f"`PolicyWriter.sync` (compile, then the map writes that differ) over "
+                f"{pol['pods']:,} pods and {pol['policies']:,} policies (the cluster of "
+                f"`bench/policy_cost.py`: {pol['endpoints']:,} isolated local pods, "
+                f"{pol['rules']:,} rules). One pod added: a pod its namespace's policies "
+                "select, median of "
+                f"{doc['method']['changes']}. A Service change: a snapshot that keeps the "
+                "pods, namespaces and policies, as the watch hands one out.", ""]
+        out += _table(["first sync", "one pod added", "map writes for it",
+                       "a Service change"],
+                      [[_secs(pol["first_seconds"]), _secs(pol["pod_added_seconds"]),
+                        f"{pol['pod_added_writes']:.0f}",
+                        _secs(pol["service_change_seconds"])]])
     out += ["### kube-proxy's rule sets", ""]
     out += _table(["tool", "services", "rules", "load from empty", "one change",
                    "full resync", "tool peak RSS"], rows)
     out += [f"![control plane]({_control_plot(doc)})", ""]
-    return out, {"ours": ours, "base": base}
+    return out, {"ours": ours, "base": base, "policy": pol}
 
 
 # Per-packet targets over the empty program of the same hook (ns): path, hook, goal.
@@ -505,6 +522,13 @@ def _control_targets(cp: dict[str, Any]) -> list[Target]:
                               f"{_secs(change)} (compute + sync), "
                               f"{_secs(r['change_sync_seconds'])} (sync alone)",
                               change < CHANGE_GOAL))
+    pol = cp.get("policy")
+    if pol:
+        took = pol["pod_added_seconds"]
+        out.append(Target(f"one pod added under {pol['policies']:,} policies",
+                          f"under {_secs(CHANGE_GOAL)} (compile + map writes)",
+                          f"{_secs(took)} ({pol['pod_added_writes']:.0f} map writes)",
+                          took < CHANGE_GOAL))
     lost_cp = []
     total_cp = 0
     for b in cp["base"]:

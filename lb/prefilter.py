@@ -66,9 +66,14 @@ class Prefilter:
         """One more holder for each of `members` (repeats count); a bit is
         written when its first member arrives. The words written."""
         dirty = set()
+        refs, first = self._refs, []
         for m in members:
-            self._refs[m] += 1
-            if self._refs[m] == 1 and (w := self._count(m, 1)) is not None:
+            n = refs.get(m, 0) + 1
+            refs[m] = n
+            if n == 1:
+                first.append(m)
+        for bit in self._bits(first):
+            if (w := self._flip(bit, 1)) is not None:
                 dirty.add(w)
         return self._write(dirty)
 
@@ -98,10 +103,18 @@ class Prefilter:
         self.hold(members)
         return self._write(set(self._written))
 
+    def _bits(self, members: list[Member]) -> list[int]:
+        """The bit of each member."""
+        words = self.words
+        return [filter_bit(kind, ip_int(ip), port, words) for kind, ip, port in members]
+
     def _count(self, m: Member, delta: int) -> int | None:
         """Count `m` in or out of its bit: its word when the bit flips."""
-        bit = filter_bit(m[0], ip_int(m[1]), m[2], self.words)
-        before = self._counts[bit]
+        return self._flip(filter_bit(m[0], ip_int(m[1]), m[2], self.words), delta)
+
+    def _flip(self, bit: int, delta: int) -> int | None:
+        """Count a member in or out of `bit`: its word when the bit flips."""
+        before = self._counts.get(bit, 0)
         after = before + delta
         if after > 0:
             self._counts[bit] = after

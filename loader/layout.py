@@ -4,6 +4,7 @@ BPF programs include, so that no layout is written twice."""
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,31 @@ def new(ctype: str, **fields: int) -> Any:
     for key, value in fields.items():
         setattr(obj, key, value)
     return obj
+
+
+_FORMATS = {("primitive", 1): "B", ("primitive", 2): "H", ("primitive", 4): "I",
+            ("primitive", 8): "Q"}
+
+
+def packer(ctype: str, names: tuple[str, ...]) -> struct.Struct:
+    """A struct.Struct that packs `ctype` from the values of its fields `names`, which
+    must be all of them in declaration order (checked: a reordered header fails here, not
+    in the maps). Built from the header's layout (offsets and padding as the compiler lays
+    them out): for writing or reading many entries at once, where a cffi object per entry
+    costs more than the syscall."""
+    fields = ffi.typeof(ctype).fields
+    if tuple(name for name, _ in fields) != names:
+        raise TypeError(f"{ctype} has fields {[name for name, _ in fields]}, not {list(names)}")
+    fmt = "="
+    at = 0
+    for _, f in fields:
+        key = (f.type.kind, ffi.sizeof(f.type))
+        if key not in _FORMATS or f.bitsize != -1:
+            raise TypeError(f"{ctype}: field of type {f.type.cname} cannot be packed")
+        fmt += "x" * (f.offset - at) + _FORMATS[key]
+        at = f.offset + key[1]
+    fmt += "x" * (ffi.sizeof(ctype) - at)
+    return struct.Struct(fmt)
 
 
 def to_bytes(obj: Any) -> bytes:

@@ -250,8 +250,10 @@ class BpfMap:
             raise ValueError(f"slots [{first}, {first + count}) of {self.spec.name}")
         mem = self._memory()
         if mem is not None and first + count <= self._mem_slots:
-            # Each slot is 8 bytes: the value in its low half (little-endian), zero above.
-            mem[8 * first : 8 * (first + count)] = array("Q", array("I", values)).tobytes()
+            # Each slot is 8 bytes: the value in its low half (little-endian), zero above
+            # (never written). A strided view copies in C, one 4-byte store per slot.
+            with memoryview(mem) as raw, raw.cast("I") as view:
+                view[2 * first : 2 * (first + count) : 2] = memoryview(values).cast("I")
             return
         self.update_batch(array("I", range(first, first + count)).tobytes(), values, count)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lb.model import Cluster, Node
-from lb.policy.compiler import CompiledPolicy, compile_policy
+from lb.policy.compiler import CompiledPolicy, compile_policy, inputs, same_inputs
 from lb.policy.contents import (
     MAP_DROPS,
     MAP_ENDPOINTS,
@@ -83,11 +83,17 @@ class PolicyWriter:
         self.current = PolicyMaps()
         self.compiled: CompiledPolicy | None = None
         self.prefilter = Prefilter(maps[MAP_FILTER], self.sizes.filter_words)
+        # What the maps were last made from, and what that compile refused:
+        # a sync for a Service or EndpointSlice change leaves policy alone
+        # (at 1,000 policies a compile takes half a second).
+        self._inputs: tuple[object, ...] | None = None
+        self._refused: list[Refusal] = []
 
     def recover(self) -> int:
         """Adopt what the pinned maps hold, so the first sync after a restart
         removes what no longer applies instead of leaving it behind."""
         self.current = read(self.maps)
+        self._inputs = None
         self.prefilter.recover(_members(self.current.endpoints))
         return len(self.current.endpoints)
 
@@ -96,10 +102,16 @@ class PolicyWriter:
         whole and the maps keep the last good policy (half a policy could
         open what it means to close). Cilium likewise keeps an endpoint's
         last policy when its new one overflows the policy map."""
+        given = inputs(cluster, node)
+        if self._inputs is not None and same_inputs(given, self._inputs):
+            return list(self._refused)
+        # A sync that raises half way is done again in full by the next.
+        self._inputs = None
         new = compile_policy(cluster, node, previous=self.compiled, sizes=self.sizes)
         if new.errors:
             for line in bounded([str(e) for e in new.errors]):
                 log.error("refused %s; the maps keep the previous policy", line)
+            self._inputs, self._refused = given, list(new.errors)
             return list(new.errors)
         drops = self.maps.get(MAP_DROPS)
         if drops is not None:
@@ -122,6 +134,7 @@ class PolicyWriter:
         self.current = new.maps
         self.compiled = new
         self.prefilter.settle(_members(new.maps.endpoints))
+        self._inputs, self._refused = given, []
         return []
 
     def policy_name(self, ident: int) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from types import MappingProxyType
+from typing import NamedTuple
 
 from lb.model import (
     PROTO_NAMES,
@@ -35,8 +36,10 @@ SCOPE_EXTERNAL = const("LB_SCOPE_EXTERNAL")
 SCOPE_INTERNAL = const("LB_SCOPE_INTERNAL")
 
 
-@dataclass(frozen=True, order=True)
-class Frontend:
+# Frontends and backends are NamedTuples, not dataclasses: a sync from empty
+# at 10k services makes and hashes hundreds of thousands of them, and a
+# tuple's hash, order and construction run in C.
+class Frontend(NamedTuple):
     """A services-map key: where clients send, and which clients (scope)."""
 
     ip: str
@@ -49,8 +52,7 @@ class Frontend:
         return f"{self.ip}:{self.port}/{PROTO_NAMES.get(self.proto, self.proto)} ({scope})"
 
 
-@dataclass(frozen=True, order=True)
-class Backend:
+class Backend(NamedTuple):
     ip: str
     port: int
     proto: int

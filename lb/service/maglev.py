@@ -23,6 +23,7 @@ import array
 import hashlib
 import itertools
 import logging
+import struct
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -52,6 +53,9 @@ NATIVE_FILL = Path(__file__).with_name("maglev_fill.so")
 # Domain separation: these hashes are part of the cross-node contract and must not collide
 # by accident with any other use of BLAKE2b on the same strings.
 _HASH_PERSON = b"xdplb-maglev-v1"
+# Keyed once; each name hashes a copy (half the cost of keying per name).
+_HASH_BASE = hashlib.blake2b(digest_size=16, person=_HASH_PERSON)
+_TWO_U64 = struct.Struct("<QQ")
 
 
 def table_size(n_backends: int, smallest: int = TABLE_SIZES[0]) -> int:
@@ -106,8 +110,10 @@ def name_hashes(name: str) -> tuple[int, int]:
     Both halves of one keyed BLAKE2b digest of the UTF-8 name, read little-endian.  Stable
     across processes, machines and Python versions.
     """
-    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=16, person=_HASH_PERSON).digest()
-    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+    h = _HASH_BASE.copy()
+    h.update(name.encode("utf-8"))
+    h1, h2 = _TWO_U64.unpack(h.digest())
+    return h1, h2
 
 
 def permutation_params(name: str, size: int) -> tuple[int, int]:
@@ -153,16 +159,16 @@ def populate_array(backends: Sequence[str], size: int,
     for a, b in itertools.pairwise(order):
         if backends[a] == backends[b]:
             raise ValueError(f"duplicate backend name {backends[a]!r}")
-    offsets: list[int] = []
-    skips: list[int] = []
+    offsets, skips = array.array("I"), array.array("I")
     for i in order:
         offset, skip = _params(backends[i], size)
         offsets.append(offset)
         skips.append(skip)
-    turn_labels = [labels[i] for i in order] if labels is not None else order
+    turn_labels = array.array("I", [labels[i] for i in order] if labels is not None else order)
     native = native_fill()
     if native is None:
-        return array.array("I", _fill(turn_labels, offsets, skips, size))
+        return array.array("I", _fill(turn_labels.tolist(), offsets.tolist(), skips.tolist(),
+                                      size))
     return _native_fill(native, turn_labels, offsets, skips, size)
 
 
@@ -180,11 +186,12 @@ def native_fill() -> tuple[cffi.FFI, Any] | None:
         return None
 
 
-def _native_fill(native: tuple[cffi.FFI, Any], labels: list[int], offsets: list[int],
-                 skips: list[int], size: int) -> array.array[int]:
+def _native_fill(native: tuple[cffi.FFI, Any], labels: array.array[int],
+                 offsets: array.array[int], skips: array.array[int],
+                 size: int) -> array.array[int]:
     ffi, lib = native
     entry = array.array("I", bytes(4 * size))
-    args = [ffi.from_buffer("uint32_t[]", array.array("I", a)) for a in (offsets, skips, labels)]
+    args = [ffi.from_buffer("uint32_t[]", a) for a in (offsets, skips, labels)]
     if lib.xdplb_maglev_fill(*args, len(labels), size, ffi.from_buffer("uint32_t[]", entry)):
         raise MemoryError(f"no memory for a Maglev table of {size} slots")
     return entry

@@ -56,6 +56,10 @@ from loader.maps import BpfMap
 log = logging.getLogger(__name__)
 
 CLUSTER_IP = layout.const("LB_SVC_CLUSTER_IP")
+_LOCAL = layout.const("LB_BACKEND_LOCAL")
+_TERMINATING = layout.const("LB_BACKEND_TERMINATING")
+# lb_backends' values, packed and unpacked in bulk.
+_BACKEND = layout.packer("struct lb_backend", ("addr", "port", "proto", "flags", "group_id"))
 _K = TypeVar("_K")
 
 BackendKey = tuple[int, str, int, int]  # group id, ip, port, proto
@@ -213,11 +217,13 @@ class Reconciler:
             # Tables of one key in separate ranges (written apart before) stay
             # apart; one of them is found by key.
             self.tables.setdefault(t.key, t)
-        for bid, b in self.maps["lb_backends"].items():
-            if b.addr == 0:
+        # The whole array in one batch: one lookup per slot is 131,072
+        # syscalls at the sizes of 10k services.
+        raw = self.maps["lb_backends"].read_array(0, self.backend_ids.limit)
+        for bid, (addr, port, proto, flags, gid) in enumerate(_BACKEND.iter_unpack(raw)):
+            if addr == 0:
                 continue
-            key = (b.group_id, ip_str(b.addr), port_host(b.port), b.proto)
-            self.backends[key] = (bid, b.flags)
+            self.backends[(gid, ip_str(addr), port_host(port), proto)] = (bid, flags)
             self.backend_ids.claim(bid)
         vip_keys, cidr_keys, range_keys = (
             self.maps[m].keys() for m in ("lb_vips", "lb_svc_cidrs", "lb_source_ranges"))
@@ -272,11 +278,11 @@ class Reconciler:
         pending = list(_members_of(changed.values()))
         self.prefilter.hold(pending)
         self._ensure_groups(changed, touched)
-        self._write_backends(changed, res, touched)
-        self._plan_tables(changed)
+        keys = self._write_backends(changed, res, touched)
+        self._plan_tables(changed, keys)
         for f, e in changed.items():
             try:
-                self._write_entry(f, e, res, touched)
+                self._write_entry(f, e, keys.get(f, ()), res, touched)
             except (Exhausted, BpfError, ValueError) as err:
                 self._retry_frontends.add(f)
                 stays = "keeps its previous entry" if f in self.applied else "not programmed"
@@ -435,19 +441,24 @@ class Reconciler:
             touched.groups.add(gid)
 
     def _write_backends(self, entries: dict[Frontend, FrontendEntry], res: SyncResult,
-                        touched: Touched) -> None:
+                        touched: Touched) -> dict[Frontend, tuple[BackendKey, ...]]:
+        """Give every backend of `entries` its id and lb_backends entry; returns, per
+        frontend whose group has an id, the keys of its backends then its draining ones."""
         # Collected and written in one batch: a sync from empty writes
         # every backend, and a syscall each would dominate it.
-        writes: list[tuple[int, Backend, int, int]] = []
+        ids, values = array.array("I"), bytearray()
         new: list[Member] = []  # keys new to lb_backends: each holds its bit
-        for e in entries.values():
+        keys_of: dict[Frontend, tuple[BackendKey, ...]] = {}
+        have_of, pack = self.backends.get, _BACKEND.pack
+        for f, e in entries.items():
             gid = self.groups.get(e.group)
             if gid is None:
                 continue
-            for b in (*e.backends, *e.draining):
-                key = (gid, b.ip, b.port, b.proto)
-                flags = _backend_flags(b)
-                have = self.backends.get(key)
+            members = e.backends + e.draining if e.draining else e.backends
+            keys = keys_of[f] = tuple([(gid, b.ip, b.port, b.proto) for b in members])
+            for b, key in zip(members, keys, strict=True):
+                flags = (_LOCAL if b.local else 0) | (_TERMINATING if b.terminating else 0)
+                have = have_of(key)
                 if have and have[1] == flags:
                     continue
                 try:
@@ -455,26 +466,24 @@ class Reconciler:
                 except Exhausted:
                     # Its frontends are refused, and reported, in _write_entry.
                     continue
-                writes.append((bid, b, flags, gid))
+                ids.append(bid)
+                values += pack(ip_be(b.ip), port_be(b.port), b.proto, flags, gid)
                 self.backends[key] = (bid, flags)
                 # Unused at the end (its frontend refused): cleared again.
                 touched.backends.add(key)
                 if not have:
                     new.append((BACKEND, b.ip, b.port))
                     res.backends_added += 1
-        if not writes:
-            return
-        values = layout.ffi.new("struct lb_backend[]", len(writes))
-        for v, (_, b, flags, gid) in zip(values, writes, strict=True):
-            v.addr, v.port, v.proto = ip_be(b.ip), port_be(b.port), b.proto
-            v.flags, v.group_id = flags, gid
-        keys = array.array("I", (w[0] for w in writes))
-        self.maps["lb_backends"].update_batch(keys.tobytes(), bytes(layout.ffi.buffer(values)),
-                                              len(writes))
-        self._arrive += new
+        if ids:
+            self.maps["lb_backends"].update_batch(ids.tobytes(), bytes(values), len(ids))
+            self._arrive += new
+        return keys_of
 
-    def _usable(self, e: FrontendEntry, gid: int) -> list[tuple[Backend, int]]:
-        named = [(b, self.backends.get((gid, b.ip, b.port, b.proto))) for b in e.backends]
+    def _usable(self, e: FrontendEntry, keys: tuple[BackendKey, ...]
+                ) -> list[tuple[Backend, int]]:
+        have_of = self.backends.get
+        # `keys` go on with the draining backends, which no new flow may choose.
+        named = [(b, have_of(k)) for b, k in zip(e.backends, keys, strict=False)]
         usable = [(b, have[0]) for b, have in named if have]
         if len(usable) < len(named):
             # Half a backend set would overload the half that got in.
@@ -483,7 +492,8 @@ class Reconciler:
                             "lb_backends")
         return usable
 
-    def _plan_tables(self, changed: dict[Frontend, FrontendEntry]) -> None:
+    def _plan_tables(self, changed: dict[Frontend, FrontendEntry],
+                     keys: dict[Frontend, tuple[BackendKey, ...]]) -> None:
         """Find the tables whose users all leave for one new backend set: each
         is rewritten in place for that set (when its size holds it)."""
         leaving: dict[Table, set[TableKey]] = {}
@@ -494,7 +504,7 @@ class Reconciler:
             if old is None or old.table is None or gid != old.group_id:
                 continue
             try:
-                key = (gid, tuple(sorted(bid for _, bid in self._usable(e, gid))))
+                key = (gid, tuple(sorted(bid for _, bid in self._usable(e, keys[f]))))
             except Exhausted:
                 continue
             if key != old.table.key and key[1]:
@@ -503,8 +513,8 @@ class Reconciler:
         self._inherit = {next(iter(keys)): t for t, keys in leaving.items()
                          if len(keys) == 1 and moves[t] == t.users}
 
-    def _write_entry(self, f: Frontend, e: FrontendEntry, res: SyncResult,
-                     touched: Touched) -> None:
+    def _write_entry(self, f: Frontend, e: FrontendEntry, keys: tuple[BackendKey, ...],
+                     res: SyncResult, touched: Touched) -> None:
         gid = self.groups.get(e.group)
         if gid is None:
             raise Exhausted(f"all {self.group_ids.limit - 1} service-port ids are in use",
@@ -517,9 +527,8 @@ class Reconciler:
             self.frontend_ids[fa] = sid
             touched.frontends.add(fa)  # unused at the end (refused): freed again
         sid = self.frontend_ids[fa]
-        usable = self._usable(e, gid)
+        usable = self._usable(e, keys)
         bids = tuple(sorted(bid for _, bid in usable))
-        keys = tuple((gid, b.ip, b.port, b.proto) for b in (*e.backends, *e.draining))
         old = self.applied.get(f)
         if (old is not None and old.backend_ids == bids and old.group_id == gid
                 and old.flags == e.flags and old.svc_id == sid
@@ -666,13 +675,6 @@ def _lpm4(cidr: str) -> object:
 def _range_key(svc_id: int, cidr: str) -> object:
     net = ipaddress.IPv4Network(cidr)
     return source_range_key(svc_id, str(net.network_address), net.prefixlen)
-
-
-def _backend_flags(b: Backend) -> int:
-    flags = layout.const("LB_BACKEND_LOCAL") if b.local else 0
-    if b.terminating:
-        flags |= layout.const("LB_BACKEND_TERMINATING")
-    return flags
 
 
 def _members_of(entries: Iterable[FrontendEntry]) -> Iterator[Member]:

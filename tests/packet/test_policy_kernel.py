@@ -28,7 +28,7 @@ from lb.datapath.instance import (
     policy_writer_for,
     reconciler_for,
 )
-from lb.encoding import ip_text
+from lb.encoding import ip_int, ip_text
 from lb.inspect import packets
 from lb.inspect.trace import TC_ACT_SHOT, TO_POD, Probe, Tracer
 from lb.model import Cluster, Node
@@ -375,6 +375,29 @@ def test_drop_counter_of_a_reused_policy_id_starts_at_zero(kernel: KernelNode) -
 
 
 # --- `lbctl maps policy` -------------------------------------------------------------------
+
+
+def test_policy_is_compiled_again_only_when_what_it_reads_changed(kernel: KernelNode) -> None:
+    deny = netpol("x", "deny", policyTypes=["Ingress"])
+    cluster = matrix_cluster(deny)
+    kernel.program(cluster)
+    compiled = kernel.policy.compiled
+    assert compiled is not None and ip_int(XA) in compiled.maps.endpoints
+    # A Service change (a snapshot sharing the pods, namespaces and policies), and the
+    # same objects parsed anew: the maps stay as they are, nothing is compiled.
+    kernel.program(replace(cluster, services={}))
+    kernel.program(matrix_cluster(deny))
+    assert kernel.policy.compiled is compiled
+    # A new pod in the isolated namespace is compiled, written, and isolated.
+    new_ip = "10.244.0.99"
+    assert new_ip not in MATRIX_IP.values()
+    grown = replace(cluster, pods={**cluster.pods, **upstream.load(
+        upstream.pod("x", "d", new_ip, ports=upstream.MATRIX_PORTS)).pods})
+    tracer = kernel.program(grown)
+    assert kernel.policy.compiled is not compiled
+    assert ip_int(new_ip) in kernel.policy.current.endpoints
+    assert line(tracer, XB, 48000, new_ip, 80, "TCP") == "DROP policy x/deny"
+    assert line(tracer, XB, 48000, XA, 80, "TCP") == "DROP policy x/deny"
 
 
 def test_policy_view_reads_back_what_the_compiler_wrote(kernel: KernelNode) -> None:
