@@ -61,6 +61,7 @@ from typing import Any
 
 from bench import workload
 from bench.common import REPO, BenchError, Mode, log, write_result
+from lab import processes
 
 NAME = "programming"
 SIZES = (1_000, 10_000)
@@ -183,7 +184,9 @@ class Forward:
         self.target = target
         self._listener = call_in(netns, self._listen)
         self.port = int(self._listener.getsockname()[1])
-        self._open: list[socket.socket] = []
+        # The sockets of connections still open; a pair leaves once both ways ended.
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
         self._stop = False
         threading.Thread(target=self._accept, daemon=True, name="forward").start()
 
@@ -205,24 +208,33 @@ class Forward:
             except OSError:
                 inner.close()
                 continue
-            self._open += [inner, outer]
+            with self._lock:
+                self._open |= {inner, outer}
+            ended = [0]  # directions of this pair that have ended
             for a, b in ((inner, outer), (outer, inner)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b, ended), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, ended: list[int]) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
                 dst.sendall(data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
+        with self._lock:
+            ended[0] += 1
+            if ended[0] == 2:
+                for s in (src, dst):
+                    s.close()
+                    self._open.discard(s)
 
     def close(self) -> None:
         self._stop = True
         self._listener.close()
-        for s in self._open:
-            with contextlib.suppress(OSError):
-                s.close()
+        with self._lock:
+            for s in self._open:
+                with contextlib.suppress(OSError):
+                    s.close()
+            self._open.clear()
 
 
 # -- what each proxy programmed ------------------------------------------------------------
@@ -412,9 +424,14 @@ class Running:
     log: Path
 
     def alive(self) -> None:
-        if self.proc.poll() is not None:
-            tail = self.log.read_text(errors="replace").splitlines()[-30:]
-            raise BenchError(f"the proxy exited ({self.proc.returncode}):\n" + "\n".join(tail))
+        _alive(self.proc, self.log)
+
+
+def _alive(proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Raise, with the end of its log, if the proxy has exited."""
+    if proc.poll() is not None:
+        tail = log_path.read_text(errors="replace").splitlines()[-30:]
+        raise BenchError(f"the proxy exited ({proc.returncode}):\n" + "\n".join(tail))
 
 
 def _maps_sizes(services: int) -> list[str]:
@@ -455,24 +472,22 @@ def run_ours(topo: Any, node_name: str, kubeconfig: Path, services: int,
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
                 return str(r.read().decode())
 
-        running = Running(proc, Probe(), scrape, ("xdplb_network_programming_duration_seconds",
-                                                  "xdplb_sync_duration_seconds"), log_path)
         # The maps exist once the programs are loaded and pinned.
         deadline = time.monotonic() + 120
         while probe is None:
-            running.alive()
+            _alive(proc, log_path)
             try:
                 probe = MapsProbe(instance)
             except Exception:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        running.probe = probe
-        yield running
+        yield Running(proc, probe, scrape, ("xdplb_network_programming_duration_seconds",
+                                            "xdplb_sync_duration_seconds"), log_path)
     finally:
         if probe is not None:
             probe.close()
-        _stop(proc)
+        processes.stop(proc, 20)
         subprocess.run([sys.executable, "-m", "lb.cli", "down", "--instance", instance],
                        capture_output=True, check=False, timeout=60, cwd=REPO)
 
@@ -515,17 +530,7 @@ conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeo
                       ("kubeproxy_network_programming_duration_seconds",
                        "kubeproxy_sync_proxy_rules_duration_seconds"), log_path)
     finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        processes.stop(proc, 20)
 
 
 def _quantile(values: Sequence[float], q: float) -> float:

@@ -18,6 +18,7 @@ from lb.datapath.instance import pin_dir_of
 from loader import layout
 from loader.maps import BpfMap
 
+from . import processes
 from .topology import LabError, Node, Topology
 
 # What the agent logs when its incremental desired state was wrong (lb/agent/loop.py).
@@ -76,14 +77,7 @@ class LabAgent:
 
     def stop(self) -> int | None:
         """SIGTERM, as the kubelet does; the programs and pins stay."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return None if self.proc is None else processes.stop(self.proc)
 
     def down(self) -> None:
         """Stop, then remove every program and pin (`lbctl down`)."""

@@ -9,15 +9,14 @@ are attached to, inside the node's network namespace."""
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from lab import processes
 from lab.topology import LabError, Node, Topology
 
 NGINX_PORT = 80
@@ -85,14 +84,7 @@ def host_network_nginx(topo: Topology, node: Node, cgroup: Path, upstream: str,
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """nginx's master and workers: its own process group (start_new_session)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
+    processes.stop(proc, 5, group=True)
 
 
 def _wait_listening(topo: Topology, node: Node, proc: subprocess.Popen[bytes], prefix: Path,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -68,7 +69,16 @@ def write_sysctl(netns: str | None, name: str, value: str) -> None:
 
 
 def iproute(netns: str | None) -> Any:
-    """A pyroute2 IPRoute bound to `netns` (or to this namespace)."""
+    """A pyroute2 IPRoute bound to `netns` (or to this namespace), to be used by the
+    calling thread (pyroute2 opens a socket per thread; given one, it wraps that)."""
     from pyroute2 import IPRoute
 
-    return IPRoute(netns=netns) if netns else IPRoute()
+    if not netns:
+        return IPRoute()
+    # Not IPRoute(netns=...): pyroute2 0.9 opens that socket in a child it forks
+    # (config.child_process_mode "fork"), and a fork of the multithreaded agent can
+    # hang in the child on a lock another thread held; such a child outlived the
+    # agent once, holding its instance lock. A thread in the namespace opens it here.
+    sock = call_in(netns, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM,
+                                                socket.NETLINK_ROUTE))
+    return IPRoute(fileno=sock.detach())

@@ -7,12 +7,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 from pathlib import Path
 from typing import Any
 
 from lb.datapath import sockdiag
 from lb.datapath.attach import detach_cgroup
+from lb.datapath.netns import call_in
 from lb.encoding import ip_str, port_host
 from loader import layout, libbpf
 from loader.build import Datapath
@@ -60,29 +60,12 @@ def resolve_cgroup(value: str) -> Path:
 
 def netns_cookie(netns: str | None = None) -> int:
     """The cookie of a named network namespace (or this process's own), read
-    from a socket opened there by a short-lived thread: setns moves only the
-    calling thread."""
-    result: list[int] = []
-    errors: list[BaseException] = []
+    from a socket opened there."""
+    def probe() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
 
-    def probe() -> None:
-        try:
-            if netns:
-                from pyroute2 import netns as pns
-
-                pns.setns(netns)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
-                result.append(int.from_bytes(raw, "little"))
-        except BaseException as e:
-            errors.append(e)
-
-    t = threading.Thread(target=probe)
-    t.start()
-    t.join()
-    if errors:
-        raise errors[0]
-    return result[0]
+    return call_in(netns, probe)
 
 
 def prog_id(fd: int) -> int:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from lab import processes
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "tools" / "k8s-build.sh"
 
@@ -427,14 +429,8 @@ class ControlPlane:
 
     def _stop(self, name: str, *, kill: bool = False, grace: float = 15.0) -> None:
         proc = self._procs.pop(name, None)
-        if proc is None or proc.popen.poll() is not None:
-            return
-        proc.popen.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            proc.popen.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.popen.kill()
-            proc.popen.wait(timeout=grace)
+        if proc is not None:
+            processes.stop(proc.popen, grace, first=signal.SIGKILL if kill else signal.SIGTERM)
 
     def _failure(self, name: str, why: str) -> ControlPlaneError:
         return ControlPlaneError(
