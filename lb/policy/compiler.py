@@ -700,11 +700,11 @@ def _pod_rules(direction: int, ranks: list[int], pids: dict[int, int],
                prepared: dict[tuple[int, int], list[_Rule]], pod: Pod,
                by_name: dict[tuple[str, str], dict[int, set[int]]],
                intern: Callable[[tuple[PortRange, ...]], int],
-               norm: Callable[[list[Tagged]], tuple[PortRange, ...]] = normalize
+               norm: Callable[[list[Tagged]], tuple[PortRange, ...]]
                ) -> tuple[int | None, dict[int, int]]:
     """The port-set slots of one local pod's direction: for identity 0 (the
     rules for every peer; None when there are none) and for each identity
-    whose ports differ from those."""
+    whose ports differ from those. `norm` is normalize, or a memo of it."""
     any_tagged: list[Tagged] = []
     per_identity: dict[int, list[Tagged]] = defaultdict(list)
     for rank in ranks:

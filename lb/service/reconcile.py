@@ -121,7 +121,8 @@ class Touched:
     groups: set[int] = field(default_factory=set)
     backends: set[BackendKey] = field(default_factory=set)
     vips: set[str] = field(default_factory=set)
-    ranges: dict[int, FrontendAddr] = field(default_factory=dict)  # svc_id -> its frontend
+    # svc_id -> its frontend; None: an id with ranges and no frontend any more.
+    ranges: dict[int, FrontendAddr | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -178,7 +179,8 @@ class Reconciler:
         self.backend_users: Counter[BackendKey] = Counter()
         self.vip_users: Counter[str] = Counter()
         self.service_users: Counter[str] = Counter()  # namespace/name -> entries
-        self._group_names: dict[int, str] = {}
+        # Service-port id -> its group; None: adopted from the pins, not named since.
+        self._group_names: dict[int, str | None] = {}
         # The state the maps were last synced to, for the next one's delta.
         self._synced: object | None = None
         # Refused last time: looked at again on every sync until they fit.
@@ -205,7 +207,7 @@ class Reconciler:
             self.applied[f] = Applied(v.svc_id, v.group_id, table, v.flags,
                                       v.affinity_timeout, table.key[1] if table else ())
             self._recovered_groups[f] = v.group_id
-            self._group_names.setdefault(v.group_id, "")
+            self._group_names.setdefault(v.group_id, None)
             fa = (f.ip, f.port, f.proto)
             if fa not in self.frontend_ids:
                 self.frontend_ids[fa] = v.svc_id
@@ -301,7 +303,7 @@ class Reconciler:
 
     def _everything(self) -> Touched:
         """A full pass looks at every shared resource there is."""
-        ranges = {sid: ("", 0, 0) for sid in self.ranges}  # no frontend: none wanted
+        ranges: dict[int, FrontendAddr | None] = dict.fromkeys(self.ranges)
         ranges |= {sid: fa for fa, sid in self.frontend_ids.items()}
         return Touched(set(self.frontend_ids), {*self.groups.values(), *self._group_names},
                        set(self.backends), self.vips | set(self.vip_users), ranges)
@@ -400,7 +402,7 @@ class Reconciler:
         rmap = self.maps["lb_source_ranges"]
         for sid, fa in sorted(touched.ranges.items()):
             need: set[str] = set()
-            if self.frontend_ids.get(fa) == sid:
+            if fa is not None and self.frontend_ids.get(fa) == sid:
                 for f in self.by_addr.get(fa, ()):
                     e = self.applied[f].entry
                     # Adopted from the pins and not written since: what they hold.
@@ -428,8 +430,8 @@ class Reconciler:
             if e.group in self.groups:  # another frontend of the same group came first
                 continue
             old = self._recovered_groups.get(f)
-            if old is not None and self._group_names.get(old) == "":  # adopted, unnamed
-                gid = old
+            if old is not None and old in self._group_names and self._group_names[old] is None:
+                gid = old  # adopted from the pins, and its group is this one
             else:
                 # When ids run out its frontends are refused, and reported, one by one.
                 try:
@@ -648,9 +650,8 @@ class Reconciler:
             res.backends_removed += 1
         for gid in sorted(g for g in touched.groups
                           if g not in self.group_users and g in self._group_names):
-            # "": adopted from the pins and not named since.
             name = self._group_names.pop(gid)
-            if self.groups.get(name) == gid:
+            if name is not None and self.groups.get(name) == gid:
                 del self.groups[name]
             self._quarantine.append(("group", gid, 0))
 
