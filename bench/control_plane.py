@@ -190,7 +190,7 @@ def ours_worker(services: int) -> dict[str, Any]:
 
 
 def policy_worker() -> dict[str, Any]:
-    """NetworkPolicy programming under POLICIES policies (bench.policy_cost's cluster: 1,000
+    """NetworkPolicy programming in bench.policy_cost's cluster (1,000 policies over 1,000
     local pods, every one isolated): PolicyWriter.sync, compile and map writes, as the agent
     runs it on every sync. Its first sync; pods added one at a time to a namespace its
     policies select (median of CHANGES); a sync for a Service change (a snapshot that keeps
@@ -334,7 +334,7 @@ def run(mode: Mode, sizes: Sequence[int] | None = None,
     policy = _worker(["policy"], timeout=1800)
     log(f"control_plane: policy under {policy['policies']:,} policies: first sync "
         f"{policy['first_seconds']:.2f} s, one pod added "
-        f"{policy['pod_added_seconds'] * 1000:.0f} ms ({policy['pod_added_writes']} writes), "
+        f"{policy['pod_added_seconds'] * 1000:.0f} ms ({policy['pod_added_writes']:.0f} writes), "
         f"a Service change {policy['service_change_seconds'] * 1000:.2f} ms")
     baselines: list[dict[str, Any]] = []
     for tool in tools:
