@@ -17,15 +17,16 @@ def stop(proc: subprocess.Popen[Any], grace: float = 15.0, *, group: bool = Fals
     the leader is gone."""
     if proc.poll() is not None and not group:
         return proc.returncode
-    _send(proc, first, group)
+    send(proc, first, group)
     try:
         return proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
-        _send(proc, signal.SIGKILL, group)
+        send(proc, signal.SIGKILL, group)
         return proc.wait(timeout=grace)
 
 
-def _send(proc: subprocess.Popen[Any], sig: int, group: bool) -> None:
+def send(proc: subprocess.Popen[Any], sig: int, group: bool = False) -> None:
+    """`sig` to the child (or its process group); nothing if it is gone."""
     with contextlib.suppress(ProcessLookupError):
         if group:
             os.killpg(proc.pid, sig)

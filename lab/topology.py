@@ -29,7 +29,6 @@ Choices that matter for a BPF datapath:
 from __future__ import annotations
 
 import atexit
-import contextlib
 import hashlib
 import ipaddress
 import itertools
@@ -46,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal, Protocol
+
+from lab import processes
 
 Wiring = Literal["ptp", "bridge"]
 WIRINGS: tuple[Wiring, ...] = ("ptp", "bridge")
@@ -618,15 +619,13 @@ class Topology:
         live = [p for p in procs if p.poll() is None]
         for p in live:
             # The group id is the pid (start_new_session); signalling it reaches forked workers.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
+            processes.send(p, signal.SIGTERM, group=True)
         deadline = time.monotonic() + grace
         for p in live:
             try:
                 p.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
+                processes.send(p, signal.SIGKILL, group=True)
                 p.wait()
         for p in procs:
             for stream in (p.stdout, p.stderr):

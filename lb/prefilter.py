@@ -110,7 +110,7 @@ class Prefilter:
 
     def _count(self, m: Member, delta: int) -> int | None:
         """Count `m` in or out of its bit: its word when the bit flips."""
-        return self._flip(filter_bit(m[0], ip_int(m[1]), m[2], self.words), delta)
+        return self._flip(self._bits([m])[0], delta)
 
     def _flip(self, bit: int, delta: int) -> int | None:
         """Count a member in or out of `bit`: its word when the bit flips."""
