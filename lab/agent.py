@@ -21,7 +21,8 @@ from loader.maps import BpfMap
 from . import processes
 from .topology import LabError, Node, Topology
 
-# What the agent logs when its incremental desired state was wrong (lb/agent/loop.py).
+# What the agent logs when its incremental desired state, or a policy compile that
+# reused the previous one's rules, was wrong (lb/agent/loop.py, lb/policy/kernel.py).
 DRIFT = "computed incrementally differ from a full recompute"
 
 
@@ -95,7 +96,7 @@ class LabAgent:
         return self.start()
 
     def drift(self) -> list[str]:
-        """Log lines of syncs whose incremental desired state was wrong."""
+        """Log lines of syncs whose incremental desired state or policy was wrong."""
         return [line for line in self.lines if DRIFT in line]
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
@@ -125,8 +126,8 @@ def agents_on(topo: Topology, files: Sequence[Path], *, extra: Sequence[str] = (
 
 
 def check_drift(agents: Sequence[LabAgent]) -> None:
-    """Raise when any agent's incremental desired state was ever wrong."""
+    """Raise when any agent's incremental desired state or policy was ever wrong."""
     drift = [line for agent in agents for line in agent.drift()]
     if drift:
-        raise LabError("the incremental desired state differed from a full recompute:\n"
+        raise LabError("incremental state differed from a full recompute:\n"
                        + "\n".join(drift))

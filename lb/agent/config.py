@@ -39,5 +39,6 @@ class AgentConfig:
     # --maglev-min-table-size: the smallest Maglev table (lb/service/maglev.py).
     min_table_size: int = TABLE_SIZES[0]
     # --incremental-check-period: how often the desired state kept by the
-    # memo is compared with a full recompute (0: every sync).
+    # memo, and a policy compile that reused rules, are compared with full
+    # ones (0: every sync).
     incremental_check_period: float = INCREMENTAL_CHECK_PERIOD

@@ -127,11 +127,13 @@ class Agent:
             self._last_cluster = cluster
             self.metrics.health.node_eligible = node.eligible
             self.metrics.policies_read(cluster)
-            state = self._desired(cluster, node)
+            check = self._check_due()
+            state = self._desired(cluster, node, check)
             res = self.reconciler.sync(state)
             for line in bounded(res.errors):
                 log.error("refused %s", line)
-            res.refusals += self.policy.sync(cluster, node)
+            res.refusals += self.policy.sync(cluster, node, check)
+            self.metrics.policy_drift.inc(self.policy.drifted)
             self.health.update(health_checks(cluster, state))
             if self.cgroup:
                 try:
@@ -154,14 +156,20 @@ class Agent:
                  res.backends_added, res.backends_removed, len(res.refusals))
         return True
 
-    def _desired(self, cluster: Cluster, node: Node) -> desired.DesiredState:
-        """The desired state, recomputed for the services whose objects
-        changed; now and then also in full, to prove the memo right."""
-        state = desired.compute(cluster, node, self.memo)
-        period = self.config.incremental_check_period
-        if time.monotonic() - self._full_checked < period:
-            return state
+    def _check_due(self) -> bool:
+        """Whether this sync proves the incremental work right (the desired
+        state's memo, the policy compile's reuse) against a full one."""
+        if time.monotonic() - self._full_checked < self.config.incremental_check_period:
+            return False
         self._full_checked = time.monotonic()
+        return True
+
+    def _desired(self, cluster: Cluster, node: Node, check: bool) -> desired.DesiredState:
+        """The desired state, recomputed for the services whose objects
+        changed; when `check`, also in full, to prove the memo right."""
+        state = desired.compute(cluster, node, self.memo)
+        if not check:
+            return state
         full = desired.compute(cluster, node)
         differ = desired.drift(state, full)
         if not differ:

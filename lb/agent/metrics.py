@@ -308,6 +308,10 @@ class Metrics:
             "xdplb_desired_state_drift", "Frontend entries the incremental desired state "
             "had wrong, found by the periodic full recompute (--incremental-check-period); "
             "anything but 0 is a bug", registry=r)
+        self.policy_drift = Counter(
+            "xdplb_policy_drift", "Policy map entries a compile that reused the previous "
+            "one's rules had wrong, found by the periodic whole compile "
+            "(--incremental-check-period); anything but 0 is a bug", registry=r)
         self.frontend_changes = Counter("xdplb_frontend_changes", "Frontends written by "
                                         "syncs, by operation.", ["op"], registry=r)
         self.refused_total = Counter(

@@ -178,10 +178,11 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--incremental-check-period", type=float,
                    default=INCREMENTAL_CHECK_PERIOD,
                    metavar="SECONDS",
-                   help="a sync recomputes only the services whose objects changed; this "
-                        "often one also recomputes everything and counts what differs in "
-                        "xdplb_desired_state_drift_total, which must stay 0 (0: every sync; "
-                        "default %(default)s)")
+                   help="a sync recomputes only the services whose objects changed, and "
+                        "compiles policy only for the pods whose rules changed; this often "
+                        "one also does both in full and counts what differs in "
+                        "xdplb_desired_state_drift_total and xdplb_policy_drift_total, which "
+                        "must stay 0 (0: every sync; default %(default)s)")
     r.add_argument("--kubernetes", action="store_true",
                    help="watch the API server (in-cluster, or --kubeconfig / $KUBECONFIG); "
                         "--node-name defaults to the hostname, --node-ip to the Node's "

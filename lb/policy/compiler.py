@@ -50,7 +50,7 @@ import functools
 import heapq
 import ipaddress
 import itertools
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -83,6 +83,7 @@ from lb.policy.contents import (
     PEER_HOST,
     PORTS_PER_SET,
     EndpointEntry,
+    MapChanges,
     PeerEntry,
     PolicyDiff,
     PolicyMaps,
@@ -120,6 +121,33 @@ class PeerClass:
 
 EMPTY_CLASS = PeerClass()
 
+# What one local pod's rules in one direction are computed from besides the
+# context of the whole compile: (direction, isolating ranks, its named ports
+# when they matter).
+PodRulesKey = tuple[int, tuple[int, ...], tuple[Any, ...]]
+# Its port-set slots: for identity 0 (None: none) and per identity.
+PodRules = tuple[int | None, dict[int, int]]
+
+
+@dataclass(frozen=True)
+class RuleMemo:
+    """What one compile worked out, kept for the next. Under the same
+    policies isolating the same local pods, what their rules name is the
+    same; with the same identities too, their rules with peers resolved are
+    the same, so a local pod whose key is unchanged has unchanged rules and
+    only the others are compiled and diffed. A pod coming to a namespace
+    under 1,000 policies then costs its own rules, not everyone's; a pod
+    that makes a new identity, or a policy change, costs a whole compile."""
+
+    policies: object  # the cluster's policies (compared by identity first)
+    relevant: list[int]  # ranks of the policies that isolate a local pod
+    named: _Named
+    prepared: dict[tuple[int, int], list[_Rule]]
+    pids: dict[int, int]
+    by_key: dict[PodRulesKey, PodRules]
+    pod_keys: dict[tuple[int, int], PodRulesKey]  # (local pod, direction)
+    slot_users: dict[int, int]  # first port-set slot -> rules pointing to it
+
 
 @dataclass(frozen=True)
 class CompiledPolicy:
@@ -134,6 +162,10 @@ class CompiledPolicy:
     portset_slots: dict[tuple[PortRange, ...], tuple[int, ...]] = field(default_factory=dict)
     policy_ids: dict[str, int] = field(default_factory=dict)
     errors: tuple[Refusal, ...] = ()
+    # For the next compile, and what its rules changed from `previous`'s
+    # (None: not known, diff them whole). Derived data, not compared.
+    rule_memo: RuleMemo | None = field(default=None, compare=False, repr=False)
+    rules_delta: MapChanges | None = field(default=None, compare=False, repr=False)
 
     @cached_property
     def identity_classes(self) -> dict[int, PeerClass]:
@@ -560,18 +592,30 @@ class _PortSets:
         return chain[0]
 
 
+@dataclass
+class _LocalRules:
+    rules: dict[RuleKey, int]
+    endpoints: dict[int, EndpointEntry]
+    by_key: dict[PodRulesKey, PodRules]
+    pod_keys: dict[tuple[int, int], PodRulesKey]
+    slot_users: dict[int, int]
+    delta: MapChanges | None  # against the previous compile's rules, when reused
+
+
 def _local_rules(local: set[int], pods: dict[int, Pod],
                  isolating: dict[tuple[int, int], list[int]], pids: dict[int, int],
                  prepared: dict[tuple[int, int], list[_Rule]], ids: _Identities,
-                 sets: _PortSets) -> tuple[dict[RuleKey, int], dict[int, EndpointEntry]]:
+                 sets: _PortSets, prev: CompiledPolicy, old: RuleMemo | None) -> _LocalRules:
     """The rules and endpoint entries of each local pod and direction,
-    compiled once per distinct (direction, policies, ports) they depend on."""
+    compiled once per distinct key (direction, policies, ports) they depend
+    on; `old`, when the rules' context is unchanged (see RuleMemo), gives
+    the previous compile's, which only the pods with another key redo."""
     relevant = sorted({r for ranks in isolating.values() for r in ranks})
     ingress_named = {rank for rank in relevant
                      if any(r.named for r in prepared[(rank, INGRESS)])}
-    rules_out: dict[RuleKey, int] = {}
     endpoints: dict[int, EndpointEntry] = {}
-    cache: dict[Any, tuple[int | None, dict[int, int]]] = {}
+    by_key: dict[PodRulesKey, PodRules] = {}
+    pod_keys: dict[tuple[int, int], PodRulesKey] = {}
     # Pods and identities share a few port sets: 1,000 policies over 1,000
     # pods ask for about 100,000 sets of about 1,000 kinds.
     normalized: dict[tuple[Tagged, ...], tuple[PortRange, ...]] = {}
@@ -594,21 +638,75 @@ def _local_rules(local: set[int], pods: dict[int, Pod],
             blame[direction] = pids[ranks[0]]
             ports_key = (pod.ports if direction == INGRESS
                          and any(r in ingress_named for r in ranks) else ())
-            ckey = (direction, tuple(ranks), ports_key)
-            compiled = cache.get(ckey)
-            if compiled is None:
+            ckey = pod_keys[(ip, direction)] = (direction, tuple(ranks), ports_key)
+            if ckey in by_key:
+                continue
+            got = old.by_key.get(ckey) if old is not None else None
+            if got is None:
                 where = f"{pod.key} {DIRECTION_NAMES[direction]}"
-                compiled = _pod_rules(direction, ranks, pids, prepared, pod, ids.by_name,
-                                      functools.partial(sets.intern, where=where), norm)
-                cache[ckey] = compiled
-            any_slot, per_identity = compiled
-            if any_slot is not None:
-                rules_out[(ip, IDENTITY_ANY, direction)] = any_slot
-            for ident, slot in per_identity.items():
-                rules_out[(ip, ident, direction)] = slot
+                got = _pod_rules(direction, ranks, pids, prepared, pod, ids.by_name,
+                                 functools.partial(sets.intern, where=where), norm)
+            by_key[ckey] = got
         if flags:
             endpoints[ip] = EndpointEntry(flags, blame[INGRESS], blame[EGRESS])
-    return rules_out, endpoints
+    if old is None:
+        rules: dict[RuleKey, int] = {}
+        for (ip, direction), ckey in pod_keys.items():
+            _put_rules(rules, ip, direction, by_key[ckey])
+        return _LocalRules(rules, endpoints, by_key, pod_keys, Counter(rules.values()), None)
+    rules, users, delta = _changed_rules(prev, old, by_key, pod_keys)
+    _carry_port_sets(prev, sets, users)
+    return _LocalRules(rules, endpoints, by_key, pod_keys, users, delta)
+
+
+def _put_rules(rules: dict[RuleKey, int], ip: int, direction: int, got: PodRules) -> None:
+    any_slot, per_identity = got
+    if any_slot is not None:
+        rules[(ip, IDENTITY_ANY, direction)] = any_slot
+    for ident, slot in per_identity.items():
+        rules[(ip, ident, direction)] = slot
+
+
+def _changed_rules(prev: CompiledPolicy, old: RuleMemo, by_key: dict[PodRulesKey, PodRules],
+                   pod_keys: dict[tuple[int, int], PodRulesKey]
+                   ) -> tuple[dict[RuleKey, int], dict[int, int], MapChanges]:
+    """The previous compile's rules with those of the pods whose key changed
+    (or that came or went) rewritten; how many rules then point to each
+    port set; and what that changed."""
+    before = prev.maps.rules
+    rules = dict(before)
+    users = dict(old.slot_users)
+    moved = [pd for pd, ckey in pod_keys.items() if old.pod_keys.get(pd) != ckey]
+    moved += [pd for pd in old.pod_keys if pd not in pod_keys]
+    gone: dict[RuleKey, int] = {}
+    for pd in moved:
+        was = old.pod_keys.get(pd)
+        if was is not None:
+            _put_rules(gone, *pd, old.by_key[was])
+    for k, slot in gone.items():
+        del rules[k]
+        users[slot] -= 1
+    fresh: dict[RuleKey, int] = {}
+    for pd in moved:
+        ckey = pod_keys.get(pd)
+        if ckey is not None:
+            _put_rules(fresh, *pd, by_key[ckey])
+    for slot in fresh.values():
+        users[slot] = users.get(slot, 0) + 1
+    rules.update(fresh)
+    return rules, {s: n for s, n in users.items() if n}, MapChanges(
+        put={k: v for k, v in fresh.items() if before.get(k) != v},
+        delete=tuple(k for k in gone if k not in fresh))
+
+
+def _carry_port_sets(prev: CompiledPolicy, sets: _PortSets, users: dict[int, int]) -> None:
+    """Port sets that reused rules point to were not interned again: they
+    keep their slots, as interning them would have kept them."""
+    for ranges, chain in prev.portset_slots.items():
+        if chain[0] in users and ranges not in sets.chains:
+            sets.chains[ranges] = chain
+            for slot in chain:
+                sets.portsets[slot] = prev.maps.portsets[slot]
 
 
 def _over_limits(maps: PolicyMaps, pids: dict[int, int], sizes: Sizes) -> list[Refusal]:
@@ -660,18 +758,24 @@ def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None
     sel = _Selectors(cluster, pods, local)
     isolating = _isolating(ranked, sel)
     relevant = sorted({r for ranks in isolating.values() for r in ranks})
-    entries = _address_classes(pods, node, sel, _named(ranked, relevant))
-    ids = _identities(prev, _minimal(entries))
+    was = prev.rule_memo
+    if was is not None and (prev.errors or was.relevant != relevant
+                            or not same_inputs((was.policies,), (cluster.policies,))):
+        was = None
+    named = was.named if was is not None else _named(ranked, relevant)
+    ids = _identities(prev, _minimal(_address_classes(pods, node, sel, named)))
     policy_ids = _Ids(prev.policy_ids)
     pids = {rank: policy_ids.get(ranked[rank].key) for rank in relevant}
+    if was is not None and (ids.identities != prev.identities or pids != was.pids):
+        was = None
+    prepared = was.prepared if was is not None else _prepared(ranked, relevant, ids)
     errors: list[Refusal] = []
     sets = _PortSets(prev, errors)
-    rules, endpoints = _local_rules(local, pods, isolating, pids,
-                                    _prepared(ranked, relevant, ids), ids, sets)
+    local_rules = _local_rules(local, pods, isolating, pids, prepared, ids, sets, prev, was)
     maps = PolicyMaps(
-        endpoints=endpoints,
+        endpoints=local_rules.endpoints,
         ipcache=ids.ipcache,
-        rules=rules,
+        rules=local_rules.rules,
         portsets=sets.portsets,
         policies={pid: ranked[rank].key for rank, pid in pids.items()},
     )
@@ -685,6 +789,9 @@ def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None
         portset_slots=sets.chains,
         policy_ids={ranked[rank].key: pid for rank, pid in pids.items()},
         errors=tuple(errors),
+        rule_memo=RuleMemo(cluster.policies, relevant, named, prepared, pids,
+                           local_rules.by_key, local_rules.pod_keys, local_rules.slot_users),
+        rules_delta=local_rules.delta,
     )
 
 
@@ -693,7 +800,7 @@ def compile_incremental(previous: CompiledPolicy, cluster: Cluster, node: Node,
     """The next compile, numbered after `previous`, and the changes that
     turn the maps of `previous` into it (apply them in `steps()` order)."""
     new = compile_policy(cluster, node, previous, sizes)
-    return new, diff(previous.maps, new.maps)
+    return new, diff(previous.maps, new.maps, new.rules_delta)
 
 
 def _pod_rules(direction: int, ranks: list[int], pids: dict[int, int],

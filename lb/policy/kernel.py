@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from lb.model import Cluster, Node
@@ -88,6 +89,8 @@ class PolicyWriter:
         # (at 1,000 policies a compile takes half a second).
         self._inputs: tuple[object, ...] | None = None
         self._refused: list[Refusal] = []
+        # Entries the last sync's reusing compile had wrong (see sync).
+        self.drifted = 0
 
     def recover(self) -> int:
         """Adopt what the pinned maps hold, so the first sync after a restart
@@ -97,17 +100,29 @@ class PolicyWriter:
         self.prefilter.recover(_members(self.current.endpoints))
         return len(self.current.endpoints)
 
-    def sync(self, cluster: Cluster, node: Node) -> list[Refusal]:
+    def sync(self, cluster: Cluster, node: Node, check: bool = False) -> list[Refusal]:
         """Compile and apply; a compile that does not fit the maps is refused
         whole and the maps keep the last good policy (half a policy could
         open what it means to close). Cilium likewise keeps an endpoint's
-        last policy when its new one overflows the policy map."""
+        last policy when its new one overflows the policy map. `check`: a
+        compile that reused the previous one's rules is done again whole and
+        compared; a difference is counted in `drifted`, logged, and the
+        whole one applied."""
+        self.drifted = 0
         given = inputs(cluster, node)
         if self._inputs is not None and same_inputs(given, self._inputs):
             return list(self._refused)
         # A sync that raises half way is done again in full by the next.
         self._inputs = None
         new = compile_policy(cluster, node, previous=self.compiled, sizes=self.sizes)
+        if check and self.compiled is not None and new.rules_delta is not None:
+            whole = compile_policy(cluster, node, replace(self.compiled, rule_memo=None),
+                                   self.sizes)
+            self.drifted = len(diff(whole.maps, new.maps)) + (whole.errors != new.errors)
+            if self.drifted:
+                log.error("policy: %d map entries computed incrementally differ from a full "
+                          "recompute; programming the full one", self.drifted)
+                new = whole
         if new.errors:
             for line in bounded([str(e) for e in new.errors]):
                 log.error("refused %s; the maps keep the previous policy", line)
@@ -123,7 +138,11 @@ class PolicyWriter:
         # leaves it only once the entry is gone: never fails open.
         self.prefilter.admit(_members(new.maps.endpoints))
         zero_set = bytes(layout.sizeof("struct lb_pol_portset"))
-        for name, op, key, value in diff(self.current, new.maps).steps():
+        # The compile's own account of the rules it changed holds against
+        # the maps of the compile it started from, which these are.
+        known = new.rules_delta if (self.compiled is not None
+                                    and self.current is self.compiled.maps) else None
+        for name, op, key, value in diff(self.current, new.maps, known).steps():
             k = encode_key(name, key)
             if op == "put":
                 self.maps[name].update(k, _buffer(encode_value(name, value)))

@@ -35,6 +35,7 @@ from lb.model import Cluster, Node
 from lb.policy import compile_policy, describe, lookup
 from lb.policy import view as policy_view
 from lb.policy.kernel import PolicyWriter
+from lb.policy.kernel import read as read_policy_maps
 from lb.service import desired
 from loader import layout, libbpf
 from loader.build import BuildOptions, Datapath, remove_pins
@@ -398,6 +399,32 @@ def test_policy_is_compiled_again_only_when_what_it_reads_changed(kernel: Kernel
     assert ip_int(new_ip) in kernel.policy.current.endpoints
     assert line(tracer, XB, 48000, new_ip, 80, "TCP") == "DROP policy x/deny"
     assert line(tracer, XB, 48000, XA, 80, "TCP") == "DROP policy x/deny"
+
+
+def test_a_pod_like_the_others_writes_its_own_rules_only(kernel: KernelNode) -> None:
+    cluster = matrix_cluster(netpol("x", "from-b", podSelector=POD_A, ingress=[{
+        "from": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"port": 80}]}]))
+    kernel.program(cluster)
+    before = kernel.policy.current
+    new_ip = "10.244.0.98"
+    assert new_ip not in MATRIX_IP.values()
+    grown = replace(cluster, pods={**cluster.pods, **upstream.load(upstream.pod(
+        "x", "a2", new_ip, labels={"pod": "a"}, ports=upstream.MATRIX_PORTS)).pods})
+    rules_map = kernel.policy.maps["lb_pol_rules"]
+    with mock.patch.object(rules_map, "update", wraps=rules_map.update) as writes:
+        assert kernel.policy.sync(grown, NODE, check=True) == []
+    compiled = kernel.policy.compiled
+    assert compiled is not None and compiled.rules_delta is not None
+    assert kernel.policy.drifted == 0
+    # Only the new pod's rules were written, and the kernel holds the whole compile.
+    assert {local for local, _, _ in compiled.rules_delta.put} == {ip_int(new_ip)}
+    assert writes.call_count == len(compiled.rules_delta.put) > 0
+    held = read_policy_maps(kernel.policy.maps)
+    assert held.rules == compiled.maps.rules != before.rules
+    assert held.endpoints == compiled.maps.endpoints
+    tracer = kernel.program(grown)
+    assert line(tracer, XB, 48000, new_ip, 80, "TCP") == "PASS not-service"
+    assert line(tracer, XC, 48000, new_ip, 80, "TCP") == "DROP policy x/from-b"
 
 
 def test_policy_view_reads_back_what_the_compiler_wrote(kernel: KernelNode) -> None:

@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lb.encoding import ip_int
@@ -1024,6 +1024,91 @@ def test_recompile_from_previous(before: list[dict[str, Any]], after: list[dict[
                 assert (content, old) == (ranges, chain)
     for key, pid in c1.policy_ids.items():
         assert c0.maps.policies.get(pid, key) == key
+
+
+@st.composite
+def pod_change_st(draw: st.DrawFn, cluster: Cluster) -> Cluster:
+    """`cluster` with what pods do most: one comes (often a copy of another's
+    namespace, labels and ports at a new address, or of its labels and ports
+    in another namespace), goes, or is relabelled."""
+    pods = dict(cluster.pods)
+    kinds = ["copy", "elsewhere", "new", "gone", "relabel"]
+    kind = draw(st.sampled_from(kinds)) if pods else "new"
+    if kind in ("copy", "elsewhere", "new"):
+        free = [ip for ip in POOL if ip not in {a for p in pods.values() for a in p.ips}]
+        if not free:
+            return cluster
+        ip = draw(st.sampled_from(free))
+        if kind != "new":
+            like = pods[draw(st.sampled_from(sorted(pods)))]
+            ns = draw(st.sampled_from("xyz")) if kind == "elsewhere" else like.namespace
+            new = replace(like, namespace=ns, name=f"{like.name}-copy", ips=(ip,))
+        else:
+            new = replace(next(iter(load(pod(draw(st.sampled_from("xyz")), "fresh", ip,
+                                                 labels=draw(labels_st))).pods.values())))
+        pods[new.key] = new
+    elif kind == "gone":
+        del pods[draw(st.sampled_from(sorted(pods)))]
+    else:
+        key = draw(st.sampled_from(sorted(pods)))
+        pods[key] = replace(pods[key], labels=tuple(sorted(draw(labels_st).items())))
+    return replace(cluster, pods=pods)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cluster_docs_st(), st.data())
+def test_pod_changes_reuse_the_previous_rules_to_the_same_result(
+        docs: list[dict[str, Any]], data: st.DataObject) -> None:
+    cluster = load(*docs)
+    c0 = compile_policy(cluster, NODE1)
+    for _ in range(3):
+        cluster = data.draw(pod_change_st(cluster))
+        c1 = compile_policy(cluster, NODE1, previous=c0)
+        whole = compile_policy(cluster, NODE1, previous=replace(c0, rule_memo=None))
+        # What a whole compile from the same previous gives, numbers included.
+        assert whole.rules_delta is None
+        assert c1 == whole and c1.maps == whole.maps
+        assert c1.portset_slots == whole.portset_slots
+        full = diff(c0.maps, c1.maps)
+        event("reused" if c1.rules_delta is not None else "compiled whole")
+        if c1.rules_delta is not None:
+            # The compile's own account of its rule changes is the diff's.
+            assert c1.rules_delta.put == full.rules.put
+            assert set(c1.rules_delta.delete) == set(full.rules.delete)
+            assert apply(c0.maps, diff(c0.maps, c1.maps, c1.rules_delta)) == c1.maps
+        c0 = c1
+
+
+def test_a_pod_like_the_others_is_compiled_alone() -> None:
+    # One policy admits pod=b to every pod=a of namespace x; a third a arrives.
+    cluster = load(
+        pod("x", "a1", "10.0.0.1", labels={"pod": "a"}), pod("x", "a2", "10.0.0.2",
+                                                          labels={"pod": "a"}),
+        pod("x", "b", "10.0.0.3"), pod("y", "c", "10.0.0.4"),
+        netpol("x", "from-b", podSelector={"matchLabels": {"pod": "a"}}, ingress=[{
+            "from": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"port": 80}]}]))
+    c0 = compile_policy(cluster, NODE1)
+    grown = replace(cluster, pods={**cluster.pods, **load(
+        pod("x", "a3", "10.0.0.5", labels={"pod": "a"})).pods})
+    c1 = compile_policy(grown, NODE1, previous=c0)
+    assert c1.rules_delta is not None and not c1.rules_delta.delete
+    assert {local for local, _, _ in c1.rules_delta.put} == {ip_int("10.0.0.5")}
+    assert c1.maps == compile_policy(grown, NODE1).maps
+    assert lookup(c1, "10.0.0.3", "10.0.0.5", "TCP", 80).allowed
+    assert not lookup(c1, "10.0.0.4", "10.0.0.5", "TCP", 80).allowed
+    assert not lookup(c1, "10.0.0.3", "10.0.0.5", "TCP", 81).allowed
+    # The first pod=b of namespace x is a peer no identity stood for: the
+    # rules that name it are compiled again, and admit it.
+    cluster = replace(grown, pods={k: v for k, v in grown.pods.items() if k != "x/b"})
+    c0 = compile_policy(cluster, NODE1)
+    back = compile_policy(grown, NODE1, previous=c0)
+    assert back.rules_delta is None and back.maps == compile_policy(grown, NODE1).maps
+    assert lookup(back, "10.0.0.3", "10.0.0.5", "TCP", 80).allowed
+    # A policy change compiles everything again.
+    changed = replace(grown, policies={k: replace(v, egress=v.ingress, policy_types=(
+        "Ingress", "Egress")) for k, v in grown.policies.items()})
+    c2 = compile_policy(changed, NODE1, previous=c1)
+    assert c2.rules_delta is None and c2.maps == compile_policy(changed, NODE1).maps
 
 
 # --- compile time --------------------------------------------------------------------
