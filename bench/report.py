@@ -422,12 +422,17 @@ def _control_section(doc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
                 f"`bench/policy_cost.py`: {pol['endpoints']:,} isolated local pods, "
                 f"{pol['rules']:,} rules). One pod added: a pod its namespace's policies "
                 "select, median of "
-                f"{doc['method']['changes']}. A Service change: a snapshot that keeps the "
-                "pods, namespaces and policies, as the watch hands one out.", ""]
+                f"{doc['method']['changes']}; the slowest of them (a pod that makes a new "
+                "identity changes what the rules name, and is a whole compile). A Service "
+                "change: a snapshot that keeps the pods, namespaces and policies, as the "
+                "watch hands one out.", ""]
+        slowest = pol.get("pod_added_max_seconds")
         out += _table(["first sync", "one pod added", "map writes for it",
-                       "a Service change"],
+                       "slowest pod added (writes)", "a Service change"],
                       [[_secs(pol["first_seconds"]), _secs(pol["pod_added_seconds"]),
                         f"{pol['pod_added_writes']:.0f}",
+                        "-" if slowest is None else
+                        f"{_secs(slowest)} ({pol['pod_added_max_writes']:.0f})",
                         _secs(pol["service_change_seconds"])]])
     out += ["### kube-proxy's rule sets", ""]
     out += _table(["tool", "services", "rules", "load from empty", "one change",

@@ -1,5 +1,6 @@
 """Compile bpf/ with BCC, pin its maps under one instance directory and
-hand out program fds and maps.
+hand out program fds and maps; or, when the same compile was kept
+(loader/objects.py), load what it made without BCC.
 
 BCC rewrites map calls (`m.lookup(&k)`) only in the file it is given, not in
 included headers, so the local `#include "..."` tree is expanded into one
@@ -8,6 +9,8 @@ files."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,11 +18,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from loader import layout, libbpf
+from loader import layout, libbpf, objects
 from loader.clock import DatapathClock
 from loader.maps import BpfMap, kernel_type, max_entries, specs
-from loader.programs import PROGRAMS
+from loader.programs import PROGRAMS, Program
 from loader.sizes import Sizes
+
+log = logging.getLogger(__name__)
 
 MAIN_SOURCE = layout.BPF_DIR / "lb.c"
 BPFFS = Path("/sys/fs/bpf")
@@ -54,6 +59,9 @@ class BuildOptions:
     sizes: Sizes = field(default_factory=Sizes)
     defines: dict[str, str] = field(default_factory=dict)
     clock: DatapathClock = field(default_factory=DatapathClock.of_kernel)
+    # Where compiled programs are kept between starts (loader/objects.py);
+    # None: compile every time.
+    objects: Path | None = None
 
     def max_entries(self) -> dict[str, int]:
         return max_entries(self.sizes.defines())
@@ -126,40 +134,103 @@ def check_pins(opts: BuildOptions) -> None:
             )
 
 
+# uapi/linux/bpf.h's bpf_prog_type of each kind of program.
+PROG_TYPES = {"xdp": 6, "tc": 3, "cgroup_sock_addr": 18}
+
+
+def compiler_version() -> str:
+    """BCC's version, read without importing it (that alone takes 0.6 s)."""
+    spec = importlib.util.find_spec("bcc")
+    if spec is None or not spec.submodule_search_locations:
+        return "no bcc"
+    version = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    try:
+        return version.read_text().strip()
+    except OSError:
+        return "bcc of unknown version"
+
+
 class Datapath:
     """The compiled programs of one instance and its pinned maps."""
 
     def __init__(self, opts: BuildOptions) -> None:
-        from bcc import BPF  # Debian's python3-bpfcc, seen through a .pth
-
         require_bpffs()
         self.opts = opts
-        self._bpf_cls = BPF
         self._progs: dict[str, int] = {}
         self._maps: dict[str, BpfMap] = {}
         opts.pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         opts.pin_dir.chmod(0o700)
         check_pins(opts)
-        self.bpf: Any = BPF(text=expand_source().encode(), cflags=opts.cflags())
+        source, cflags = expand_source(), opts.cflags()
+        uname = os.uname()
+        entry = objects.key(source, cflags, f"{uname.release} {uname.version}",
+                            compiler_version())
+        # Either BCC's module, or the programs a compile kept.
+        self.bpf: Any = None
+        self.kept: dict[str, objects.Program] | None = None
+        if opts.objects is not None:
+            self.kept = objects.load(opts.objects, entry, PROGRAMS, specs())
+        if self.kept is not None:
+            self._create_maps()
+        else:
+            self._compile(source, cflags, entry)
         for name in specs():
             (opts.pin_dir / name).chmod(0o600)
         self.map("lb_meta").update(
             0, layout.new("struct lb_meta", layout_version=layout.const("LB_LAYOUT_VERSION"))[0]
         )
 
+    def _compile(self, source: str, cflags: list[str], entry: str) -> None:
+        from bcc import BPF  # Debian's python3-bpfcc, seen through a .pth
+
+        self.bpf = BPF(text=source.encode(), cflags=cflags)
+        if self.opts.objects is None:
+            return
+        fds = {self.bpf.get_table(name.encode()).map_fd: name for name in specs()}
+        try:
+            objects.store(self.opts.objects, entry, [
+                objects.program(name, self.bpf.dump_func(name.encode()), fds)
+                for name in PROGRAMS])
+        except (OSError, objects.NotKeepable) as e:
+            log.warning("compiled programs not kept in %s: %s", self.opts.objects, e)
+
+    def _create_maps(self) -> None:
+        """What BCC does for a pinned map: open it if pinned, else create
+        and pin it."""
+        sizes = self.opts.max_entries()
+        for name, spec in specs().items():
+            pin = self.opts.pin_dir / name
+            if pin.exists():
+                continue
+            fd = libbpf.map_create(kernel_type(spec), name, layout.sizeof(spec.key_type),
+                                   layout.sizeof(spec.value_type), sizes[name], spec.flags)
+            try:
+                libbpf.obj_pin(fd, str(pin))
+            finally:
+                os.close(fd)
+
     def prog_fd(self, name: str) -> int:
         """Load (once) the program `name` (loader/programs.py)."""
         if name not in self._progs:
             prog = PROGRAMS[name]
-            if prog.kind == "cgroup_sock_addr":
+            if self.kept is not None:
+                self._progs[name] = self._load_kept(prog)
+            elif prog.kind == "cgroup_sock_addr":
                 # cgroup sock_addr programs are verified for one hook.
-                fn = self.bpf.load_func(name.encode(), self._bpf_cls.CGROUP_SOCK_ADDR,
+                fn = self.bpf.load_func(name.encode(), self.bpf.CGROUP_SOCK_ADDR,
                                         attach_type=prog.attach_type)
+                self._progs[name] = fn.fd
             else:
-                kind = self._bpf_cls.XDP if prog.kind == "xdp" else self._bpf_cls.SCHED_CLS
-                fn = self.bpf.load_func(name.encode(), kind)
-            self._progs[name] = fn.fd
+                kind = self.bpf.XDP if prog.kind == "xdp" else self.bpf.SCHED_CLS
+                self._progs[name] = self.bpf.load_func(name.encode(), kind).fd
         return self._progs[name]
+
+    def _load_kept(self, prog: Program) -> int:
+        assert self.kept is not None
+        kept = self.kept[prog.name]
+        fds = {name: self.map(name).fd for _, name in kept.maps}
+        return libbpf.prog_load(PROG_TYPES[prog.kind], prog.name, kept.relocated(fds),
+                                prog.attach_type or 0)
 
     @property
     def sizes(self) -> Sizes:
@@ -178,7 +249,12 @@ class Datapath:
         for m in self._maps.values():
             m.close()
         self._maps.clear()
-        self.bpf.cleanup()
+        if self.bpf is not None:
+            self.bpf.cleanup()
+        else:
+            for fd in self._progs.values():
+                os.close(fd)
+        self._progs.clear()
 
     def __enter__(self) -> Datapath:
         return self

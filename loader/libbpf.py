@@ -1,6 +1,7 @@
 """The few libbpf calls BCC's Python lacks, through cffi (ABI mode):
 opening pinned objects, map access from another process, batch updates,
-object info and BPF_PROG_TEST_RUN."""
+object info, BPF_PROG_TEST_RUN, and creating maps and loading programs
+without BCC (loader.objects)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,28 @@ struct lb_bpf_map_info {
     uint32_t type; uint32_t id; uint32_t key_size; uint32_t value_size;
     uint32_t max_entries; uint32_t map_flags; char name[16];
 };
+struct bpf_map_create_opts {
+    size_t sz;
+    uint32_t btf_fd; uint32_t btf_key_type_id; uint32_t btf_value_type_id;
+    uint32_t btf_vmlinux_value_type_id;
+    uint32_t inner_map_fd; uint32_t map_flags; uint64_t map_extra;
+    uint32_t numa_node; uint32_t map_ifindex;
+};
+struct bpf_prog_load_opts {
+    size_t sz;
+    int attempts;
+    int expected_attach_type;
+    uint32_t prog_btf_fd; uint32_t prog_flags; uint32_t prog_ifindex; uint32_t kern_version;
+    uint32_t attach_btf_id; uint32_t attach_prog_fd; uint32_t attach_btf_obj_fd;
+    const int *fd_array;
+    const void *func_info; uint32_t func_info_cnt; uint32_t func_info_rec_size;
+    const void *line_info; uint32_t line_info_cnt; uint32_t line_info_rec_size;
+    uint32_t log_level; uint32_t log_size; char *log_buf;
+};
+int bpf_map_create(int map_type, const char *map_name, uint32_t key_size, uint32_t value_size,
+                   uint32_t max_entries, const struct bpf_map_create_opts *opts);
+int bpf_prog_load(int prog_type, const char *prog_name, const char *license,
+                  const void *insns, size_t insn_cnt, const struct bpf_prog_load_opts *opts);
 int bpf_obj_get(const char *pathname);
 int bpf_obj_pin(int fd, const char *pathname);
 int bpf_map_lookup_elem(int fd, const void *key, void *value);
@@ -89,6 +112,48 @@ def check(ret: int, what: str) -> int:
 def obj_get(path: str) -> int:
     """Open a pinned map or program; the caller owns the fd."""
     return check(lib().bpf_obj_get(path.encode()), f"bpf_obj_get({path})")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    check(lib().bpf_obj_pin(fd, path.encode()), f"bpf_obj_pin({path})")
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0) -> int:
+    """A new map; the caller owns the fd."""
+    f = ffi()
+    opts = f.new("struct bpf_map_create_opts *")
+    opts.sz = f.sizeof("struct bpf_map_create_opts")
+    opts.map_flags = flags
+    # The kernel keeps 15 characters of a map's name.
+    return check(lib().bpf_map_create(map_type, name[:15].encode(), key_size, value_size,
+                                      max_entries, opts), f"creating map {name}")
+
+
+# The verifier's account of a refused program is kept to this much.
+VERIFIER_LOG_SIZE = 1 << 20
+
+
+def prog_load(prog_type: int, name: str, insns: bytes, expected_attach_type: int = 0) -> int:
+    """Load (and so verify) a program; the caller owns the fd. Refused: the
+    error carries the end of the verifier's log."""
+    f = ffi()
+    opts = f.new("struct bpf_prog_load_opts *")
+    opts.sz = f.sizeof("struct bpf_prog_load_opts")
+    opts.expected_attach_type = expected_attach_type
+    args = (prog_type, name[:15].encode(), b"GPL", insns, len(insns) // 8, opts)
+    ret = lib().bpf_prog_load(*args)
+    if ret >= 0:
+        return int(ret)
+    # Again with the log, only now: a log costs the verifier time.
+    buf = f.new("char[]", VERIFIER_LOG_SIZE)
+    opts.log_level, opts.log_size, opts.log_buf = 1, VERIFIER_LOG_SIZE, buf
+    again = lib().bpf_prog_load(*args)
+    if again >= 0:
+        return int(again)
+    tail = f.string(buf).decode(errors="replace").strip().splitlines()[-8:]
+    raise BpfError(-again, f"loading program {name}: {os.strerror(-again)}: "
+                   + " | ".join(tail))
 
 
 @dataclass(frozen=True)

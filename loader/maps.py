@@ -47,6 +47,7 @@ class MapSpec:
     key_type: str
     value_type: str
     size: str  # as declared: a number, or a define of loader/sizes.py or bpf/lb_maps.h
+    flags: int = 0  # map_flags as declared (BPF_F_*)
 
     @property
     def percpu(self) -> bool:
@@ -59,10 +60,24 @@ def specs() -> dict[str, MapSpec]:
     text = re.sub(r"/\*.*?\*/", "", MAPS_H.read_text(), flags=re.S)
     found = re.finditer(
         r'BPF_TABLE_PINNED\(\s*"(\w+)"\s*,\s*([^,]+?)\s*,\s*([^,]+?)\s*,\s*(\w+)\s*,'
-        r'\s*(\w+)\s*,', text
+        r'\s*(\w+)\s*,\s*[^,)]+?(?:,\s*([\w\s|]+?))?\s*\)', text
     )
-    return {m.group(4): MapSpec(m.group(4), m.group(1), m.group(2), m.group(3), m.group(5))
+    return {m.group(4): MapSpec(m.group(4), m.group(1), m.group(2), m.group(3), m.group(5),
+                                _flags(m.group(6) or ""))
             for m in found}
+
+
+# The map_flags bpf/lib/maps.h names (uapi/linux/bpf.h).
+_FLAGS = {"BPF_F_NO_PREALLOC": 1, "BPF_F_MMAPABLE": BPF_F_MMAPABLE}
+
+
+def _flags(declared: str) -> int:
+    out = 0
+    for name in filter(None, (f.strip() for f in declared.split("|"))):
+        if name not in _FLAGS:
+            raise ValueError(f"{MAPS_H}: map flag {name} unknown to loader/maps.py")
+        out |= _FLAGS[name]
+    return out
 
 
 def max_entries(defines: dict[str, int]) -> dict[str, int]:

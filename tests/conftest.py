@@ -29,13 +29,21 @@ def new_pin_dir(tag: str = "test") -> Path:
     return BPFFS / f"lbtest-{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture(scope="session")
+def object_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Compiled programs kept for the session (loader/objects.py), as the
+    agent keeps them between starts: the first datapath compiles, the rest
+    load what it kept."""
+    return tmp_path_factory.mktemp("objects")
+
+
 @pytest.fixture
-def datapath() -> Iterator[Datapath]:
-    """A freshly compiled datapath in its own pin directory, removed after."""
+def datapath(object_cache: Path) -> Iterator[Datapath]:
+    """A fresh datapath in its own pin directory, removed after."""
     require_root()
     pin_dir = new_pin_dir()
     try:
-        with Datapath(BuildOptions(pin_dir, SMALL)) as dp:
+        with Datapath(BuildOptions(pin_dir, SMALL, objects=object_cache)) as dp:
             yield dp
     finally:
         remove_pins(pin_dir)

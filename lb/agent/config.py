@@ -13,6 +13,9 @@ from loader.sizes import Sizes
 
 # --incremental-check-period's default (seconds).
 INCREMENTAL_CHECK_PERIOD = 300.0
+# --object-cache's default: beside the attachments' state (lb/datapath/attach.py), which
+# the DaemonSet keeps on the node, so a restarted agent loads what the last one compiled.
+OBJECT_CACHE = Path("/run/xdplb/objects")
 
 
 @dataclass(frozen=True)
@@ -42,3 +45,5 @@ class AgentConfig:
     # memo, and a policy compile that reused rules, are compared with full
     # ones (0: every sync).
     incremental_check_period: float = INCREMENTAL_CHECK_PERIOD
+    # --object-cache: where compiled programs are kept (None: compile every start).
+    objects: Path | None = OBJECT_CACHE

@@ -241,7 +241,9 @@ class Agent:
         state a previous agent left in them."""
         c = self.config
         allow_local_source(c.netns)
-        self.dp = Datapath(BuildOptions(pin_dir_of(c.instance), c.sizes, c.conntrack_defines))
+        self.dp = Datapath(BuildOptions(pin_dir_of(c.instance), c.sizes, c.conntrack_defines,
+                                        objects=c.objects))
+        log.info("%s", "loaded the kept programs" if self.dp.kept else "compiled the programs")
         if self.cgroup:
             # Socket hooks act only on sockets of the node's namespace.
             self.node = replace(self.node, netns_cookie=socklb.netns_cookie(c.netns))

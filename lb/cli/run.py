@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lb.agent.config import INCREMENTAL_CHECK_PERIOD, AgentConfig
+from lb.agent.config import INCREMENTAL_CHECK_PERIOD, OBJECT_CACHE, AgentConfig
 from lb.agent.loop import Agent, StartError
 from lb.agent.nodeports import PRIMARY, parse_cidrs
 from lb.cli.nodeflags import UsageError, add_node_args, node_from_args, rules_from_args
@@ -51,7 +51,8 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
         sizes=sizes_from_args(args, Sizes()), conntrack_defines=conntrack_defines(args),
         cgroup=args.cgroup, node_port_cidrs=node_port_cidrs(args),
         min_table_size=args.maglev_min_table_size,
-        incremental_check_period=float(args.incremental_check_period))
+        incremental_check_period=float(args.incremental_check_period),
+        objects=Path(args.object_cache) if args.object_cache else None)
 
 
 def node_port_cidrs(args: argparse.Namespace) -> tuple[str, ...] | None:
@@ -153,6 +154,10 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--netns", help="network namespace of the node (for labs and tests)")
     r.add_argument("--instance", default=DEFAULT_INSTANCE,
                    help="pin directory name under /sys/fs/bpf (default %(default)s)")
+    r.add_argument("--object-cache", default=str(OBJECT_CACHE), metavar="DIR",
+                   help="where compiled programs are kept, so that a restart with the same "
+                        "programs, defines, kernel and BCC loads them without compiling "
+                        "('' compiles every start; default %(default)s)")
     r.add_argument("--min-sync-period", default=0.2, type=float, metavar="SECONDS",
                    help="at most one sync this often, as kube-proxy's minSyncPeriod "
                         "(default %(default)s)")
