@@ -12,7 +12,9 @@ sync are timed separately. A change is timed as the agent runs it: the cluster a
 change-tracking watch delivers it (the changed Service and EndpointSlice new, every other
 object kept, the slices' index kept up to date, `Cluster.changes` naming the service),
 `desired.compute` through the agent's memo (which computes only that service again) and a
-sync of the frontends that changed; the sync alone is reported too. Changes: one endpoint of
+sync of the frontends that changed; the sync alone is reported too. Compute and sync run
+with Python's cyclic collector held off, as the agent runs a sync (lb/collector.py).
+Changes: one endpoint of
 one service replaced (median of CHANGES), one service added, and the 100 endpoints of one
 service replaced one by one (CHURN changes, their total). Building the snapshot (the
 source's work) is not timed.
@@ -111,6 +113,7 @@ class Watch:
 
 
 def ours_worker(services: int) -> dict[str, Any]:
+    from lb.collector import paused
     from lb.datapath.instance import Sizes, reconciler_for
     from lb.service import desired
     from lb.service.maglev import table_size
@@ -132,12 +135,13 @@ def ours_worker(services: int) -> dict[str, Any]:
         specs = workload.fillers(services, ENDPOINTS)
         watch = Watch(specs)
         memo = desired.Memo()
-        t = time.perf_counter()
-        state = desired.compute(watch.cluster, node, memo)
-        out["compute_seconds"] = time.perf_counter() - t
-        t = time.perf_counter()
-        res = rec.sync(state)
-        out["sync_seconds"] = time.perf_counter() - t
+        with paused():
+            t = time.perf_counter()
+            state = desired.compute(watch.cluster, node, memo)
+            out["compute_seconds"] = time.perf_counter() - t
+            t = time.perf_counter()
+            res = rec.sync(state)
+            out["sync_seconds"] = time.perf_counter() - t
         if res.errors or res.added != services:
             raise BenchError(f"sync of {services} services: {res.added} added, "
                              f"{res.errors[:3]}")
@@ -150,14 +154,15 @@ def ours_worker(services: int) -> dict[str, Any]:
         def change(spec: workload.SvcSpec, what: str) -> tuple[float, float]:
             """(compute + sync, sync) of one change, checked to touch one frontend."""
             watch.apply(spec)
-            t = time.perf_counter()
-            state = desired.compute(watch.cluster, node, memo)
-            t_compute = time.perf_counter() - t
-            if memo.computed != 1:
-                raise BenchError(f"{what}: {memo.computed} services computed, not 1")
-            t = time.perf_counter()
-            res = rec.sync(state)
-            t_sync = time.perf_counter() - t
+            with paused():
+                t = time.perf_counter()
+                state = desired.compute(watch.cluster, node, memo)
+                t_compute = time.perf_counter() - t
+                if memo.computed != 1:
+                    raise BenchError(f"{what}: {memo.computed} services computed, not 1")
+                t = time.perf_counter()
+                res = rec.sync(state)
+                t_sync = time.perf_counter() - t
             if res.errors or res.updated + res.added != 1:
                 raise BenchError(f"{what}: {res.updated} updated, {res.added} added, "
                                  f"{res.errors[:3]}")
@@ -196,6 +201,7 @@ def policy_worker() -> dict[str, Any]:
     policies select (median of CHANGES); a sync for a Service change (a snapshot that keeps
     the pods, namespaces and policies, as the watch hands it out)."""
     from bench import policy_cost
+    from lb.collector import paused
     from lb.datapath.instance import SMALL, policy_writer_for
     from lb.encoding import ip_text
     from lb.model import Pod
@@ -207,9 +213,10 @@ def policy_worker() -> dict[str, Any]:
         writer = policy_writer_for(dp)
 
         def sync(c: Any, what: str) -> float:
-            t = time.perf_counter()
-            errors = writer.sync(c, node)
-            took = time.perf_counter() - t
+            with paused():  # as the agent runs a sync
+                t = time.perf_counter()
+                errors = writer.sync(c, node)
+                took = time.perf_counter() - t
             if errors:
                 raise BenchError(f"policy, {what}: {errors[:3]}")
             return took

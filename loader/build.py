@@ -21,7 +21,7 @@ from typing import Any
 from loader import layout, libbpf, objects
 from loader.clock import DatapathClock
 from loader.maps import BpfMap, kernel_type, max_entries, specs
-from loader.programs import PROGRAMS, Program
+from loader.programs import PROG_TYPE, PROGRAMS, Program
 from loader.sizes import Sizes
 
 log = logging.getLogger(__name__)
@@ -134,10 +134,6 @@ def check_pins(opts: BuildOptions) -> None:
             )
 
 
-# uapi/linux/bpf.h's bpf_prog_type of each kind of program.
-PROG_TYPES = {"xdp": 6, "tc": 3, "cgroup_sock_addr": 18}
-
-
 def compiler_version() -> str:
     """BCC's version, read without importing it (that alone takes 0.6 s)."""
     spec = importlib.util.find_spec("bcc")
@@ -229,7 +225,7 @@ class Datapath:
         assert self.kept is not None
         kept = self.kept[prog.name]
         fds = {name: self.map(name).fd for _, name in kept.maps}
-        return libbpf.prog_load(PROG_TYPES[prog.kind], prog.name, kept.relocated(fds),
+        return libbpf.prog_load(PROG_TYPE[prog.kind], prog.name, kept.relocated(fds),
                                 prog.attach_type or 0)
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,17 @@ def _build() -> tuple[cffi.FFI, dict[str, int]]:
 
 
 ffi, CONSTS = _build()
+
+
+def c_defaults(overrides: Mapping[str, str] | None = None) -> dict[str, int]:
+    """The integer defaults of bpf/lib/common.h (the conntrack lifetimes), with
+    -D style overrides, so the lifetimes are written in one place only."""
+    text = (BPF_DIR / "lib" / "common.h").read_text()
+    found = {m.group(1): int(m.group(2), 0) for m in
+             re.finditer(r"^#define\s+(LB_\w+)\s+(0x[0-9a-fA-F]+|\d+)\s*$", text, re.M)}
+    for k, v in (overrides or {}).items():
+        found[k] = int(v, 0)
+    return found
 
 
 def const(name: str) -> int:

@@ -1,7 +1,7 @@
 """Compiled programs kept between starts.
 
-BCC compiles bpf/ in about 2.5 s, nearly all of an agent's start; a restarted agent
-compiles the very same text. After a compile, each program's instructions are kept in a
+BCC compiles bpf/ in about 2 s, most of an agent's start at 1,000 services; a restarted
+agent compiles the very same text. After a compile, each program's instructions are kept in a
 directory, with the place of every map they name, under a key of everything the compile
 read: the source, the defines except the pin directory (it names where maps are pinned,
 not what the code does), the kernel it was built against and BCC's version. A later start

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 Kind = Literal["xdp", "tc", "cgroup_sock_addr"]
+# uapi/linux/bpf.h's bpf_prog_type of each kind.
+PROG_TYPE: dict[Kind, int] = {"xdp": 6, "tc": 3, "cgroup_sock_addr": 18}
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lb.datapath.attach import OBJECT_CACHE
 from lb.model import Node
 from lb.service.maglev import TABLE_SIZES
 from lb.sources.manifests import Rules
@@ -13,9 +14,6 @@ from loader.sizes import Sizes
 
 # --incremental-check-period's default (seconds).
 INCREMENTAL_CHECK_PERIOD = 300.0
-# --object-cache's default: beside the attachments' state (lb/datapath/attach.py), which
-# the DaemonSet keeps on the node, so a restarted agent loads what the last one compiled.
-OBJECT_CACHE = Path("/run/xdplb/objects")
 
 
 @dataclass(frozen=True)

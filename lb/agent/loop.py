@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lb import collector
 from lb.agent.config import AgentConfig
 from lb.agent.healthcheck import HealthServers, health_checks
 from lb.agent.links import LINK_RESCAN_PERIOD, LinkWatcher, min_mtu
@@ -120,6 +121,10 @@ class Agent:
 
     def sync(self, cluster: Cluster) -> bool:
         """Program the maps for `cluster`; False (counted, logged) if it raised."""
+        with collector.paused():
+            return self._sync(cluster)
+
+    def _sync(self, cluster: Cluster) -> bool:
         kube = self.source if isinstance(self.source, KubeSource) else None
         start = time.monotonic()
         try:

@@ -11,17 +11,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lb.agent.config import INCREMENTAL_CHECK_PERIOD, OBJECT_CACHE, AgentConfig
+from lb.agent.config import INCREMENTAL_CHECK_PERIOD, AgentConfig
 from lb.agent.loop import Agent, StartError
 from lb.agent.nodeports import PRIMARY, parse_cidrs
 from lb.cli.nodeflags import UsageError, add_node_args, node_from_args, rules_from_args
 from lb.cli.sizeflags import add_size_args, sizes_from_args
-from lb.datapath.attach import Attachments, detach_all
+from lb.datapath.attach import OBJECT_CACHE, Attachments, detach_all
 from lb.datapath.instance import DEFAULT_INSTANCE, pin_dir_of
 from lb.datapath.lock import InstanceBusy, lock_instance, release
-from lb.datapath.userspace.programs import c_defaults
 from lb.service.maglev import TABLE_SIZES
 from lb.sources.kube import DEFAULT_RESYNC_PERIOD, ConfigError, kubeconfig_path
+from loader import layout
 from loader.build import BpffsMissing, LayoutMismatch, remove_pins
 from loader.sizes import Sizes
 
@@ -169,7 +169,7 @@ def add_commands(sub: Any) -> None:
                    help="cgroup v2 directory for the socket-level load balancer (the node's "
                         "processes and hostNetwork pods; e.g. the cgroup2 mount), or 'auto' "
                         "in a pod: the directory above kubelet's kubepods level")
-    lifetimes = c_defaults()
+    lifetimes = layout.c_defaults()
     for flag, define in CONNTRACK_FLAGS.items():
         r.add_argument("--" + flag.replace("_", "-"), type=positive_seconds, metavar="SECONDS",
                        help=f"kube-proxy's flag of that name (default {lifetimes[define]})")

@@ -26,6 +26,9 @@ XDP_FLAGS_DRV_MODE = 1 << 2
 CLSACT_INGRESS = "ffff:fff2"
 CLSACT_EGRESS = "ffff:fff3"
 STATE_DIR = Path("/run/xdplb")
+# Compiled programs kept between starts (loader/objects.py); on the node in the DaemonSet,
+# so a restarted agent loads what the last one compiled.
+OBJECT_CACHE = STATE_DIR / "objects"
 
 
 @dataclass

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from lb.datapath.attach import OBJECT_CACHE
 from lb.datapath.interface import PacketDatapath
-from lb.datapath.userspace.programs import UserspaceDatapath
 from lb.model import Cluster, Node
 from lb.policy.kernel import MAP_FILTER as POLICY_FILTER
 from lb.policy.kernel import MAPS as POLICY_MAPS
@@ -128,16 +128,20 @@ def remove_orphans() -> list[Path]:
 
 @contextmanager
 def throwaway(kind: Kind = "kernel", sizes: Sizes = SMALL) -> Iterator[PacketDatapath]:
-    """An empty instance: the compiled programs in a pin directory of their
-    own, removed afterwards (kernel), or the Python model (userspace, which
-    needs neither root nor BPF)."""
+    """An empty instance: the compiled programs (kept in OBJECT_CACHE, as
+    the agent keeps them) in a pin directory of their own, removed
+    afterwards (kernel), or the Python model (userspace, which needs neither
+    root nor BPF)."""
     if kind == "userspace":
+        # The twin is for tests and `lbctl trace`: not loaded by the agent.
+        from lb.datapath.userspace.programs import UserspaceDatapath
+
         yield UserspaceDatapath.new(sizes)
         return
     remove_orphans()
     pin_dir = BPFFS / f"{THROWAWAY_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with Datapath(BuildOptions(pin_dir, sizes)) as dp:
+        with Datapath(BuildOptions(pin_dir, sizes, objects=OBJECT_CACHE)) as dp:
             yield dp
     finally:
         remove_pins(pin_dir)

@@ -89,8 +89,10 @@ class PolicyWriter:
         # (at 1,000 policies a compile takes half a second).
         self._inputs: tuple[object, ...] | None = None
         self._refused: list[Refusal] = []
-        # Entries the last sync's reusing compile had wrong (see sync).
+        # Entries the last sync found reusing compiles had wrong (see sync),
+        # and whether one was applied since the last check.
         self.drifted = 0
+        self._unchecked = False
 
     def recover(self) -> int:
         """Adopt what the pinned maps hold, so the first sync after a restart
@@ -104,25 +106,36 @@ class PolicyWriter:
         """Compile and apply; a compile that does not fit the maps is refused
         whole and the maps keep the last good policy (half a policy could
         open what it means to close). Cilium likewise keeps an endpoint's
-        last policy when its new one overflows the policy map. `check`: a
-        compile that reused the previous one's rules is done again whole and
-        compared; a difference is counted in `drifted`, logged, and the
-        whole one applied."""
+        last policy when its new one overflows the policy map. `check`: when
+        a compile that reused earlier rules was applied since the last check,
+        or is about to be, the policy is compiled again whole (numbered after
+        the last compile, so equal maps are equal numbers) and compared; a
+        difference is counted in `drifted`, logged, and the whole one
+        applied."""
         self.drifted = 0
         given = inputs(cluster, node)
-        if self._inputs is not None and same_inputs(given, self._inputs):
+        same = self._inputs is not None and same_inputs(given, self._inputs)
+        if same and not (check and self._unchecked and not self._refused):
             return list(self._refused)
         # A sync that raises half way is done again in full by the next.
         self._inputs = None
-        new = compile_policy(cluster, node, previous=self.compiled, sizes=self.sizes)
-        if check and self.compiled is not None and new.rules_delta is not None:
+        new = (self.compiled if same and self.compiled is not None else
+               compile_policy(cluster, node, previous=self.compiled, sizes=self.sizes))
+        if check and self.compiled is not None and (self._unchecked
+                                                    or new.rules_delta is not None):
             whole = compile_policy(cluster, node, replace(self.compiled, rule_memo=None),
                                    self.sizes)
             self.drifted = len(diff(whole.maps, new.maps)) + (whole.errors != new.errors)
+            self._unchecked = False
             if self.drifted:
                 log.error("policy: %d map entries computed incrementally differ from a full "
                           "recompute; programming the full one", self.drifted)
                 new = whole
+        elif new.rules_delta is not None:
+            self._unchecked = True
+        if new is self.compiled:  # checked, and right: the maps hold it already
+            self._inputs = given
+            return []
         if new.errors:
             for line in bounded([str(e) for e in new.errors]):
                 log.error("refused %s; the maps keep the previous policy", line)

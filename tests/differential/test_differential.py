@@ -692,8 +692,12 @@ class Pair:
         assert kr == ur, f"the reconcilers disagree: kernel {kr} userspace {ur}"
         if cluster is not None and node is not None:
             with _quiet("lb.policy"):
-                kp, up = self.kpol.sync(cluster, node), self.upol.sync(cluster, node)
+                # A compile that reused the previous one's rules is checked
+                # against a whole one, as the agent's periodic check does.
+                kp = self.kpol.sync(cluster, node, check=True)
+                up = self.upol.sync(cluster, node, check=True)
             assert kp == up, f"the policy writers disagree: kernel {kp} userspace {up}"
+            assert self.kpol.drifted == self.upol.drifted == 0
 
     def send(self, entry: str, frame: bytes) -> Verdict:
         prog = ENTRY[entry]

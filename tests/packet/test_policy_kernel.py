@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -425,6 +426,34 @@ def test_a_pod_like_the_others_writes_its_own_rules_only(kernel: KernelNode) -> 
     tracer = kernel.program(grown)
     assert line(tracer, XB, 48000, new_ip, 80, "TCP") == "PASS not-service"
     assert line(tracer, XC, 48000, new_ip, 80, "TCP") == "DROP policy x/from-b"
+
+
+def test_the_periodic_check_mends_what_a_wrong_reuse_wrote(
+        kernel: KernelNode, caplog: pytest.LogCaptureFixture) -> None:
+    cluster = matrix_cluster(netpol("x", "from-b", podSelector=POD_A, ingress=[{
+        "from": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"port": 80}]}]))
+    kernel.program(cluster)
+    new_ip = "10.244.0.97"
+    grown = replace(cluster, pods={**cluster.pods, **upstream.load(upstream.pod(
+        "x", "a3", new_ip, labels={"pod": "a"}, ports=upstream.MATRIX_PORTS)).pods})
+    # A reuse gone wrong: the kept rules forget every identity but 0's.
+    compiled = kernel.policy.compiled
+    assert compiled is not None and compiled.rule_memo is not None
+    memo = compiled.rule_memo
+    kernel.policy.compiled = replace(compiled, rule_memo=replace(
+        memo, by_key={k: (any_slot, {}) for k, (any_slot, _) in memo.by_key.items()}))
+    assert kernel.policy.sync(grown, NODE) == []  # no check due: the wrong rules are written
+    tracer = kernel.program(grown)  # the same inputs, no check: nothing compiled
+    assert line(tracer, XB, 48000, new_ip, 80, "TCP") == "DROP policy x/from-b"
+    # The check is due: the policy is compiled whole, the difference counted and mended.
+    with caplog.at_level(logging.ERROR, logger="lb.policy.kernel"):
+        assert kernel.policy.sync(grown, NODE, check=True) == []
+    assert kernel.policy.drifted > 0 and "differ from a full recompute" in caplog.text
+    tracer = kernel.program(grown)
+    assert line(tracer, XB, 48000, new_ip, 80, "TCP") == "PASS not-service"
+    assert read_policy_maps(kernel.policy.maps).rules == compile_policy(grown, NODE).maps.rules
+    # Checked and right: the next check finds nothing to compare.
+    assert kernel.policy.sync(grown, NODE, check=True) == [] and kernel.policy.drifted == 0
 
 
 def test_policy_view_reads_back_what_the_compiler_wrote(kernel: KernelNode) -> None:

@@ -11,7 +11,6 @@ arithmetic runs on those same integers, as the C and the kernel helpers do.
 
 from __future__ import annotations
 
-import re
 import socket
 import struct
 import time
@@ -56,17 +55,6 @@ _STAT = {name[len("LB_STAT_"):]: v for name, v in _C.items() if name.startswith(
 _POL_INGRESS, _POL_EGRESS = _C["LB_POL_INGRESS"], _C["LB_POL_EGRESS"]
 # Each policy check's own conntrack key space.
 _CT_POLICY, _CT_POLICY_INGRESS = _C["LB_CT_POLICY"], _C["LB_CT_POLICY_INGRESS"]
-
-
-def c_defaults(overrides: Mapping[str, str] | None = None) -> dict[str, int]:
-    """The integer defaults of bpf/lib/common.h (the conntrack lifetimes), with
-    -D style overrides, so the lifetimes are written in one place only."""
-    text = (layout.BPF_DIR / "lib" / "common.h").read_text()
-    found = {m.group(1): int(m.group(2), 0) for m in
-             re.finditer(r"^#define\s+(LB_\w+)\s+(0x[0-9a-fA-F]+|\d+)\s*$", text, re.M)}
-    for k, v in (overrides or {}).items():
-        found[k] = int(v, 0)
-    return found
 
 
 # --- bpf/lib/hash.h ------------------------------------------------------------
@@ -557,7 +545,7 @@ class UserspaceDatapath:
         self._filter = maps["lb_filter"]
         self._pol_filter = maps["lb_pol_filter"]
         self._filter_words = sizes.filter_words
-        d = c_defaults(defines)
+        d = layout.c_defaults(defines)
         self._tcp_life = d["LB_CT_TCP_LIFETIME_S"] * _NSEC_PER_SEC
         self._tcp_closing = d["LB_CT_TCP_CLOSING_S"] * _NSEC_PER_SEC
         self._tcp_syn = d["LB_CT_TCP_SYN_S"] * _NSEC_PER_SEC
