@@ -14,10 +14,9 @@ object kept, the slices' index kept up to date, `Cluster.changes` naming the ser
 `desired.compute` through the agent's memo (which computes only that service again) and a
 sync of the frontends that changed; the sync alone is reported too. Compute and sync run
 with Python's cyclic collector held off, as the agent runs a sync (lb/collector.py).
-Changes: one endpoint of
-one service replaced (median of CHANGES), one service added, and the 100 endpoints of one
-service replaced one by one (CHURN changes, their total). Building the snapshot (the
-source's work) is not timed.
+Changes: one endpoint of one service replaced (median of CHANGES), one service added, and
+the 100 endpoints of one service replaced one by one (CHURN changes, their total).
+Building the snapshot (the source's work) is not timed.
 
 Baselines, in a throwaway network namespace: kube-proxy's rule sets for the same services
 (bench.kuberules) loaded with `iptables-restore --noflush` (the Debian default `iptables`,

@@ -151,9 +151,9 @@ def prog_load(prog_type: int, name: str, insns: bytes, expected_attach_type: int
     again = lib().bpf_prog_load(*args)
     if again >= 0:
         return int(again)
+    # The first refusal's errno: with the log on, a long log can fail as ENOSPC.
     tail = f.string(buf).decode(errors="replace").strip().splitlines()[-8:]
-    raise BpfError(-again, f"loading program {name}: {os.strerror(-again)}: "
-                   + " | ".join(tail))
+    raise BpfError(-ret, f"loading program {name}: {os.strerror(-ret)}: " + " | ".join(tail))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ compiled over; the key follows what the compile reads."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -20,7 +21,7 @@ from lb.sources.manifests import build_cluster
 from loader import libbpf, objects
 from loader.build import BuildOptions, Datapath, remove_pins
 from loader.maps import specs
-from loader.programs import PACKET_PROGRAMS, PROGRAMS, TC_FROM_POD, XDP_EXTERNAL
+from loader.programs import PACKET_PROGRAMS, PROG_TYPE, PROGRAMS, TC_FROM_POD, XDP_EXTERNAL
 from tests.conftest import new_pin_dir, require_root
 from tests.packet.test_datapath import NODE, VIP, web
 
@@ -144,6 +145,14 @@ def test_a_directory_keeps_the_newest_entries(tmp_path: Path) -> None:
     assert got is not None and got["p"] == kept
     assert objects.load(tmp_path, "e0", ["p"], []) is None
     assert not list(tmp_path.glob(".objects-*"))  # nothing half written left
+
+
+def test_a_program_the_verifier_refuses_says_why() -> None:
+    require_root()
+    # exit with r0 never written: the verifier refuses to read it.
+    with pytest.raises(libbpf.BpfError, match="R0 !read_ok") as refused:
+        libbpf.prog_load(PROG_TYPE["xdp"], "refused", struct.pack("<BBhi", 0x95, 0, 0, 0))
+    assert refused.value.errno == errno.EACCES
 
 
 def insn(code: int, src: int = 0, imm: int = 0) -> bytes:
