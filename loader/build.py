@@ -158,13 +158,14 @@ class Datapath:
         opts.pin_dir.chmod(0o700)
         check_pins(opts)
         source, cflags = expand_source(), opts.cflags()
-        uname = os.uname()
-        entry = objects.key(source, cflags, f"{uname.release} {uname.version}",
-                            compiler_version())
         # Either BCC's module, or the programs a compile kept.
         self.bpf: Any = None
         self.kept: dict[str, objects.Program] | None = None
+        entry = None
         if opts.objects is not None:
+            uname = os.uname()
+            entry = objects.key(source, cflags, f"{uname.release} {uname.version}",
+                                compiler_version())
             self.kept = objects.load(opts.objects, entry, PROGRAMS, specs())
         if self.kept is not None:
             self._create_maps()
@@ -176,11 +177,12 @@ class Datapath:
             0, layout.new("struct lb_meta", layout_version=layout.const("LB_LAYOUT_VERSION"))[0]
         )
 
-    def _compile(self, source: str, cflags: list[str], entry: str) -> None:
+    def _compile(self, source: str, cflags: list[str], entry: str | None) -> None:
+        """BCC's compile; kept under `entry` when there is an object cache."""
         from bcc import BPF  # Debian's python3-bpfcc, seen through a .pth
 
         self.bpf = BPF(text=source.encode(), cflags=cflags)
-        if self.opts.objects is None:
+        if self.opts.objects is None or entry is None:
             return
         fds = {self.bpf.get_table(name.encode()).map_fd: name for name in specs()}
         try:

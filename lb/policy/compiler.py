@@ -603,14 +603,14 @@ class _LocalRules:
 
 
 def _local_rules(local: set[int], pods: dict[int, Pod],
-                 isolating: dict[tuple[int, int], list[int]], pids: dict[int, int],
+                 isolating: dict[tuple[int, int], list[int]], relevant: list[int],
+                 pids: dict[int, int],
                  prepared: dict[tuple[int, int], list[_Rule]], ids: _Identities,
                  sets: _PortSets, prev: CompiledPolicy, old: RuleMemo | None) -> _LocalRules:
     """The rules and endpoint entries of each local pod and direction,
     compiled once per distinct key (direction, policies, ports) they depend
     on; `old`, when the rules' context is unchanged (see RuleMemo), gives
     the previous compile's, which only the pods with another key redo."""
-    relevant = sorted({r for ranks in isolating.values() for r in ranks})
     ingress_named = {rank for rank in relevant
                      if any(r.named for r in prepared[(rank, INGRESS)])}
     endpoints: dict[int, EndpointEntry] = {}
@@ -771,7 +771,8 @@ def compile_policy(cluster: Cluster, node: Node, previous: CompiledPolicy | None
     prepared = was.prepared if was is not None else _prepared(ranked, relevant, ids)
     errors: list[Refusal] = []
     sets = _PortSets(prev, errors)
-    local_rules = _local_rules(local, pods, isolating, pids, prepared, ids, sets, prev, was)
+    local_rules = _local_rules(local, pods, isolating, relevant, pids, prepared, ids, sets,
+                               prev, was)
     maps = PolicyMaps(
         endpoints=local_rules.endpoints,
         ipcache=ids.ipcache,

@@ -134,8 +134,12 @@ def test_the_key_follows_source_defines_kernel_and_compiler_not_the_pin_dir() ->
     assert base not in others and len(others) == 4
 
 
+def insn(code: int, src: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, src << 4, 0, imm)
+
+
 def test_a_directory_keeps_the_newest_entries(tmp_path: Path) -> None:
-    kept = objects.program("p", struct.pack("<BBhi", 0x95, 0, 0, 0), {})
+    kept = objects.program("p", insn(0x95), {})
     for i in range(objects.KEEP + 3):
         objects.store(tmp_path, f"e{i}", [kept])
         os.utime(tmp_path / f"e{i}.json", (1000 + i, 1000 + i))
@@ -151,12 +155,8 @@ def test_a_program_the_verifier_refuses_says_why() -> None:
     require_root()
     # exit with r0 never written: the verifier refuses to read it.
     with pytest.raises(libbpf.BpfError, match="R0 !read_ok") as refused:
-        libbpf.prog_load(PROG_TYPE["xdp"], "refused", struct.pack("<BBhi", 0x95, 0, 0, 0))
+        libbpf.prog_load(PROG_TYPE["xdp"], "refused", insn(0x95))
     assert refused.value.errno == errno.EACCES
-
-
-def insn(code: int, src: int = 0, imm: int = 0) -> bytes:
-    return struct.pack("<BBhi", code, src << 4, 0, imm)
 
 
 def test_only_map_references_by_fd_are_kept() -> None:
