@@ -7,8 +7,10 @@ proxy at a time watches it from a fresh lab node, each at its defaults: this pro
 agent (`lbctl run --kubernetes`), then kube-proxy of the same Kubernetes release in
 nftables mode and in iptables mode (iptables-nft, Debian's iptables). Each proxy first
 programs everything (timed from its start to the last service's last endpoint being
-served), then takes CHANGES changes, one at a time: one endpoint of one service replaced
-by a fresh address, as one merge patch of the service's EndpointSlice that also sets
+served; ours programs its maps before it attaches its programs, so its time also runs to
+its log saying "ready", everything attached), then takes CHANGES changes, one at a time:
+one endpoint of one service replaced by a fresh address, as one merge patch of the
+service's EndpointSlice that also sets
 `endpoints.kubernetes.io/last-change-trigger-time` to the moment of writing (what the
 EndpointSlice controller sets, and what both proxies' network-programming histograms
 start from). A change is timed from just before the write to the middle of the first
@@ -427,9 +429,39 @@ class Running:
     scrape: Callable[[], str]
     metrics: tuple[str, str]  # network programming, sync duration
     log: Path
+    # Whether the maps being right means being served: our agent programs
+    # its maps before it attaches its programs (kube-proxy's rules act
+    # once written).
+    attaches: bool = False
 
     def alive(self) -> None:
         _alive(self.proc, self.log)
+
+    def served_from(self, seen: float) -> float:
+        """When (monotonic) the datapath served what the maps showed at
+        `seen`: for our agent, not before it logged that everything is
+        attached ("ready")."""
+        if not self.attaches:
+            return seen
+        deadline = time.monotonic() + FIRST_TIMEOUT
+        while (ready := _logged(self.log, READY)) is None:
+            if time.monotonic() > deadline:
+                raise BenchError(f"the agent served its maps but never logged {READY!r}")
+            self.alive()
+            time.sleep(0.01)
+        return max(seen, ready)
+
+
+READY = "INFO ready"
+
+
+def _logged(path: Path, line: str) -> float | None:
+    """When (monotonic) the agent logged `line` (its log's local time, to the ms)."""
+    for text in path.read_text(errors="replace").splitlines():
+        if text.endswith(line):
+            stamp = dt.datetime.strptime(text[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            return stamp - (time.time() - time.monotonic())
+    return None
 
 
 def _alive(proc: subprocess.Popen[bytes], log_path: Path) -> None:
@@ -488,7 +520,8 @@ def run_ours(topo: Any, node_name: str, kubeconfig: Path, services: int,
                     raise
                 time.sleep(0.05)
         yield Running(proc, probe, scrape, ("xdplb_network_programming_duration_seconds",
-                                            "xdplb_sync_duration_seconds"), log_path)
+                                            "xdplb_sync_duration_seconds"), log_path,
+                      attaches=True)
     finally:
         if probe is not None:
             probe.close()
@@ -556,7 +589,7 @@ def measure(running: Running, api: Api, specs: list[workload.SvcSpec], changes: 
                 "own_ms": None, "own_programming": None, "own_sync": None,
                 "cpu_seconds_per_change": None, "rss_mib": _proc_rss_mib(running.proc.pid),
                 "skipped": f"not programmed within {FIRST_TIMEOUT:.0f} s"}
-    first_seconds = first - started
+    first_seconds = running.served_from(first) - started
     time.sleep(GAP)
     names = running.metrics
     before = histograms(running.scrape(), names)
@@ -619,7 +652,7 @@ def restart(topo: Any, node_name: str, kubeconfig: Path, services: int, workdir:
                            running.alive)
         if "loaded the kept programs" not in running.log.read_text():
             raise BenchError("the restarted agent compiled: no programs were kept")
-        return None if seen is None else seen - started
+        return None if seen is None else running.served_from(seen) - started
 
 
 def run(mode: Mode, sizes: Sequence[int] | None = None, changes: int | None = None,
@@ -728,6 +761,7 @@ def markdown(doc: dict[str, Any]) -> list[str]:
            f"the end of its sync: the histogram's sum, scraped after every change); `sync`: "
            f"its sync-duration histogram over the changes (bucket bounds). `CPU/change`: the "
            f"proxy process's CPU time over the changes, per change. Our first sync "
+           f"runs until the maps serve and the programs are attached, and "
            f"compiles the programs; `restart`: the first sync of a second start, with the "
            f"programs the first one kept.",
            "",

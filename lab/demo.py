@@ -62,6 +62,18 @@ def translated(instance: str) -> int:
                    for c in m.lookup(layout.const(f"LB_STAT_{r}")) or ())
 
 
+def settled(instance: str) -> int:
+    """translated(), once the last packets of the earlier requests' connections
+    (their closing ACKs) have passed: unchanged over 0.2 s, or after 3 s."""
+    now = translated(instance)
+    for _ in range(15):
+        time.sleep(0.2)
+        now, before = translated(instance), now
+        if now == before:
+            break
+    return now
+
+
 def through_nginx(topo: Topology, agent: LabAgent, cgroup: Path) -> Counter[str]:
     say(f"nginx (Debian's) on the node's host network, port {NGINX_PORT}: the Ingress "
         f"controller of deploy/examples/ingress.yaml, proxying / to the ClusterIP "
@@ -69,7 +81,7 @@ def through_nginx(topo: Topology, agent: LabAgent, cgroup: Path) -> Counter[str]
         "socket hook connect4 gives each of nginx's connect() calls a tomcat pod's address; "
         f"{REQUESTS} requests from outside to {NODE_IP}:{NGINX_PORT}:")
     with host_network_nginx(topo, topo.node, cgroup, f"{CLUSTER_IP}:8080", INGRESS_HOST):
-        before = translated(agent.instance)
+        before = settled(agent.instance)
         spread = curl_many(topo, topo.external, f"http://{NODE_IP}:{NGINX_PORT}/", REQUESTS)
         bars(spread)
         print(f"    packets the tc and XDP programs translated meanwhile: "

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -153,6 +154,8 @@ class Datapath:
         require_bpffs()
         self.opts = opts
         self._progs: dict[str, int] = {}
+        # Programs may be verified on another thread while this one programs the maps.
+        self._progs_lock = threading.Lock()
         self._maps: dict[str, BpfMap] = {}
         opts.pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         opts.pin_dir.chmod(0o700)
@@ -209,6 +212,10 @@ class Datapath:
 
     def prog_fd(self, name: str) -> int:
         """Load (once) the program `name` (loader/programs.py)."""
+        with self._progs_lock:
+            return self._prog_fd(name)
+
+    def _prog_fd(self, name: str) -> int:
         if name not in self._progs:
             prog = PROGRAMS[name]
             if self.kept is not None:

@@ -34,7 +34,13 @@ from lb.service import desired
 from lb.sources.files import FileSource
 from lb.sources.kube import KubeSource
 from loader.build import BuildOptions, Datapath
-from loader.programs import TC_FROM_POD, TC_TO_EXTERNAL, TC_TO_POD, XDP_EXTERNAL
+from loader.programs import (
+    SOCK_PROGRAMS,
+    TC_FROM_POD,
+    TC_TO_EXTERNAL,
+    TC_TO_POD,
+    XDP_EXTERNAL,
+)
 
 if TYPE_CHECKING:
     from lb.agent.metrics import Metrics, MetricsServer
@@ -47,6 +53,9 @@ NODE_PROGRAM = XDP_EXTERNAL.name
 NODE_EGRESS_PROGRAM = TC_TO_EXTERNAL.name
 # A sync that raised is retried with the same cluster after this long.
 SYNC_RETRY_DELAY = 1.0
+# How long a start waits for the API's first complete lists before it
+# attaches the programs anyway, over the maps as a previous agent left them.
+FIRST_LIST_WAIT = 10.0
 LOOP_TICK = 0.1
 
 
@@ -260,6 +269,18 @@ class Agent:
                  self.dp.opts.pin_dir, found)
         self.metrics.datapath_loaded(self.dp.opts.pin_dir)
 
+    def _verify(self) -> None:
+        """Load every program the agent attaches. One the verifier refuses
+        is left for the attach, which loads it again and reports why."""
+        names = [NODE_PROGRAM, NODE_EGRESS_PROGRAM, POD_PROGRAM, TO_POD_PROGRAM]
+        if self.cgroup:
+            names += [prog.name for prog in SOCK_PROGRAMS]
+        for name in names:
+            try:
+                self.dp.prog_fd(name)
+            except Exception as e:  # raised again where it is attached
+                log.debug("loading %s ahead of its attach: %s", name, e)
+
     def _check_devices(self) -> None:
         with iproute(self.config.netns) as ipr:
             for dev in self.config.ifaces:
@@ -319,6 +340,24 @@ class Agent:
                 self._retry = None if ok else cluster
                 last_sync = time.monotonic() + (0 if ok else SYNC_RETRY_DELAY)
 
+    def _first_cluster(self) -> Cluster | None:
+        """The source's first snapshot, waited for (up to FIRST_LIST_WAIT) so
+        that the first sync comes before the programs are verified and
+        attached: the maps serve sooner, and a previous agent's programs
+        keep serving meanwhile (kube-proxy likewise syncs nothing before its
+        informers have synced, pkg/proxy/nftables/proxier.go isInitialized)."""
+        if isinstance(self.source, KubeSource):
+            deadline = time.monotonic() + FIRST_LIST_WAIT
+            while not self.source.wait_listed(LOOP_TICK):
+                if self.stopping.is_set():
+                    return None
+                if time.monotonic() > deadline:
+                    log.warning("the API server has not answered every list in %.0f s: "
+                                "attaching over the maps as they are, to be programmed "
+                                "once it has", FIRST_LIST_WAIT)
+                    break
+        return self.source.poll()
+
     def run(self) -> int:
         # The process stays in its own namespace (its API and metrics sockets
         # live there); only netlink, sysctls and node-facing listeners are
@@ -327,26 +366,32 @@ class Agent:
         self._lock = lock_instance(self.config.instance)
         self._check_devices()
         servers = self._servers()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
         if isinstance(self.source, KubeSource):
             self.metrics.watch_source(self.source)
             self.source.start()  # the first lists run while the programs compile
         self._load()
-        cluster = self.source.poll()
+        # The verifier runs in the kernel, outside the GIL: while it checks
+        # the programs, this thread parses the lists and programs the maps.
+        verify = threading.Thread(target=self._verify, name="verify", daemon=True)
+        verify.start()
+        cluster = self._first_cluster()
         # Nothing yet (the API source before every kind is listed, files that
         # do not parse): syncing an empty cluster would wipe the maps a
         # previous agent left, so they keep serving until there is one.
-        if cluster is not None:
+        if cluster is not None and not self.stopping.is_set():
             self._retry = None if self.sync(cluster) else cluster
-        self._attach_node()
-        watcher = LinkWatcher(set(self.config.ifaces) | {"lo"}, self._attach_veths,
-                              self.config.netns, frozenset(self.config.node.ips))
-        watcher.existing()
-        watcher.start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stopping.set())
-        log.info("ready")
-        self._loop()
-        watcher.stop.set()
+        verify.join()
+        if not self.stopping.is_set():
+            self._attach_node()
+            watcher = LinkWatcher(set(self.config.ifaces) | {"lo"}, self._attach_veths,
+                                  self.config.netns, frozenset(self.config.node.ips))
+            watcher.existing()
+            watcher.start()
+            log.info("ready")
+            self._loop()
+            watcher.stop.set()
         self.health.close()
         if isinstance(self.source, KubeSource):
             self.source.stop()

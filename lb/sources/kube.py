@@ -29,11 +29,12 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import yaml
 
@@ -64,36 +65,28 @@ class Resource:
     kind: str
     api_version: str
     namespaced: bool
-    # The generated client's list function, given an ApiClient.
-    lister: Callable[[Any], Callable[..., Any]]
+    plural: str
     # Served from some release on: an API server that answers 404 has none,
     # which counts as listed and empty (asked again every NOT_SERVED_RETRY).
     optional: bool = False
 
-
-def _lister(group: str, method: str) -> Callable[[Any], Callable[..., Any]]:
-    def get(api: Any) -> Callable[..., Any]:
-        from kubernetes import client
-
-        fn: Callable[..., Any] = getattr(getattr(client, group)(api), method)
-        return fn
-
-    return get
+    @property
+    def path(self) -> str:
+        """Every object of the kind, all namespaces included."""
+        group = "/apis" if "/" in self.api_version else "/api"
+        return f"{group}/{self.api_version}/{self.plural}"
 
 
-SERVICES = Resource("Service", "v1", True,
-                    _lister("CoreV1Api", "list_service_for_all_namespaces"))
-ENDPOINT_SLICES = Resource("EndpointSlice", "discovery.k8s.io/v1", True,
-                           _lister("DiscoveryV1Api", "list_endpoint_slice_for_all_namespaces"))
-POLICIES = Resource("NetworkPolicy", "networking.k8s.io/v1", True,
-                    _lister("NetworkingV1Api", "list_network_policy_for_all_namespaces"))
-PODS = Resource("Pod", "v1", True, _lister("CoreV1Api", "list_pod_for_all_namespaces"))
-NAMESPACES = Resource("Namespace", "v1", False, _lister("CoreV1Api", "list_namespace"))
-NODES = Resource("Node", "v1", False, _lister("CoreV1Api", "list_node"))
+SERVICES = Resource("Service", "v1", True, "services")
+ENDPOINT_SLICES = Resource("EndpointSlice", "discovery.k8s.io/v1", True, "endpointslices")
+POLICIES = Resource("NetworkPolicy", "networking.k8s.io/v1", True, "networkpolicies")
+PODS = Resource("Pod", "v1", True, "pods")
+NAMESPACES = Resource("Namespace", "v1", False, "namespaces")
+NODES = Resource("Node", "v1", False, "nodes")
 # networking.k8s.io/v1 since 1.33; kube-proxy follows them for the drop of
 # unallocated service addresses (pkg/proxy/config/config.go ServiceCIDRConfig).
-SERVICE_CIDRS = Resource("ServiceCIDR", "networking.k8s.io/v1", False,
-                         _lister("NetworkingV1Api", "list_service_cidr"), optional=True)
+SERVICE_CIDRS = Resource("ServiceCIDR", "networking.k8s.io/v1", False, "servicecidrs",
+                         optional=True)
 RESOURCES = (SERVICES, ENDPOINT_SLICES, POLICIES, PODS, NAMESPACES, NODES, SERVICE_CIDRS)
 NOT_SERVED_RETRY = 300.0
 ZONE_LABEL = "topology.kubernetes.io/zone"
@@ -113,6 +106,58 @@ class Expired(Exception):
 
 class WatchError(Exception):
     """An ERROR event other than 410."""
+
+
+class ApiError(Exception):
+    """The API server answered with an error status."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"HTTP {status} {reason}".strip())
+        self.status = status
+        self.reason = reason
+
+
+class ApiHttp:
+    """GETs to the API server with the client library's configuration (host,
+    TLS, credentials and their refresh) and connection pool, but not its
+    generated API classes: importing those builds some 250 pydantic models,
+    half a second of every start before the first list, for objects that
+    are kept here as the JSON the server sends."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def get(self, path: str, params: Mapping[str, str | int | bool],
+            timeout: tuple[float, float]) -> Any:
+        """The response, unread (a list is read whole, a watch streamed);
+        ApiError for an error status."""
+        import urllib3
+
+        cfg = self.client.configuration
+        headers = {**self.client.default_headers, "Accept": "application/json"}
+        for auth in cfg.auth_settings().values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[auth["key"]] = auth["value"]
+        query = urlencode({k: str(v).lower() if isinstance(v, bool) else v
+                           for k, v in params.items()})
+        resp = self.client.rest_client.pool_manager.request(
+            "GET", f"{cfg.host.rstrip('/')}{path}?{query}", headers=headers,
+            preload_content=False, retries=False,
+            timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]))
+        if resp.status < 400:
+            return resp
+        try:
+            body = json.loads(resp.data)
+            reason = str(body.get("reason") or resp.reason or "") \
+                if isinstance(body, dict) else str(resp.reason or "")
+        except ValueError:
+            reason = str(resp.reason or "")
+        finally:
+            resp.release_conn()
+        raise ApiError(resp.status, reason)
+
+    def close(self) -> None:
+        self.client.close()
 
 
 # --- configuration ----------------------------------------------------------------
@@ -235,11 +280,10 @@ def _annotation(obj: Mapping[str, Any] | None, name: str) -> Any:
 
 def describe(e: BaseException) -> str:
     """An error in one line, without response bodies, headers or URLs."""
-    from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import MaxRetryError
 
-    if isinstance(e, ApiException):
-        return f"HTTP {e.status} {e.reason or ''}".strip()
+    if isinstance(e, ApiError):
+        return str(e)
     if isinstance(e, MaxRetryError) and e.reason is not None:
         return describe(e.reason)
     # urllib3 puts the connection object's repr in front: not for a log.
@@ -267,6 +311,8 @@ class Store:
         self._pending: list[float] = []
         self._taken: list[float] = []
         self.changed = threading.Event()
+        # Set once every kind has been listed: a snapshot can be taken.
+        self.all_listed = threading.Event()
         # Annotation times from before we started describe changes a
         # previous agent programmed (kube-proxy ignores them too).
         self.started = time.time() if started is None else started
@@ -303,6 +349,8 @@ class Store:
             self._objects[kind] = objects
             first = kind not in self._listed
             self._listed.add(kind)
+            if self._listed == set(self._objects):
+                self.all_listed.set()
             if changed or first:
                 self._mark()
             return changed
@@ -471,14 +519,12 @@ class Reflector(threading.Thread):
 
     # -- list ---------------------------------------------------------------------
 
-    def _call(self, **kw: Any) -> Any:
-        from kubernetes.client.exceptions import ApiException
-
+    def _call(self, timeout: tuple[float, float], **params: str | int | bool) -> Any:
         if self.field_selector:
-            kw["field_selector"] = self.field_selector
+            params["fieldSelector"] = self.field_selector
         try:
-            return self.res.lister(self.api)(_preload_content=False, **kw)
-        except ApiException as e:
+            return self.api.get(self.res.path, params, timeout)
+        except ApiError as e:
             if e.status == 410:
                 raise Expired(f"HTTP 410 {e.reason or 'Gone'}") from e
             if e.status == 404 and self.res.optional:
@@ -491,11 +537,10 @@ class Reflector(threading.Thread):
         objects: dict[str, dict[str, Any]] = {}
         cont: str | None = None
         while True:
-            kw: dict[str, Any] = {"limit": self.page_size,
-                                  "_request_timeout": (CONNECT_TIMEOUT, LIST_READ_TIMEOUT)}
+            page: dict[str, str | int | bool] = {"limit": self.page_size}
             if cont:
-                kw["_continue"] = cont
-            resp = self._call(**kw)
+                page["continue"] = cont
+            resp = self._call((CONNECT_TIMEOUT, LIST_READ_TIMEOUT), **page)
             try:
                 body = json.loads(resp.data)
             finally:
@@ -531,9 +576,11 @@ class Reflector(threading.Thread):
         if self.resync_period > 0:
             timeout = max(1, min(timeout, int(self._next_resync - time.monotonic()) + 1))
         started = time.monotonic()
-        resp = self._call(watch=True, allow_watch_bookmarks=True, resource_version=self.rv,
-                          timeout_seconds=timeout,
-                          _request_timeout=(CONNECT_TIMEOUT, WATCH_READ_TIMEOUT))
+        params: dict[str, str | int | bool] = {"watch": True, "allowWatchBookmarks": True,
+                                               "timeoutSeconds": timeout}
+        if self.rv:
+            params["resourceVersion"] = self.rv
+        resp = self._call((CONNECT_TIMEOUT, WATCH_READ_TIMEOUT), **params)
         with self._resp_lock:
             self._resp = resp
         events = 0
@@ -772,7 +819,7 @@ class KubeSource:
         without one), for `node_name` (default: the host name)."""
         from kubernetes import client
 
-        api = client.ApiClient(load_config(kubeconfig))
+        api = ApiHttp(client.ApiClient(load_config(kubeconfig)))
         return cls(api, node_name=node_name or socket.gethostname().lower(),
                    resync_period=resync_period)
 
@@ -793,12 +840,8 @@ class KubeSource:
         self.api.close()
 
     def wait_listed(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.store.listed():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
+        """Whether every kind was listed within `timeout` seconds."""
+        return self.store.all_listed.wait(timeout)
 
     def poll(self) -> Cluster | None:
         changes = self.store.take_changes()

@@ -31,7 +31,7 @@ from lab.clients import FAILED, curl_many
 from lab.topology import Pod, Topology, TopologySpec
 from lb.datapath.instance import pin_dir_of
 from lb.inspect import mapview
-from lb.sources.kube import KubeSource
+from lb.sources.kube import ApiError, ApiHttp, KubeSource, describe, load_config
 from loader.maps import BpfMap
 from tests.cluster.controlplane import ControlPlane, free_ports
 from tests.cluster.objects import (
@@ -487,6 +487,31 @@ def test_in_cluster_config_with_the_daemonset_rbac(
         assert all(c.errors == 0 for c in source.stats().values()), source.stats()
     finally:
         source.stop()
+
+
+def test_the_api_servers_answers_through_the_plain_client(control_plane: ControlPlane) -> None:
+    """The source's GETs (the client's pool and credentials, none of its
+    generated classes): a page of a list with its continue token, a 404 for
+    a kind not served, a 401 for a wrong token, each named by its status."""
+    cfg = load_config(str(control_plane.kubeconfig))
+    api = ApiHttp(client.ApiClient(cfg))
+    try:
+        resp = api.get("/api/v1/namespaces", {"limit": 1}, (5.0, 5.0))
+        page = json.loads(resp.data)
+        resp.release_conn()
+        assert len(page["items"]) == 1 and page["metadata"]["continue"]
+        with pytest.raises(ApiError) as missing:
+            api.get("/apis/networking.k8s.io/v1/nosuchkinds", {}, (5.0, 5.0))
+        assert missing.value.status == 404
+    finally:
+        api.close()
+    wrong = ApiHttp(api_client(cfg.host, "not-a-token", control_plane.ca_file))
+    try:
+        with pytest.raises(ApiError) as refused:
+            wrong.get("/api/v1/services", {}, (5.0, 5.0))
+        assert (refused.value.status, describe(refused.value)) == (401, "HTTP 401 Unauthorized")
+    finally:
+        wrong.close()
 
 
 def test_bad_flags_are_refused() -> None:

@@ -4,6 +4,7 @@ still counts, and nothing broken is programmed."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
@@ -11,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lb.model import Node
 from lb.policy import compile_policy, lookup
-from lb.sources import files
+from lb.sources import files, manifests
 from lb.sources.files import FileSource
 from lb.sources.manifests import ManifestError, Rules, load
 
@@ -96,6 +99,41 @@ def test_a_special_address_is_no_service_address(tmp_path: Path, addr: str, spec
     res = load([write(tmp_path, GOOD, svc("special", spec.format(a=addr)))])
     assert list(res.cluster.services) == ["default/good"]
     assert [e.field for e in res.errors] == [field]
+
+
+def _full_path(text: str) -> str | None:
+    """What the ipaddress path says of `text`: the address, or None if refused."""
+    try:
+        addr = manifests._address(text, "f", "w")
+    except ManifestError:
+        return None
+    return str(addr) if addr.version == 4 and manifests._special(addr) is None else None
+
+
+# Octets drawn near every edge that _special draws.
+OCTET = st.one_of(st.sampled_from([0, 1, 126, 127, 128, 168, 169, 170, 223, 224, 239, 240,
+                                   253, 254, 255]), st.integers(0, 255))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.tuples(OCTET, OCTET, OCTET, OCTET),
+       st.sampled_from(["{}", "{}", "{}", "0{}", "{} ", "{}.0", "::ffff:{}"]))
+def test_the_quick_address_check_agrees_with_the_full_one(
+        octets: tuple[int, int, int, int], form: str) -> None:
+    text = form.format(ipaddress.IPv4Address(bytes(octets)))
+    try:
+        quick: str | None = manifests._usable_ip(text, "f", "w")
+    except ManifestError:
+        quick = None
+    assert quick == _full_path(text)
+    # Only what the full path takes in the same words is taken without it.
+    if manifests._plain_ipv4(text):
+        assert _full_path(text) == text
+
+
+def test_the_quick_address_check_takes_the_common_case() -> None:
+    assert manifests._plain_ipv4("10.244.1.7")
+    assert not any(manifests._plain_ipv4(a) for a in SPECIAL)
 
 
 @pytest.mark.parametrize("addr", SPECIAL)

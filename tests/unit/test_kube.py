@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import ProtocolError
 
 from lb.model import Cluster, Node
@@ -24,6 +23,7 @@ from lb.sources.kube import (
     NODES,
     SERVICES,
     TRIGGER_TIME_ANNOTATION,
+    ApiError,
     Backoff,
     KubeSource,
     ParsedObjects,
@@ -93,7 +93,8 @@ class ScriptedApi:
         self.calls: list[dict[str, Any]] = []
         self.reflector: Reflector | None = None
 
-    def __call__(self, **kw: Any) -> Any:
+    def get(self, path: str, params: dict[str, Any], timeout: tuple[float, float]) -> Any:
+        kw = {**params, "path": path}
         self.calls.append(kw)
         if not self.steps:
             assert self.reflector is not None
@@ -108,8 +109,7 @@ class ScriptedApi:
 
 def reflector(api: ScriptedApi, store: Store, res: Resource = SERVICES,
               resync: float = 0) -> Reflector:
-    r = Reflector(None, Resource(res.kind, res.api_version, res.namespaced, lambda _: api),
-                  store, resync_period=resync,
+    r = Reflector(api, res, store, resync_period=resync,
                   backoff=Backoff(0.001, 0.002, random.Random(1)))
     api.reflector = r
     return r
@@ -138,9 +138,10 @@ def test_list_watch_410_relist_and_reconnect_from_the_same_version() -> None:
     ])
     r = reflector(api, store)
     r.run()
-    kinds = [("watch" in c, c.get("resource_version")) for c in api.calls]
+    kinds = [("watch" in c, c.get("resourceVersion")) for c in api.calls]
     assert kinds[:5] == [(False, None), (True, "5"), (True, "8"), (False, None), (True, "12")]
-    assert all(c["allow_watch_bookmarks"] for c in api.calls if "watch" in c)
+    assert all(c["allowWatchBookmarks"] for c in api.calls if "watch" in c)
+    assert {c["path"] for c in api.calls} == {"/api/v1/services"}
     assert {o["metadata"]["name"] for o in store.take() or []} == {"b", "c"}
     assert r.counters.relists == {"initial": 1, "expired": 1}
     assert r.counters.errors >= 1
@@ -151,7 +152,7 @@ def test_list_watch_410_relist_and_reconnect_from_the_same_version() -> None:
 
 def test_410_as_http_status_relists() -> None:
     store = Store(("Service",))
-    api = ScriptedApi([ListResp([], "5"), ApiException(status=410, reason="Gone"),
+    api = ScriptedApi([ListResp([], "5"), ApiError(410, "Gone"),
                        ListResp([service("a", "7")], "7")])
     r = reflector(api, store)
     r.run()
@@ -168,7 +169,7 @@ def test_a_failed_list_changes_nothing() -> None:
     ])
     r = reflector(api, store)
     r.run()
-    assert api.calls[1]["_continue"] == "page2"
+    assert api.calls[1]["continue"] == "page2"
     assert store.get("Service", "default/old") is not None
     assert store.get("Service", "default/a") is None
     assert r.rv is None, "the next attempt lists again"
@@ -194,7 +195,7 @@ def test_resync_lists_again_and_reports_only_real_changes() -> None:
     assert store.take() is None
     r.run()
     # The watch is bounded by the resync period: it asks for a 1 s timeout.
-    assert api.calls[1]["timeout_seconds"] == 1
+    assert api.calls[1]["timeoutSeconds"] == 1
     assert r.counters.relists["resync"] >= 1
     assert store.take() is not None  # the first list
     assert store.take() is None  # the resync found nothing new
@@ -348,9 +349,9 @@ def test_a_kind_the_api_server_does_not_serve_counts_as_none(
     monkeypatch.setattr(kube, "NOT_SERVED_RETRY", 0.0)
     for optional in (True, False):
         store = Store(("ServiceCIDR",))
-        api = ScriptedApi([ApiException(status=404, reason="Not Found")])
-        r = Reflector(None, Resource("ServiceCIDR", "networking.k8s.io/v1", False,
-                                     lambda _, api=api: api, optional=optional),
+        api = ScriptedApi([ApiError(404, "Not Found")])
+        r = Reflector(api, Resource("ServiceCIDR", "networking.k8s.io/v1", False, "servicecidrs",
+                                    optional=optional),
                       store, resync_period=0, backoff=Backoff(0.001, 0.002, random.Random(1)))
         api.reflector = r
         r.run()
