@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from lb.datapath.attach import OBJECT_CACHE
 from lb.datapath.instance import pin_dir_of
 from loader import layout
 from loader.maps import BpfMap
@@ -24,6 +25,24 @@ from .topology import LabError, Node, Topology
 # What the agent logs when its incremental desired state, or a policy compile that
 # reused the previous one's rules, was wrong (lb/agent/loop.py, lb/policy/kernel.py).
 DRIFT = "computed incrementally differ from a full recompute"
+
+
+@contextlib.contextmanager
+def object_cache_kept_as_found(cache: Path = OBJECT_CACHE) -> Iterator[None]:
+    """Lab agents and `lbctl trace` keep their compiled programs where a
+    node's agent does (loader/objects.py): what the block adds there goes
+    again at its end, and the directory too if the block made it."""
+    existed = cache.exists()
+    before = set(cache.iterdir()) if existed else set()
+    try:
+        yield
+    finally:
+        if cache.exists():
+            for path in set(cache.iterdir()) - before:
+                path.unlink(missing_ok=True)
+            if not existed:
+                with contextlib.suppress(OSError):  # something else wrote there meanwhile
+                    cache.rmdir()
 
 
 class LabAgent:

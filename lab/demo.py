@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from lab.agent import LabAgent
+from lab.agent import LabAgent, object_cache_kept_as_found
 from lab.clients import FAILED, curl_many
 from lab.ingress import NGINX_PORT, host_network_nginx
 from lab.topology import NodeSpec, Topology, TopologySpec
@@ -105,8 +105,9 @@ def main() -> int:
         say("Starting the agent (`lbctl run`): it compiles the BPF programs, fills the maps "
             "from the manifest, attaches XDP to the node's device, tc to each pod's veth and "
             "the socket hooks to the node's cgroup.")
-        with demo_cgroup() as cgroup, LabAgent(topo, topo.node, [MANIFEST], instance="lbdemo",
-                                              extra=("--cgroup", str(cgroup))) as agent:
+        with object_cache_kept_as_found(), demo_cgroup() as cgroup, \
+                LabAgent(topo, topo.node, [MANIFEST], instance="lbdemo",
+                         extra=("--cgroup", str(cgroup))) as agent:
             for line in agent.lines:
                 print("    " + line.split(" ", 3)[-1])
 
@@ -128,8 +129,8 @@ def main() -> int:
                             agent.instance], check=True)
             subprocess.run([sys.executable, "-m", "lb.cli", "maps", "stats", "--instance",
                             agent.instance], check=True)
-        say("Cleaning up: nginx and the agent stopped, programs, pins and the cgroup removed, "
-            "namespaces deleted.")
+        say("Cleaning up: nginx and the agent stopped, programs, pins, the kept programs "
+            "and the cgroup removed, namespaces deleted.")
     ok = all(FAILED not in s and len(s) == 2 for s in (spread, outside, ingress))
     print(f"\ndemo {'finished' if ok else 'FAILED'} in {time.monotonic() - start:.1f} s")
     return 0 if ok else 1

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lab.agent import object_cache_kept_as_found
 from lb.datapath.instance import SMALL, Sizes
 from lb.datapath.interface import PacketDatapath
 from lb.datapath.userspace.programs import UserspaceDatapath
@@ -27,6 +28,12 @@ def require_root() -> None:
 
 def new_pin_dir(tag: str = "test") -> Path:
     return BPFFS / f"lbtest-{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _node_object_cache_as_found() -> Iterator[None]:
+    with object_cache_kept_as_found():
+        yield
 
 
 @pytest.fixture(scope="session")
