@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from http.server import BaseHTTPRequestHandler
@@ -20,8 +20,8 @@ from typing import Any
 
 from lb.agent.httpserver import HTTPServer, http_server
 from lb.datapath.netns import call_in
-from lb.model import Cluster
-from lb.service.desired import SCOPE_EXTERNAL, DesiredState
+from lb.model import Cluster, Service
+from lb.service.desired import SCOPE_EXTERNAL, DesiredState, FrontendEntry, Memo
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,12 @@ class HealthCheck:
     local_endpoints: int
 
 
+def checked(svc: Service) -> bool:
+    """Whether `svc` has a health-check NodePort to answer."""
+    return bool(svc.type == "LoadBalancer" and svc.external_traffic_local
+                and svc.health_check_node_port)
+
+
 def health_checks(cluster: Cluster, state: DesiredState) -> dict[int, HealthCheck]:
     """Port -> what it must answer, for every service that has one.
 
@@ -40,18 +46,65 @@ def health_checks(cluster: Cluster, state: DesiredState) -> dict[int, HealthChec
     the node's traffic, but the check fails so that the load balancer stops
     sending new flows here (kube-proxy, pkg/proxy/endpointschangetracker.go,
     getLocalReadyEndpointIPs)."""
-    checked = [svc for svc in cluster.services.values()
-               if svc.type == "LoadBalancer" and svc.external_traffic_local
-               and svc.health_check_node_port]
-    if not checked:  # most clusters: no pass over every entry on every sync
+    services = [svc for svc in cluster.services.values() if checked(svc)]
+    if not services:  # most clusters: no pass over every entry on every sync
         return {}
-    local: dict[str, set[str]] = {}
+    by_service: dict[str, list[FrontendEntry]] = {}
     for e in state.entries.values():
-        if e.frontend.scope == SCOPE_EXTERNAL:
-            local.setdefault(e.service, set()).update(
-                b.ip for b in e.backends if b.local and not b.terminating)
-    return {port: HealthCheck(svc.namespace, svc.name, len(local.get(svc.key, ())))
-            for svc in checked if (port := svc.health_check_node_port)}
+        by_service.setdefault(e.service, []).append(e)
+    return _answers(services, lambda key: by_service.get(key, ()))
+
+
+def _answers(services: Iterable[Service],
+             entries_of: Callable[[str], Iterable[FrontendEntry]]) -> dict[int, HealthCheck]:
+    out = {}
+    # By key: of two services on one port (from files), the same one answers.
+    for svc in sorted(services, key=lambda s: s.key):
+        local = {b.ip for e in entries_of(svc.key) if e.frontend.scope == SCOPE_EXTERNAL
+                 for b in e.backends if b.local and not b.terminating}
+        out[svc.health_check_node_port or 0] = HealthCheck(svc.namespace, svc.name, len(local))
+    return out
+
+
+class HealthCheckTracker:
+    """health_checks from sync to sync at the cost of what changed: the
+    services with a health-check port are kept, updated from the services a
+    snapshot names as changed (a walk over 100,000 Services costs more than
+    a one-endpoint sync), and each counts its endpoints from its own entries
+    as the desired state's memo holds them, not from every entry there is."""
+
+    def __init__(self) -> None:
+        self._services: dict[str, Service] = {}
+        self._seen: object | None = None  # revision of the snapshot seen last
+
+    def update(self, cluster: Cluster, state: DesiredState,
+               memo: Memo | None = None) -> dict[int, HealthCheck]:
+        changes = cluster.changes
+        if changes is not None and self._seen is not None and changes.since is self._seen:
+            keys: Iterable[str] = changes.services
+        else:
+            self._services.clear()
+            keys = cluster.services.keys()
+        self._seen = cluster.revision
+        for key in keys:
+            svc = cluster.services.get(key)
+            if svc is not None and checked(svc):
+                self._services[key] = svc
+            else:
+                self._services.pop(key, None)
+        if not self._services:
+            return {}
+        if memo is None or memo.token is not state.token:
+            # A state the memo did not compute (the periodic check's full one).
+            return health_checks(cluster, state)
+
+        def entries_of(key: str) -> list[FrontendEntry]:
+            hit = memo.by_service.get(key)
+            # A frontend two services claim is the first one's (desired.Memo).
+            return [e for f, e in hit.entries.items() if state.entries.get(f) is e] \
+                if hit is not None else []
+
+        return _answers(self._services.values(), entries_of)
 
 
 def answer(hc: HealthCheck) -> tuple[int, bytes]:

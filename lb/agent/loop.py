@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from lb import collector
 from lb.agent.config import AgentConfig
-from lb.agent.healthcheck import HealthServers, health_checks
+from lb.agent.healthcheck import HealthCheckTracker, HealthServers
 from lb.agent.links import LINK_RESCAN_PERIOD, LinkWatcher, min_mtu
 from lb.agent.nodeports import addresses_in
 from lb.datapath import socklb
@@ -95,6 +95,9 @@ class Agent:
         self.stopping = threading.Event()
         self.attachments = Attachments(netns=config.netns)
         self.health = HealthServers(netns=config.netns)
+        self._health_checks = HealthCheckTracker()
+        # Whether the connected UDP sockets were checked since the start.
+        self._udp_checked = False
         self._tc_lock = threading.Lock()
 
     def _attach_veths(self, devs: set[str]) -> None:
@@ -148,10 +151,13 @@ class Agent:
                 log.error("refused %s", line)
             res.refusals += self.policy.sync(cluster, node, check)
             self.metrics.policy_drift.inc(self.policy.drifted)
-            self.health.update(health_checks(cluster, state))
-            if self.cgroup:
+            self.health.update(self._health_checks.update(cluster, state, self.memo))
+            # A socket can only have gone stale when a backend left the maps.
+            if self.cgroup and (res.backends_removed or not self._udp_checked):
+                self._udp_checked = False  # until a pass succeeds
                 try:
                     self._close_stale_udp(state)
+                    self._udp_checked = True
                 except OSError as e:  # the maps are programmed; sockets wait a sync
                     log.warning("closing UDP sockets of gone backends: %s", e)
         except Exception:

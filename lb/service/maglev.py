@@ -156,14 +156,13 @@ def populate_array(backends: Sequence[str], size: int,
     if size < n:
         raise ValueError(f"table of {size} slots is too small for {n} backends")
     order = sorted(range(n), key=backends.__getitem__)
-    for a, b in itertools.pairwise(order):
-        if backends[a] == backends[b]:
-            raise ValueError(f"duplicate backend name {backends[a]!r}")
-    offsets, skips = array.array("I"), array.array("I")
-    for i in order:
-        offset, skip = _params(backends[i], size)
-        offsets.append(offset)
-        skips.append(skip)
+    if len(set(backends)) != n:
+        for a, b in itertools.pairwise(order):
+            if backends[a] == backends[b]:
+                raise ValueError(f"duplicate backend name {backends[a]!r}")
+    params = [_params(backends[i], size) for i in order]
+    offsets = array.array("I", [offset for offset, _ in params])
+    skips = array.array("I", [skip for _, skip in params])
     turn_labels = array.array("I", [labels[i] for i in order] if labels is not None else order)
     native = native_fill()
     if native is None:
@@ -191,8 +190,10 @@ def _native_fill(native: tuple[cffi.FFI, Any], labels: array.array[int],
                  size: int) -> array.array[int]:
     ffi, lib = native
     entry = array.array("I", bytes(4 * size))
-    args = [ffi.from_buffer("uint32_t[]", a) for a in (offsets, skips, labels)]
-    if lib.xdplb_maglev_fill(*args, len(labels), size, ffi.from_buffer("uint32_t[]", entry)):
+    # The arrays' own buffers, by address: live for the call, and a tenth
+    # of the cost of wrapping each (a sync from empty fills 10k tables).
+    args = [ffi.cast("uint32_t *", a.buffer_info()[0]) for a in (offsets, skips, labels, entry)]
+    if lib.xdplb_maglev_fill(args[0], args[1], args[2], len(labels), size, args[3]):
         raise MemoryError(f"no memory for a Maglev table of {size} slots")
     return entry
 
