@@ -456,6 +456,11 @@ def test_node_ip_from_the_node_object_and_fail_static_at_start(
                     time.sleep(2)
                     assert not any("synced" in ln for ln in second.lines)
                     assert _maps_of(second) == before
+                    # It waits for the lists (FIRST_LIST_WAIT), then attaches anyway.
+                    second.wait_for("has not answered every list", timeout=30)
+                    second.wait_for("ready", timeout=30)
+                    assert not any("synced" in ln for ln in second.lines)
+                    assert _maps_of(second) == before
                 finally:
                     second.stop()
         finally:
