@@ -91,6 +91,31 @@ class Prefilter:
                 dirty.add(w)
         return self._write(dirty)
 
+    def move(self, held: Iterable[Member], released: Iterable[Member]) -> int:
+        """`hold(held)` then `release(released)` in one pass, each member
+        counted once by its net change (a sync's end: what it programmed
+        holds what the sync held for it meanwhile, a sync from empty about
+        100k members, most of them netting out). The words written."""
+        net = Counter(held)
+        net.subtract(released)
+        refs, first, last = self._refs, [], []
+        for m, d in net.items():
+            if not d:
+                continue
+            before = refs.get(m, 0)
+            after = before + d
+            if after > 0:
+                refs[m] = after
+            else:
+                del refs[m]
+            if before <= 0 < after:
+                first.append(m)
+            elif after <= 0 < before:
+                last.append(m)
+        dirty = {w for bit in self._bits(first) if (w := self._flip(bit, 1)) is not None}
+        dirty |= {w for bit in self._bits(last) if (w := self._flip(bit, -1)) is not None}
+        return self._write(dirty)
+
     def recover(self, members: Iterable[Member]) -> int:
         """After a restart: the words the maps hold, then `members` (one
         holder per repeat) counted over them (a word that differs is

@@ -295,9 +295,7 @@ class Reconciler:
         self._recovered_groups.clear()
         self._write_node(desired, touched, res)
         self._write_source_ranges(touched, res)
-        self.prefilter.hold(self._arrive)
-        self.prefilter.release(self._leave)
-        self.prefilter.release(pending)
+        self.prefilter.move(self._arrive, [*self._leave, *pending])
         self._synced = desired.token
         return res
 

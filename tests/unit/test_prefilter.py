@@ -3,6 +3,9 @@ maps: which bits are set, shared bits, words written, recovery."""
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from lb.datapath.userspace.maps import new_userspace_maps
 from lb.encoding import filter_bit, ip_int
 from lb.prefilter import BACKEND, FRONTEND, VIP, Member, Prefilter
@@ -75,3 +78,24 @@ def test_recovery_rewrites_what_the_pinned_words_got_wrong() -> None:
     f.recover(members)
     assert words(m) == bits_of(members)
     assert f.settle(members) == 0
+
+
+MEMBER = st.tuples(st.sampled_from([FRONTEND, VIP, BACKEND]),
+                   st.sampled_from([f"10.0.0.{i}" for i in range(6)]), st.sampled_from([0, 80]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(MEMBER, max_size=12), st.lists(MEMBER, max_size=12),
+       st.lists(MEMBER, max_size=12))
+def test_a_move_leaves_what_a_hold_then_a_release_leave(
+        before: list[Member], held: list[Member], released: list[Member]) -> None:
+    """The sync's end in one pass: the same holders, bit counts and words
+    as holding then releasing (repeats and members never held included)."""
+    one, two = (Prefilter(new_userspace_maps(SMALL)["lb_filter"], WORDS) for _ in range(2))
+    for f in (one, two):
+        f.hold(before)
+    one.hold(held)
+    one.release(released)
+    two.move(held, released)
+    assert two._refs == one._refs and two._counts == one._counts
+    assert words(two.map) == words(one.map) == two._written
