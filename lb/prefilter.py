@@ -65,31 +65,12 @@ class Prefilter:
     def hold(self, members: Iterable[Member]) -> int:
         """One more holder for each of `members` (repeats count); a bit is
         written when its first member arrives. The words written."""
-        dirty = set()
-        refs, first = self._refs, []
-        for m in members:
-            n = refs.get(m, 0) + 1
-            refs[m] = n
-            if n == 1:
-                first.append(m)
-        for bit in self._bits(first):
-            if (w := self._flip(bit, 1)) is not None:
-                dirty.add(w)
-        return self._write(dirty)
+        return self.move(members, ())
 
     def release(self, members: Iterable[Member]) -> int:
         """One holder fewer for each of `members`; a bit is cleared when its
         last member leaves. The words written."""
-        dirty = set()
-        for m in members:
-            left = self._refs[m] - 1
-            if left > 0:
-                self._refs[m] = left
-                continue
-            del self._refs[m]
-            if left == 0 and (w := self._count(m, -1)) is not None:
-                dirty.add(w)
-        return self._write(dirty)
+        return self.move((), members)
 
     def move(self, held: Iterable[Member], released: Iterable[Member]) -> int:
         """`hold(held)` then `release(released)` in one pass, each member

@@ -49,10 +49,15 @@ def health_checks(cluster: Cluster, state: DesiredState) -> dict[int, HealthChec
     services = [svc for svc in cluster.services.values() if checked(svc)]
     if not services:  # most clusters: no pass over every entry on every sync
         return {}
-    by_service: dict[str, list[FrontendEntry]] = {}
+    return _answers(services, _by_service(state))
+
+
+def _by_service(state: DesiredState) -> Callable[[str], Iterable[FrontendEntry]]:
+    """Each service's entries, from one pass over all of them."""
+    grouped: dict[str, list[FrontendEntry]] = {}
     for e in state.entries.values():
-        by_service.setdefault(e.service, []).append(e)
-    return _answers(services, lambda key: by_service.get(key, ()))
+        grouped.setdefault(e.service, []).append(e)
+    return lambda key: grouped.get(key, ())
 
 
 def _answers(services: Iterable[Service],
@@ -96,7 +101,7 @@ class HealthCheckTracker:
             return {}
         if memo is None or memo.token is not state.token:
             # A state the memo did not compute (the periodic check's full one).
-            return health_checks(cluster, state)
+            return _answers(self._services.values(), _by_service(state))
 
         def entries_of(key: str) -> list[FrontendEntry]:
             hit = memo.by_service.get(key)

@@ -64,7 +64,6 @@ SOURCE = "kube-apiserver"
 class Resource:
     kind: str
     api_version: str
-    namespaced: bool
     plural: str
     # Served from some release on: an API server that answers 404 has none,
     # which counts as listed and empty (asked again every NOT_SERVED_RETRY).
@@ -77,15 +76,15 @@ class Resource:
         return f"{group}/{self.api_version}/{self.plural}"
 
 
-SERVICES = Resource("Service", "v1", True, "services")
-ENDPOINT_SLICES = Resource("EndpointSlice", "discovery.k8s.io/v1", True, "endpointslices")
-POLICIES = Resource("NetworkPolicy", "networking.k8s.io/v1", True, "networkpolicies")
-PODS = Resource("Pod", "v1", True, "pods")
-NAMESPACES = Resource("Namespace", "v1", False, "namespaces")
-NODES = Resource("Node", "v1", False, "nodes")
+SERVICES = Resource("Service", "v1", "services")
+ENDPOINT_SLICES = Resource("EndpointSlice", "discovery.k8s.io/v1", "endpointslices")
+POLICIES = Resource("NetworkPolicy", "networking.k8s.io/v1", "networkpolicies")
+PODS = Resource("Pod", "v1", "pods")
+NAMESPACES = Resource("Namespace", "v1", "namespaces")
+NODES = Resource("Node", "v1", "nodes")
 # networking.k8s.io/v1 since 1.33; kube-proxy follows them for the drop of
 # unallocated service addresses (pkg/proxy/config/config.go ServiceCIDRConfig).
-SERVICE_CIDRS = Resource("ServiceCIDR", "networking.k8s.io/v1", False, "servicecidrs",
+SERVICE_CIDRS = Resource("ServiceCIDR", "networking.k8s.io/v1", "servicecidrs",
                          optional=True)
 RESOURCES = (SERVICES, ENDPOINT_SLICES, POLICIES, PODS, NAMESPACES, NODES, SERVICE_CIDRS)
 NOT_SERVED_RETRY = 300.0
@@ -378,8 +377,7 @@ class Store:
             self._mark()
 
     def listed(self) -> bool:
-        with self._lock:
-            return self._listed == set(self._objects)
+        return self.all_listed.is_set()
 
     def get(self, kind: str, key: str) -> dict[str, Any] | None:
         with self._lock:
@@ -409,7 +407,7 @@ class Store:
 
     def _took(self) -> bool:
         """Under the lock: whether there is something to take; if so, it is taken."""
-        if not self._dirty or self._listed != set(self._objects):
+        if not self._dirty or not self.all_listed.is_set():
             return False
         self._dirty = False
         self._keys = {}

@@ -350,7 +350,7 @@ def test_a_kind_the_api_server_does_not_serve_counts_as_none(
     for optional in (True, False):
         store = Store(("ServiceCIDR",))
         api = ScriptedApi([ApiError(404, "Not Found")])
-        r = Reflector(api, Resource("ServiceCIDR", "networking.k8s.io/v1", False, "servicecidrs",
+        r = Reflector(api, Resource("ServiceCIDR", "networking.k8s.io/v1", "servicecidrs",
                                     optional=optional),
                       store, resync_period=0, backoff=Backoff(0.001, 0.002, random.Random(1)))
         api.reflector = r
