@@ -11,15 +11,21 @@ the filter may say "maybe" about a packet that is no service traffic, never
 Members are counted per holder (`hold`, `release`): the services
 reconciler holds one for each programmed frontend, ClusterIP and backend, and
 so touches only what a change touches; the policy writer sets them whole
-(`admit`, `settle`)."""
+(`admit`, `settle`).
+
+Bits are counted in lb/native.c (a sync from empty at 10k services counts
+about 100k members), with one byte per bit: a bit shared by 255 members
+stays set for good, which the filter allows."""
 
 from __future__ import annotations
 
 import array
+import mmap
 from collections import Counter
 from collections.abc import Iterable
 
-from lb.encoding import filter_bit, ip_int
+from lb import native
+from lb.encoding import filter_bit, ip_int, ip_text
 from loader import layout
 from loader.maps import BpfMap
 
@@ -31,6 +37,10 @@ POLICED = layout.const("LB_FILTER_POLICED")
 # (kind, address as text or a host-order int, port)
 Member = tuple[int, str | int, int]
 
+# A bit's count is one byte; at its largest the bit stays set (lb/native.c,
+# FILTER_STUCK).
+_STUCK = 0xFF
+
 
 class Prefilter:
     """Over a pre-filter map of `words` words (Sizes.filter_words)."""
@@ -39,8 +49,7 @@ class Prefilter:
         self.map = words_map
         self.words = words
         self._refs: Counter[Member] = Counter()  # member -> holders
-        self._counts: Counter[int] = Counter()  # bit -> members
-        self._value: dict[int, int] = {}  # word -> its bits as counted
+        self._counts, self._value = self._zeroed()
         self._written: dict[int, int] = {}
 
     @property
@@ -52,13 +61,12 @@ class Prefilter:
         written."""
         new = set(members) - self._refs.keys()
         self._refs.update(new)
-        return self._write({w for m in new if (w := self._count(m, 1)) is not None})
+        return self._write(self._count(list(new), 1))
 
     def settle(self, members: set[Member]) -> int:
         """Make the filter hold exactly `members`; the words written."""
         have = set(self._refs)
-        dirty = {w for m in members - have if (w := self._count(m, 1)) is not None}
-        dirty |= {w for m in have - members if (w := self._count(m, -1)) is not None}
+        dirty = self._count(list(members - have), 1) + self._count(list(have - members), -1)
         self._refs = Counter(members)
         return self._write(dirty)
 
@@ -77,10 +85,16 @@ class Prefilter:
         counted once by its net change (a sync's end: what it programmed
         holds what the sync held for it meanwhile, a sync from empty about
         100k members, most of them netting out). The words written."""
-        net = Counter(held)
-        net.subtract(released)
-        refs, first, last = self._refs, [], []
-        for m, d in net.items():
+        up, down = Counter(held), Counter(released)
+        refs: Counter[Member] = self._refs
+        if not down:
+            # Holders only come (a sync's start): what had none is first.
+            first = [m for m in up if m not in refs]
+            refs.update(up)
+            return self._write(self._count(first, 1))
+        up.subtract(down)
+        first, last = [], []
+        for m, d in up.items():
             if not d:
                 continue
             before = refs.get(m, 0)
@@ -93,9 +107,7 @@ class Prefilter:
                 first.append(m)
             elif after <= 0 < before:
                 last.append(m)
-        dirty = {w for bit in self._bits(first) if (w := self._flip(bit, 1)) is not None}
-        dirty |= {w for bit in self._bits(last) if (w := self._flip(bit, -1)) is not None}
-        return self._write(dirty)
+        return self._write(self._count(first, 1) + self._count(last, -1))
 
     def recover(self, members: Iterable[Member]) -> int:
         """After a restart: the words the maps hold, then `members` (one
@@ -105,41 +117,62 @@ class Prefilter:
         size = len(raw) // self.words
         self._written = {i: v for i in range(self.words)
                          if (v := int.from_bytes(raw[i * size:i * size + 8], "little"))}
-        self._refs, self._counts, self._value = Counter(), Counter(), {}
+        self._refs = Counter()
+        self._counts, self._value = self._zeroed()
         self.hold(members)
-        return self._write(set(self._written))
+        return self._write(list(self._written))
 
-    def _bits(self, members: list[Member]) -> list[int]:
-        """The bit of each member."""
-        words = self.words
-        return [filter_bit(kind, ip_int(ip), port, words) for kind, ip, port in members]
+    def _zeroed(self) -> tuple[mmap.mmap, array.array[int]]:
+        """No bit counted: a count per bit (in an anonymous mapping, whose
+        pages cost memory only once a bit in them is used), a value per word."""
+        return mmap.mmap(-1, self.words * 64), array.array("Q", bytes(8 * self.words))
 
-    def _count(self, m: Member, delta: int) -> int | None:
-        """Count `m` in or out of its bit: its word when the bit flips."""
-        return self._flip(self._bits([m])[0], delta)
+    def _count(self, members: list[Member], delta: int) -> list[int]:
+        """Count one holder of each of `members` in (delta 1) or out (-1) of
+        its bit: the words whose value changed."""
+        if not members:
+            return []
+        built = native.lib()
+        if built is None:
+            return self._count_py(members, delta)
+        ffi, lib = built
+        addrs = "\0".join([ip if isinstance(ip, str) else ip_text(ip)
+                           for _, ip, _ in members]).encode() + b"\0"
+        kinds = array.array("I", [kind for kind, _, _ in members])
+        ports = array.array("I", [port for _, _, port in members])
+        out = array.array("I", bytes(4 * len(members)))
+        n = lib.xdplb_filter_count(
+            addrs, native.address(ffi, kinds), native.address(ffi, ports), len(members), delta,
+            self.words, native.address(ffi, self._counts, "uint8_t *"),
+            native.address(ffi, self._value, "uint64_t *"), native.address(ffi, out))
+        if n == -1:
+            raise MemoryError(f"no memory to count {len(members)} pre-filter members")
+        if n < 0:
+            ip_int(members[-2 - n][1])  # raises the ValueError that names it
+            raise ValueError(f"pre-filter member {members[-2 - n]}: no IPv4 address")
+        return out[:n].tolist()
 
-    def _flip(self, bit: int, delta: int) -> int | None:
-        """Count a member in or out of `bit`: its word when the bit flips."""
-        before = self._counts.get(bit, 0)
-        after = before + delta
-        if after > 0:
-            self._counts[bit] = after
-        else:
-            self._counts.pop(bit, None)
-        if (before == 0) == (after <= 0):
-            return None
-        w = bit >> 6
-        self._value[w] = self._value.get(w, 0) ^ (1 << (bit & 63))
-        return w
+    def _count_py(self, members: list[Member], delta: int) -> list[int]:
+        """_count without the native library: what xdplb_filter_count does."""
+        counts, value, words = self._counts, self._value, self.words
+        bits = [filter_bit(kind, ip_int(ip), port, words) for kind, ip, port in members]
+        out: dict[int, None] = {}
+        for bit in bits:
+            c = counts[bit]
+            if c == _STUCK or (delta < 0 and c == 0):
+                continue
+            counts[bit] = c + 1 if delta > 0 else c - 1
+            if c == (0 if delta > 0 else 1):
+                value[bit >> 6] ^= 1 << (bit & 63)
+                out[bit >> 6] = None
+        return list(out)
 
-    def _write(self, words: set[int]) -> int:
+    def _write(self, words: list[int]) -> int:
         """Write the words whose value changed, in one batch (programming
         10k services from empty sets about 100k bits)."""
         keys, values = array.array("I"), array.array("Q")
-        for w in sorted(words):
-            value = self._value.get(w, 0)
-            if not value:
-                self._value.pop(w, None)
+        for w in sorted(set(words)):
+            value = self._value[w]
             if value != self._written.get(w, 0):
                 keys.append(w)
                 values.append(value)

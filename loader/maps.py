@@ -275,12 +275,25 @@ class BpfMap:
     def update_batch(self, keys: bytes, values: bytes, count: int) -> None:
         """Write `count` packed keys and values in one syscall (arrays and
         hashes alike), e.g. a whole Maglev range."""
+        libbpf.check(self._update_batch(keys, values, count)[0],
+                     f"batch update of {self.spec.name}")
+
+    def update_some(self, keys: bytes, values: bytes, count: int) -> int:
+        """Write packed entries in order, in one syscall, until one fails (a
+        full hash map): how many went in. The caller learns why the next one
+        failed by writing it alone."""
+        ret, written = self._update_batch(keys, values, count)
+        return count if ret == 0 else written
+
+    def _update_batch(self, keys: bytes, values: bytes, count: int) -> tuple[int, int]:
         f = libbpf.ffi()
         n = f.new("uint32_t *", count)
         opts = f.new("struct bpf_map_batch_opts *")
         opts.sz = f.sizeof("struct bpf_map_batch_opts")
-        libbpf.check(libbpf.lib().bpf_map_update_batch(self.fd, keys, values, n, opts),
-                     f"batch update of {self.spec.name}")
+        # On failure the kernel leaves in *n the entries it wrote
+        # (kernel/bpf/syscall.c, generic_map_update_batch).
+        ret = libbpf.lib().bpf_map_update_batch(self.fd, keys, values, n, opts)
+        return ret, int(n[0])
 
 
 def open_all(pin_dir: Path) -> dict[str, BpfMap]:

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Builds the project's one userspace C library: the Maglev population loop
-# (lb/service/maglev_fill.c), which lb/service/maglev.py opens through cffi.
+# Builds the project's one userspace C library (lb/native.c: the Maglev
+# population loop and the pre-filter's bit counting), which lb/native.py
+# opens through cffi.
 # Usage: tools/native.sh [output.so]   (default: beside its source)
 # Used by tools/setup.sh, deploy/Dockerfile and tools/cluster/images.sh.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-src="$repo/lb/service/maglev_fill.c"
-out="${1:-$repo/lb/service/maglev_fill.so}"
-if [ -f "$out" ] && [ "$out" -nt "$src" ] && [ "$out" -nt "${BASH_SOURCE[0]}" ]; then
+src="$repo/lb/native.c"
+hash_h="$repo/bpf/lib/filter_hash.h"
+out="${1:-$repo/lb/libnative.so}"
+if [ -f "$out" ] && [ "$out" -nt "$src" ] && [ "$out" -nt "$hash_h" ] \
+        && [ "$out" -nt "${BASH_SOURCE[0]}" ]; then
     exit 0
 fi
 cc=${CC:-$(command -v cc || command -v clang)}

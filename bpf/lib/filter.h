@@ -8,22 +8,15 @@
 #define LB_FILTER_H
 
 #include "common.h"
+#include "filter_hash.h"
 #include "maps.h"
 #include "parse.h"
 
-/* One hash over host-order values (lb/encoding.py, filter_bit, is the same
- * function for the agent and the userspace twin): a multiplicative mix,
- * then two xorshift rounds so that neighbouring addresses and ports land
- * far apart. */
+/* The bit of (kind, address, port), both in network order. */
 LB_INLINE __u32 lb_filter_bit(__u32 kind, __u32 addr, __u16 port)
 {
-	__u32 x = bpf_ntohl(addr) * 0x9e3779b1 +
-		  (((__u32)bpf_ntohs(port) << 2) | kind) * 0x85ebca77;
-
-	x ^= x >> 15;
-	x *= 0x2c1b3c6d;
-	x ^= x >> 12;
-	return x & (LB_FILTER_WORDS * 64 - 1);
+	return lb_filter_hash(kind, bpf_ntohl(addr), bpf_ntohs(port)) &
+	       (LB_FILTER_WORDS * 64 - 1);
 }
 
 /* Whether `bit` is set in `w`, the filter's word that holds it (the map is

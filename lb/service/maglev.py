@@ -22,16 +22,13 @@ from __future__ import annotations
 import array
 import hashlib
 import itertools
-import logging
 import struct
 from collections.abc import Sequence
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import cffi
 
-log = logging.getLogger(__name__)
+from lb import native
 
 # Primes, roughly doubling, so a table can keep about SLOTS_PER_BACKEND slots per backend.
 TABLE_SIZES: tuple[int, ...] = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
@@ -47,14 +44,13 @@ MAX_BACKENDS = TABLE_SIZES[-1] // SLOTS_PER_BACKEND
 # boundary does not rebuild the table each time.
 SHRINK_STEPS = 2
 
-# The population loop in C (maglev_fill.c), built at install beside this file.
-NATIVE_FILL = Path(__file__).with_name("maglev_fill.so")
-
 # Domain separation: these hashes are part of the cross-node contract and must not collide
 # by accident with any other use of BLAKE2b on the same strings.
 _HASH_PERSON = b"xdplb-maglev-v1"
 # Keyed once; each name hashes a copy (half the cost of keying per name).
 _HASH_BASE = hashlib.blake2b(digest_size=16, person=_HASH_PERSON)
+# The personalization as BLAKE2b's parameter block holds it, for lb/native.c.
+_PERSON_BLOCK = _HASH_PERSON.ljust(16, b"\0")
 _TWO_U64 = struct.Struct("<QQ")
 
 
@@ -155,46 +151,42 @@ def populate_array(backends: Sequence[str], size: int,
         raise ValueError(f"{len(labels)} labels for {n} backends")
     if size < n:
         raise ValueError(f"table of {size} slots is too small for {n} backends")
+    built = native.lib()
+    if built is not None:
+        return _native_populate(built, backends, size, labels)
+    return _python_populate(backends, size, labels)
+
+
+def _python_populate(backends: Sequence[str], size: int,
+                     labels: Sequence[int] | None) -> array.array[int]:
+    """populate_array without the native library (and its reference)."""
+    n = len(backends)
     order = sorted(range(n), key=backends.__getitem__)
     if len(set(backends)) != n:
         for a, b in itertools.pairwise(order):
             if backends[a] == backends[b]:
                 raise ValueError(f"duplicate backend name {backends[a]!r}")
     params = [_params(backends[i], size) for i in order]
-    offsets = array.array("I", [offset for offset, _ in params])
-    skips = array.array("I", [skip for _, skip in params])
-    turn_labels = array.array("I", [labels[i] for i in order] if labels is not None else order)
-    native = native_fill()
-    if native is None:
-        return array.array("I", _fill(turn_labels.tolist(), offsets.tolist(), skips.tolist(),
-                                      size))
-    return _native_fill(native, turn_labels, offsets, skips, size)
+    turn_labels = [labels[i] for i in order] if labels is not None else order
+    return array.array("I", _fill(turn_labels, [offset for offset, _ in params],
+                                  [skip for _, skip in params], size))
 
 
-@cache
-def native_fill() -> tuple[cffi.FFI, Any] | None:
-    """The C library of the population loop, or None when it is not built."""
-    ffi = cffi.FFI()
-    ffi.cdef("int xdplb_maglev_fill(const uint32_t *offsets, const uint32_t *skips, "
-             "const uint32_t *labels, uint32_t n, uint32_t size, uint32_t *entry);")
-    try:
-        return ffi, ffi.dlopen(str(NATIVE_FILL))
-    except OSError as err:
-        # Same tables, a hundred times slower: a large service takes seconds.
-        log.warning("Maglev tables are filled in Python: %s is not built (%s)", NATIVE_FILL, err)
-        return None
-
-
-def _native_fill(native: tuple[cffi.FFI, Any], labels: array.array[int],
-                 offsets: array.array[int], skips: array.array[int],
-                 size: int) -> array.array[int]:
-    ffi, lib = native
+def _native_populate(built: tuple[cffi.FFI, Any], backends: Sequence[str], size: int,
+                     labels: Sequence[int] | None) -> array.array[int]:
+    """populate_array in lb/native.c: the same sort, hashes and loop."""
+    ffi, lib = built
+    names = [b.encode("utf-8") for b in backends]
+    lens = array.array("I", map(len, names))
+    ids = array.array("I", labels if labels is not None else range(len(backends)))
     entry = array.array("I", bytes(4 * size))
-    # The arrays' own buffers, by address: live for the call, and a tenth
-    # of the cost of wrapping each (a sync from empty fills 10k tables).
-    args = [ffi.cast("uint32_t *", a.buffer_info()[0]) for a in (offsets, skips, labels, entry)]
-    if lib.xdplb_maglev_fill(args[0], args[1], args[2], len(labels), size, args[3]):
+    ret = lib.xdplb_maglev_populate(
+        b"".join(names), native.address(ffi, lens), native.address(ffi, ids), len(backends),
+        size, _PERSON_BLOCK, native.address(ffi, entry))
+    if ret == -1:
         raise MemoryError(f"no memory for a Maglev table of {size} slots")
+    if ret < 0:
+        raise ValueError(f"duplicate backend name {backends[-2 - ret]!r}")
     return entry
 
 

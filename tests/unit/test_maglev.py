@@ -15,7 +15,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from lb import native
 from lb.service import maglev
 from lb.service.maglev import (
     MAX_BACKENDS,
@@ -167,7 +170,7 @@ def test_a_count_going_up_and_down_across_a_boundary_resizes_once() -> None:
 
 def test_native_fill_is_built() -> None:
     # tools/setup.sh builds it; without it a 1,000-backend table takes 0.2 s in Python.
-    assert maglev.native_fill() is not None, f"{maglev.NATIVE_FILL} is not built"
+    assert native.lib() is not None, f"{native.PATH} is not built"
 
 
 def test_native_fill_equals_the_python_loop() -> None:
@@ -182,6 +185,23 @@ def test_native_fill_equals_the_python_loop() -> None:
         params = [permutation_params(names[i], size) for i in order]
         python = maglev._fill(order, [o for o, _ in params], [k for _, k in params], size)
         assert populate_array(names, size).tolist() == python, (n, size)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(max_size=300), min_size=1, max_size=30),
+       st.sampled_from(TABLE_SIZES[:3]), st.booleans())
+def test_the_native_table_is_the_python_one(names: list[str], size: int,
+                                            labelled: bool) -> None:
+    """Hashes (names of one to three BLAKE2b blocks, any code points), sort
+    and loop in C equal the Python reference; a repeated name is refused by
+    both."""
+    labels = [7 * i + 3 for i in range(len(names))] if labelled else None
+    if len(set(names)) != len(names):
+        for populate_with in (populate_array, maglev._python_populate):
+            with pytest.raises(ValueError, match="duplicate backend name"):
+                populate_with(names, size, labels)
+        return
+    assert populate_array(names, size, labels) == maglev._python_populate(names, size, labels)
 
 
 # --- the moved fraction, backend by backend from 1 to 1,000 and back ----------------------------

@@ -1,14 +1,16 @@
-"""The pre-filter's bookkeeping (lb/service/prefilter.py) over the twin's
+"""The pre-filter's bookkeeping (lb/prefilter.py) over the twin's
 maps: which bits are set, shared bits, words written, recovery."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lb import native
 from lb.datapath.userspace.maps import new_userspace_maps
-from lb.encoding import filter_bit, ip_int
-from lb.prefilter import BACKEND, FRONTEND, VIP, Member, Prefilter
+from lb.encoding import filter_bit, ip_int, ip_text
+from lb.prefilter import BACKEND, FRONTEND, POLICED, VIP, Member, Prefilter
 from tests.conftest import SMALL
 
 WORDS = SMALL.filter_words
@@ -97,5 +99,45 @@ def test_a_move_leaves_what_a_hold_then_a_release_leave(
     one.hold(held)
     one.release(released)
     two.move(held, released)
-    assert two._refs == one._refs and two._counts == one._counts
+    assert two._refs == one._refs and two._counts[:] == one._counts[:]
     assert words(two.map) == words(one.map) == two._written
+
+
+ADDRESS = st.one_of(st.integers(0, 2**32 - 1).map(ip_text), st.integers(0, 2**32 - 1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([FRONTEND, VIP, BACKEND, POLICED]), ADDRESS,
+                          st.integers(0, 65535)), max_size=40),
+       st.lists(st.booleans(), max_size=40))
+def test_the_native_count_is_the_python_one(members: list[Member], outs: list[bool]) -> None:
+    """lb/native.c counts as _count_py does: the same counts, words and
+    words reported, members counted in and then some of them out again."""
+    assert native.lib() is not None, f"{native.PATH} is not built"
+    c, py = (Prefilter(new_userspace_maps(SMALL)["lb_filter"], WORDS) for _ in range(2))
+    gone = [m for m, out in zip(members, outs, strict=False) if out]
+    for members_, delta in ((members, 1), (gone, -1)):
+        assert sorted(c._count(members_, delta)) == sorted(py._count_py(members_, delta))
+    assert c._counts[:] == py._counts[:] and c._value == py._value
+
+
+def test_a_bit_255_members_share_stays_set_for_good() -> None:
+    """A byte per bit: at 255 members the bit is stuck, set (a "maybe" for
+    traffic that is none, never a "no" for traffic that is)."""
+    m = new_userspace_maps(SMALL)["lb_filter"]
+    f = Prefilter(m, WORDS)
+    member: Member = (BACKEND, "10.1.2.3", 80)
+    bit = filter_bit(BACKEND, ip_int("10.1.2.3"), 80, WORDS)
+    for _ in range(300):
+        f._count([member], 1)
+    assert f._counts[bit] == 255
+    for _ in range(300):
+        f._count([member], -1)
+    assert f._counts[bit] == 255 and f._value[bit >> 6] >> (bit & 63) & 1
+
+
+def test_a_member_that_is_no_address_is_refused_and_nothing_counted() -> None:
+    f = Prefilter(new_userspace_maps(SMALL)["lb_filter"], WORDS)
+    with pytest.raises(ValueError, match=r"10\.0\.0\.256"):
+        f._count([(BACKEND, "10.0.0.1", 80), (BACKEND, "10.0.0.256", 80)], 1)
+    assert not any(f._counts[:]) and not any(f._value)

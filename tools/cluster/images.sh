@@ -483,14 +483,14 @@ build_agent() {
     copy_sources "$root/opt/xdplb" "${AGENT_SRC[@]}"
     install -m 0755 "$REPO/deploy/entrypoint.sh" "$root/usr/local/bin/xdplb-entrypoint"
     # Built here, as the Dockerfile's native stage does: the image has no compiler.
-    bash "$REPO/tools/native.sh" "$root/opt/xdplb/lb/service/maglev_fill.so"
+    bash "$REPO/tools/native.sh" "$root/opt/xdplb/lb/libnative.so"
 
     log "checking the agent image"
     chroot "$root" /usr/bin/env -i PATH="$AGENT_PATH" HOME=/root LANG=C.UTF-8 \
         PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 /bin/sh -ec '
             cd /opt/xdplb
             python -c "import bcc, lb, loader, pyroute2, kubernetes"
-            python -c "from lb.service import maglev; assert maglev.native_fill()"
+            python -c "from lb import native; assert native.lib()"
             lbctl --help >/dev/null
             bpftool version >/dev/null
             ip -V >/dev/null

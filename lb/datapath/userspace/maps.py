@@ -269,12 +269,25 @@ class DictMap(BpfMap):
                                    bytearray(values[vs * i : vs * i + size]))
                                   for i in range(count))
                 return
+        _, ret = self._put_some(keys, values, count)
+        if ret < 0:
+            raise _error(-ret, f"batch update of {self.spec.name}")
+
+    def update_some(self, keys: bytes, values: bytes, count: int) -> int:
+        if len(keys) < count * self._ksize or len(values) < count * self._vsize:
+            raise _error(errno.EINVAL, f"batch update of {self.spec.name}")
+        return self._put_some(keys, values, count)[0]
+
+    def _put_some(self, keys: bytes, values: bytes, count: int) -> tuple[int, int]:
+        """Entries put in order until one fails: how many went in, and the
+        failure (-errno) or 0."""
         for i in range(count):
             kb = keys[i * self._ksize : (i + 1) * self._ksize]
             vb = values[i * self._vsize : i * self._vsize + self._size]
             ret = self.put(kb, vb)
             if ret < 0:
-                raise _error(-ret, f"batch update of {self.spec.name}")
+                return i, ret
+        return count, 0
 
 
 def new_userspace_maps(sizes: Sizes) -> dict[str, DictMap]:
