@@ -229,31 +229,27 @@ out:
 
 /* Count n members in (delta > 0) or out of their bits in a filter of
  * `words` words (a power of two): member i is kinds[i], ports[i] and the
- * i-th of the NUL-terminated dotted quads in addrs. counts holds a
- * count per bit, values the words as counted. The words whose value
- * changed go to out, each once (out has room for n). Returns how many, -1
+ * i-th of the NUL-terminated dotted quads in addrs. counts holds a count per
+ * bit, values the words as counted. The word of each bit that flips goes to
+ * out (room for n; a word may come more than once). Returns how many, -1
  * when out of memory, or -2 - i when member i's address does not parse
  * (then nothing is counted). */
-long xdplb_filter_count(const char *addrs, const uint32_t *kinds, const uint32_t *ports,
-			uint32_t n, int delta, uint32_t words, uint8_t *counts,
-			uint64_t *values, uint32_t *out)
+long xdplb_filter_count(const char *addrs, const uint32_t *kinds,
+			const uint32_t *ports, uint32_t n, int delta,
+			uint32_t words, uint8_t *counts, uint64_t *values,
+			uint32_t *out)
 {
 	uint32_t *bits = malloc((size_t)n * sizeof(*bits) + 1);
-	uint8_t *seen = calloc(words, 1);
 	const char *addr = addrs;
 	long reported = 0;
 
-	if (!bits || !seen) {
-		free(bits);
-		free(seen);
+	if (!bits)
 		return -1;
-	}
 	for (uint32_t i = 0; i < n; i++) {
 		struct in_addr a;
 
 		if (inet_pton(AF_INET, addr, &a) != 1) {
 			free(bits);
-			free(seen);
 			return -2 - (long)i;
 		}
 		bits[i] = lb_filter_hash(kinds[i], ntohl(a.s_addr), ports[i]) &
@@ -261,7 +257,7 @@ long xdplb_filter_count(const char *addrs, const uint32_t *kinds, const uint32_t
 		addr += strlen(addr) + 1;
 	}
 	for (uint32_t i = 0; i < n; i++) {
-		uint32_t bit = bits[i], w = bit >> 6;
+		uint32_t bit = bits[i];
 		uint8_t c = counts[bit];
 
 		if (c == FILTER_STUCK || (delta < 0 && c == 0))
@@ -269,13 +265,9 @@ long xdplb_filter_count(const char *addrs, const uint32_t *kinds, const uint32_t
 		counts[bit] = delta > 0 ? c + 1 : c - 1;
 		if (c != (delta > 0 ? 0 : 1))
 			continue;
-		values[w] ^= 1ULL << (bit & 63);
-		if (!seen[w]) {
-			seen[w] = 1;
-			out[reported++] = w;
-		}
+		values[bit >> 6] ^= 1ULL << (bit & 63);
+		out[reported++] = bit >> 6;
 	}
 	free(bits);
-	free(seen);
 	return reported;
 }

@@ -129,7 +129,7 @@ class Prefilter:
 
     def _count(self, members: list[Member], delta: int) -> list[int]:
         """Count one holder of each of `members` in (delta 1) or out (-1) of
-        its bit: the words whose value changed."""
+        its bit: the words whose value changed (a word may come twice)."""
         if not members:
             return []
         built = native.lib()
@@ -156,7 +156,7 @@ class Prefilter:
         """_count without the native library: what xdplb_filter_count does."""
         counts, value, words = self._counts, self._value, self.words
         bits = [filter_bit(kind, ip_int(ip), port, words) for kind, ip, port in members]
-        out: dict[int, None] = {}
+        out = []
         for bit in bits:
             c = counts[bit]
             if c == _STUCK or (delta < 0 and c == 0):
@@ -164,8 +164,8 @@ class Prefilter:
             counts[bit] = c + 1 if delta > 0 else c - 1
             if c == (0 if delta > 0 else 1):
                 value[bit >> 6] ^= 1 << (bit & 63)
-                out[bit >> 6] = None
-        return list(out)
+                out.append(bit >> 6)
+        return out
 
     def _write(self, words: list[int]) -> int:
         """Write the words whose value changed, in one batch (programming

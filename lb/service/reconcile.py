@@ -605,7 +605,8 @@ class Reconciler:
             self.maps["lb_rev_nat"].update_batch(ids.tobytes(), bytes(values), len(ids))
         staged, services = self._staged, self.maps["lb_services"]
         written = services.update_some(b"".join(s.key for s in staged),
-                                       b"".join(s.value for s in staged), len(staged))
+                                       b"".join(s.value for s in staged),
+                                       len(staged)) if staged else 0
         # Tables of refused entries, each once (refused entries may share one).
         unused: dict[Table, None] = {}
         for i, s in enumerate(staged):
@@ -710,14 +711,17 @@ class Reconciler:
 
     def _drop_unused(self, touched: Touched, res: SyncResult) -> None:
         """Free what the sync's changes left without users."""
-        # Sorted for the same order on every node, but only what goes.
-        # Set operations in C: a full pass looks at every one there is.
+        # Sorted for the same order on every node, but only what goes (a
+        # comprehension over what was touched: a set difference with the
+        # counters would walk all of them).
         sids = array.array("I")
-        for fa in sorted(touched.frontends & self.frontend_ids.keys() - self.by_addr.keys()):
+        for fa in sorted(fa for fa in touched.frontends
+                         if fa in self.frontend_ids and fa not in self.by_addr):
             sids.append(self.frontend_ids.pop(fa))
             self._quarantine.append(("svc", sids[-1], 0))
         bids = array.array("I")
-        for key in sorted(touched.backends & self.backends.keys() - self.backend_users.keys()):
+        for key in sorted(k for k in touched.backends
+                          if k in self.backends and k not in self.backend_users):
             bids.append(self.backends.pop(key)[0])
             self._quarantine.append(("backend", bids[-1], 0))
             self._leave.append((BACKEND, key[1], key[2]))

@@ -38,6 +38,7 @@ from tests.cluster.objects import (
     Port,
     api_client,
     create_namespace,
+    ensure_node,
     make_ready_pod,
     set_pod_status,
 )
@@ -428,6 +429,10 @@ def test_node_ip_from_the_node_object_and_fail_static_at_start(
     without --node-ip the agent takes the Node's InternalIP, so the NodePort
     is programmed there. Restarted over its pinned maps with an API server
     it cannot reach, the agent syncs nothing: the maps keep their state."""
+    # The seed's Tomcat service (NodePort 30080) and the lab node's Node
+    # object, whichever tests ran before.
+    lab.cp.kubectl("apply", "-f", str(TOMCAT))
+    ensure_node(lab.core, lab.topo.node.name, lab.topo.node_ip)
     with Topology.build(TopologySpec.single(pods=1)) as topo:
         first = LabAgent(topo, topo.node, [], extra=(
             "--kubernetes", "--kubeconfig", str(lab.cp.kubeconfig)))
