@@ -14,6 +14,8 @@ object kept, the slices' index kept up to date, `Cluster.changes` naming the ser
 `desired.compute` through the agent's memo (which computes only that service again) and a
 sync of the frontends that changed; the sync alone is reported too. Compute and sync run
 with Python's cyclic collector held off, as the agent runs a sync (lb/collector.py).
+From empty is the median of ROUNDS: between them every service is removed (one sync of
+an empty cluster, also reported), so each round programs the same services into empty maps.
 Changes: one endpoint of one service replaced (median of CHANGES), one service added, and
 the 100 endpoints of one service replaced one by one (CHURN changes, their total).
 Building the snapshot (the source's work) is not timed.
@@ -61,6 +63,7 @@ from bench.common import (
 SIZES_FULL = (1_000, 10_000, 30_000, 100_000)
 ENDPOINTS = 10
 CHANGES = 5
+ROUNDS = 3
 CHURN = 100
 LOAD_CAP = 150.0
 NODE_IP = "192.0.2.1"
@@ -133,17 +136,29 @@ def ours_worker(services: int) -> dict[str, Any]:
         _reset_peak()
         specs = workload.fillers(services, ENDPOINTS)
         watch = Watch(specs)
-        memo = desired.Memo()
-        with paused():
-            t = time.perf_counter()
-            state = desired.compute(watch.cluster, node, memo)
-            out["compute_seconds"] = time.perf_counter() - t
-            t = time.perf_counter()
-            res = rec.sync(state)
-            out["sync_seconds"] = time.perf_counter() - t
-        if res.errors or res.added != services:
-            raise BenchError(f"sync of {services} services: {res.added} added, "
-                             f"{res.errors[:3]}")
+        computes, syncs, removals = [], [], []
+        for r in range(ROUNDS):
+            if r:
+                with paused():
+                    t = time.perf_counter()
+                    res = rec.sync(desired.compute(workload.cluster_of([]), node))
+                    removals.append(time.perf_counter() - t)
+                if res.errors or res.removed != services:
+                    raise BenchError(f"removing {services} services: {res.removed} removed, "
+                                     f"{res.errors[:3]}")
+            memo = desired.Memo()
+            with paused():
+                t = time.perf_counter()
+                state = desired.compute(watch.cluster, node, memo)
+                computes.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                res = rec.sync(state)
+                syncs.append(time.perf_counter() - t)
+            if res.errors or res.added != services:
+                raise BenchError(f"sync of {services} services: {res.added} added, "
+                                 f"{res.errors[:3]}")
+        out["compute_seconds"], out["sync_seconds"] = median(computes), median(syncs)
+        out["remove_all_seconds"] = median(removals)
         out["peak_rss_programming_kib"] = _status_kb("VmHWM")
         # The first Maglev write maps lb_maglev whole (the kernel maps a mappable array's
         # pages at mmap): kernel memory every size allocates at load, counted in RSS as
@@ -361,8 +376,8 @@ def run(mode: Mode, sizes: Sequence[int] | None = None,
             log(f"control_plane: {tool} {n} services: {row['rules']} rules loaded in "
                 f"{row['load_seconds']:.2f} s, change {row['change_seconds'] * 1000:.0f} ms")
     return {
-        "method": {"endpoints_per_service": ENDPOINTS, "changes": CHANGES, "churn": CHURN,
-                   "load_cap_seconds": LOAD_CAP},
+        "method": {"endpoints_per_service": ENDPOINTS, "changes": CHANGES, "rounds": ROUNDS,
+                   "churn": CHURN, "load_cap_seconds": LOAD_CAP},
         "xdplb": ours,
         "policy": policy,
         "baselines": baselines,

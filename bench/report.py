@@ -358,7 +358,9 @@ def _control_section(doc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     base = doc["baselines"]
     out = ["## 3. Control plane: programming services (10 endpoints each)", "",
            "xdplb: `desired.compute` over the cluster model, then `Reconciler.sync` into the "
-           "pinned maps of a loaded datapath, in a fresh process per size. A change is "
+           "pinned maps of a loaded datapath, in a fresh process per size. From empty: "
+           f"the median of {doc['method'].get('rounds', 1)} rounds, every service removed "
+           "between them (one sync of an empty cluster, its own column). A change is "
            "applied as the agent does: the snapshot as a change-tracking watch delivers it "
            "(the changed objects new, the others kept, `Cluster.changes` naming the "
            "service), `desired.compute` through the agent's memo (which computes that one "
@@ -384,13 +386,14 @@ def _control_section(doc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
                        - r.get("rss_mapped_maps_kib", 0))
         rows.append([f"{r['services']:,}", _secs(_ours(r, "compute")),
                      _secs(r["sync_seconds"]), _secs(_ours_program(r)),
+                     _secs(r.get("remove_all_seconds")),
                      _secs(_ours_change(r)), _secs(r["change_sync_seconds"]),
                      f"{programming / 1024:.0f} MiB (+{r['rss_loaded_kib'] / 1024:.0f})",
                      f"{programming / 1024 / (r['services'] / 1000):.1f} MiB",
                      f"{r['peak_rss_process_kib'] / 1024:.0f} MiB"])
     out += ["### xdplb", ""]
     out += _table(["services", "compute", "sync", "program (compute + sync)",
-                   "change (compute + sync)", "change: sync alone",
+                   "every service removed", "change (compute + sync)", "change: sync alone",
                    "RSS programming (+loaded)", "per 1,000 services", "RSS peak"], rows)
     rows = []
     for b in base:

@@ -128,6 +128,7 @@ class Staged:
     becomes once written, and what it was."""
 
     frontend: Frontend
+    entry: FrontendEntry
     applied: Applied
     old: Applied | None
     key: bytes
@@ -183,8 +184,9 @@ class Reconciler:
         self.applied: dict[Frontend, Applied] = {}
         self.tables: dict[TableKey, Table] = {}
         # Per sync: the table whose users all move to one new backend set,
-        # to be rewritten in place for it (see _plan_tables).
-        self._inherit: dict[TableKey, Table] = {}
+        # to be rewritten in place for it (see _plan_tables), with its users
+        # then.
+        self._inherit: dict[TableKey, tuple[Table, int]] = {}
         self.frontend_ids: dict[FrontendAddr, int] = {}
         self.groups: dict[str, int] = {}
         self.backends: dict[BackendKey, tuple[int, int]] = {}  # -> (id, flags)
@@ -559,7 +561,7 @@ class Reconciler:
             if key != old.table.key and key[1]:
                 leaving.setdefault(old.table, set()).add(key)
                 moves[old.table] = moves.get(old.table, 0) + 1
-        self._inherit = {next(iter(keys)): t for t, keys in leaving.items()
+        self._inherit = {next(iter(keys)): (t, t.users) for t, keys in leaving.items()
                          if len(keys) == 1 and moves[t] == t.users}
 
     def _write_entry(self, f: Frontend, e: FrontendEntry, keys: tuple[BackendKey, ...],
@@ -592,8 +594,12 @@ class Reconciler:
             self._count(f, old, 1, touched)
             return
         table = self._table_for((gid, bids), usable, old, res) if usable else None
+        if table is not None and table is not (old.table if old else None):
+            # Taken now, not at the write: an entry staged after this one
+            # sees the table in use, and the releases cannot free it.
+            table.users += 1
         new = Applied(sid, gid, table, e.flags, e.affinity_timeout, bids, e, keys)
-        self._staged.append(Staged(f, new, old, _svc_key_bytes(f), _SVC_VAL.pack(
+        self._staged.append(Staged(f, e, new, old, _svc_key_bytes(f), _SVC_VAL.pack(
             sid, new.off, new.size, e.affinity_timeout, len(usable), e.flags, gid)))
 
     def _write_services(self, res: SyncResult, touched: Touched) -> None:
@@ -607,36 +613,35 @@ class Reconciler:
         written = services.update_some(b"".join(s.key for s in staged),
                                        b"".join(s.value for s in staged),
                                        len(staged)) if staged else 0
-        # Tables of refused entries, each once (refused entries may share one).
-        unused: dict[Table, None] = {}
         for i, s in enumerate(staged):
             if i >= written:
                 try:
                     services.update(layout.from_bytes("struct lb_svc_key", s.key)[0],
                                     layout.from_bytes("struct lb_svc_val", s.value)[0])
                 except BpfError as err:
-                    assert s.applied.entry is not None
-                    self._refuse_entry(res, s.frontend, s.applied.entry, err)
-                    if s.applied.table is not None:
-                        unused[s.applied.table] = None
+                    self._refuse_entry(res, s.frontend, s.entry, err)
+                    self._untake(s)
                     continue
             self._commit(s, res, touched)
-        for t in unused:
-            if t.users == 0:
-                # Never pointed at: free at once.
-                self._forget(t)
-                self.slab.free(t.off, t.size)
         self._staged = []
+
+    def _untake(self, s: Staged) -> None:
+        """A refused write gives back the table it took."""
+        t = s.applied.table
+        if t is None or t is (s.old.table if s.old else None):
+            return
+        t.users -= 1
+        if t.users == 0:
+            # Never pointed at: free at once.
+            self._forget(t)
+            self.slab.free(t.off, t.size)
 
     def _commit(self, s: Staged, res: SyncResult, touched: Touched) -> None:
         """Book a written entry: its table's users, what it counts, the result."""
         f, new, old = s.frontend, s.applied, s.old
         old_table = old.table if old else None
-        if new.table is not old_table:
-            if new.table is not None:
-                new.table.users += 1
-            if old_table is not None:
-                self._release(old_table)
+        if new.table is not old_table and old_table is not None:
+            self._release(old_table)
         if old:
             self._count(f, old, -1, touched)
         self._count(f, new, 1, touched)
@@ -656,7 +661,10 @@ class Reconciler:
             return have
         names = [b.name for b, _ in usable]
         ids = [bid for _, bid in usable]
-        src = self._inherit.pop(key, None)
+        plan = self._inherit.pop(key, None)
+        # In place only while its users are still those that leave: one that
+        # an entry of this sync took meanwhile keeps what it holds.
+        src = plan[0] if plan is not None and plan[0].users == plan[1] else None
         floor = self.min_table_size
         if src is not None and maglev.kept_size(src.size, len(usable), floor) == src.size:
             self._rewrite(src, maglev.populate_array(names, src.size, labels=ids), res)

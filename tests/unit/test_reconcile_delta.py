@@ -151,3 +151,32 @@ def test_refused_frontends_are_retried_by_delta_syncs_as_by_full_ones() -> None:
     # Room for about half the frontends and backends: refusals on most steps.
     sizes = Sizes(max_services=48, max_backends=96, maglev_slots=1 << 16, ct_size=1024)
     assert run(5, sizes, 200) > 40
+
+
+def test_a_table_one_frontend_leaves_and_another_takes_in_one_sync_stays_whole() -> None:
+    """A NodePort service with internalTrafficPolicy Local: its NodePort
+    entries (every endpoint) leave a table for a larger one while its
+    ClusterIP entry (this node's endpoints), written after them, comes to
+    want that very table. The table must stay the ClusterIP's, never freed
+    under it: the services added in the next syncs take fresh ranges, and
+    every sync's maps equal a full pass from empty."""
+    sizes = Sizes(max_services=64, max_backends=256, maglev_slots=1 << 14, ct_size=1024)
+    # A ClusterIP that sorts after the node's address (192.0.2.1).
+    web = svc("web", type="NodePort", clusterIP="198.18.0.1", internalTrafficPolicy="Local",
+              ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}])
+    steps = [
+        [web, eps(ep("10.244.0.1"), ep("10.244.0.2", node="node-b"))],
+        [web, eps(ep("10.244.0.1"), ep("10.244.0.2"), ep("10.244.0.3", node="node-b"))],
+    ]
+    for i in range(3):  # then services that take new ranges
+        steps.append(steps[-1] + [svc(f"s{i}", clusterIP=f"10.96.2.{i + 1}"),
+                                  eps(ep(f"10.244.1.{i + 1}"), name=f"s{i}")])
+    inc_maps = new_userspace_maps(sizes)
+    inc, memo = new_reconciler(inc_maps, sizes), desired.Memo()
+    for step, docs in enumerate(steps):
+        assert not inc.sync(desired.compute(cluster_of(docs), NODE, memo)).errors
+        ref_maps = new_userspace_maps(sizes)
+        ref = new_reconciler(ref_maps, sizes)
+        assert not ref.sync(desired.compute(cluster_of(docs), NODE)).errors
+        words = inc.prefilter.words
+        assert contents(inc_maps, words, True) == contents(ref_maps, words, True), step
