@@ -35,6 +35,7 @@ from lb.sources.files import FileSource
 from lb.sources.kube import KubeSource
 from loader.build import BuildOptions, Datapath
 from loader.programs import (
+    PACKET_PROGRAMS,
     SOCK_PROGRAMS,
     TC_FROM_POD,
     TC_TO_EXTERNAL,
@@ -278,10 +279,10 @@ class Agent:
     def _verify(self) -> None:
         """Load every program the agent attaches. One the verifier refuses
         is left for the attach, which loads it again and reports why."""
-        names = [NODE_PROGRAM, NODE_EGRESS_PROGRAM, POD_PROGRAM, TO_POD_PROGRAM]
-        if self.cgroup:
-            names += [prog.name for prog in SOCK_PROGRAMS]
-        for name in names:
+        # Every program a packet runs through is attached (node and pod
+        # devices), the socket hooks when there is a cgroup.
+        attached = PACKET_PROGRAMS + (SOCK_PROGRAMS if self.cgroup else ())
+        for name in (prog.name for prog in attached):
             try:
                 self.dp.prog_fd(name)
             except Exception as e:  # raised again where it is attached
