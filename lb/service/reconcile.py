@@ -187,6 +187,8 @@ class Reconciler:
         # to be rewritten in place for it (see _plan_tables), with its users
         # then.
         self._inherit: dict[TableKey, tuple[Table, int]] = {}
+        # Per sync: the usable backends _plan_tables worked out, by frontend.
+        self._usable_of: dict[Frontend, list[tuple[Backend, int]]] = {}
         self.frontend_ids: dict[FrontendAddr, int] = {}
         self.groups: dict[str, int] = {}
         self.backends: dict[BackendKey, tuple[int, int]] = {}  # -> (id, flags)
@@ -549,15 +551,17 @@ class Reconciler:
         is rewritten in place for that set (when its size holds it)."""
         leaving: dict[Table, set[TableKey]] = {}
         moves: dict[Table, int] = {}
+        self._usable_of = {}
         for f, e in changed.items():
             old = self.applied.get(f)
             gid = self.groups.get(e.group)
             if old is None or old.table is None or gid != old.group_id:
                 continue
             try:
-                key = (gid, tuple(sorted(bid for _, bid in self._usable(e, keys[f]))))
+                usable = self._usable_of[f] = self._usable(e, keys[f])
             except Exhausted:
                 continue
+            key = (gid, tuple(sorted(bid for _, bid in usable)))
             if key != old.table.key and key[1]:
                 leaving.setdefault(old.table, set()).add(key)
                 moves[old.table] = moves.get(old.table, 0) + 1
@@ -581,7 +585,8 @@ class Reconciler:
             self.frontend_ids[fa] = sid
             touched.frontends.add(fa)  # unused at the end (refused): freed again
         sid = self.frontend_ids[fa]
-        usable = self._usable(e, keys)
+        # Worked out already where the entry had a table (_plan_tables).
+        usable = self._usable_of.pop(f, None) or self._usable(e, keys)
         bids = tuple(sorted(bid for _, bid in usable))
         old = self.applied.get(f)
         if (old is not None and old.backend_ids == bids and old.group_id == gid
