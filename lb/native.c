@@ -1,8 +1,8 @@
 /* The agent's one userspace C library, for the loops that are too slow in
- * Python at 10k services and more: the Maglev population loop, and the
+ * Python at 10k services and more: whole Maglev tables, and the
  * pre-filter's bit counting. Each computes exactly what its Python twin
- * computes (lb/service/maglev.py, _fill; lb/prefilter.py, _count_py), and
- * tests hold them equal.
+ * computes (lb/service/maglev.py, _python_populate; lb/prefilter.py,
+ * _count_py), and tests hold them equal.
  *
  * Built into a shared library at install (tools/native.sh, run by
  * tools/setup.sh and the image's build) and opened through cffi by

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds the project's one userspace C library (lb/native.c: the Maglev
-# population loop and the pre-filter's bit counting), which lb/native.py
-# opens through cffi.
+# Builds the project's one userspace C library (lb/native.c: whole Maglev
+# tables and the pre-filter's bit counting), which lb/native.py opens
+# through cffi.
 # Usage: tools/native.sh [output.so]   (default: beside its source)
 # Used by tools/setup.sh, deploy/Dockerfile and tools/cluster/images.sh.
 set -euo pipefail
